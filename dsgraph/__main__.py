@@ -1,0 +1,1 @@
+from dsgraph.cli import main; raise SystemExit(main())

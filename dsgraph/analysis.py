@@ -1,0 +1,90 @@
+"""What the graph decides: each model's role, the train groups, which calls need gradients for
+which group, and where a value must be detached so that one group's backward stays its own."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import networkx as nx
+
+from dsgraph import graph as g
+from dsgraph import ir
+
+
+class Role(str, Enum):
+    TRAINED = "trained"
+    FROZEN = "frozen"           # declared `frozen`, or used but never trained (DSG309)
+    UNUSED = "unused"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One `train` statement: the models its loss updates. `shared` when there are several."""
+
+    index: int
+    models: tuple[str, ...]
+    loss: str
+    reach: frozenset[str]       # the dataflow nodes the loss depends on
+
+    @property
+    def shared(self) -> bool:
+        return len(self.models) > 1
+
+
+@dataclass(frozen=True)
+class Analysis:
+    order: tuple[str, ...]                      # evaluation order of all dataflow nodes
+    roles: dict[str, Role]
+    groups: tuple[Group, ...]
+    call_groups: dict[str, frozenset[int]]     # call id -> the groups whose gradients pass through it
+    group_of_model: dict[str, int]
+
+    def calls(self) -> list[str]:
+        return [n for n in self.order if n.startswith("call:")]
+
+    def needs_grad(self, call: str) -> bool:
+        return bool(self.call_groups.get(call))
+
+    def detached_inputs(self, consumer: str, group: int | None, graph: nx.DiGraph) -> list[str]:
+        """Calls feeding `consumer` whose gradients belong to another group: passed detached."""
+        out = []
+        for pred in sorted(graph.predecessors(consumer)):
+            owners = self.call_groups.get(pred, frozenset())
+            if owners and group not in owners:
+                out.append(pred)
+        return out
+
+
+def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis:
+    flow = g.dataflow(graph)
+    order = tuple(nx.lexicographical_topological_sort(flow))
+    trains = [t for t in pipeline.trains if t.loss in pipeline.losses]
+    groups = tuple(Group(t.index, tuple(m for m in t.models if m in pipeline.models), t.loss,
+                         frozenset(nx.ancestors(flow, g.loss_id(t.loss))) | {g.loss_id(t.loss)})
+                   for t in trains)
+    group_of_model: dict[str, int] = {}
+    for group in groups:
+        for model in group.models:
+            group_of_model.setdefault(model, group.index)
+    roles = {}
+    for name, model in pipeline.models.items():
+        if name in group_of_model and not model.frozen:
+            roles[name] = Role.TRAINED
+        elif model.frozen or any(True for _ in graph.successors(g.model_id(name))):
+            roles[name] = Role.FROZEN
+        else:
+            roles[name] = Role.UNUSED
+    call_groups: dict[str, frozenset[int]] = {}
+    for node in order:
+        if not node.startswith("call:"):
+            continue
+        model = graph.nodes[node]["model"]
+        owners = set()
+        for group in groups:
+            if node not in group.reach:
+                continue
+            trains_model = model in group.models and roles.get(model) is Role.TRAINED
+            if trains_model or any(group.index in call_groups.get(p, ()) for p in flow.predecessors(node)):
+                owners.add(group.index)
+        call_groups[node] = frozenset(owners)
+    return Analysis(order, roles, groups, call_groups, group_of_model)

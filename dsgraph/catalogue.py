@@ -1,0 +1,115 @@
+"""What the compiler knows of the built-ins: their arguments and, for data sets, their fields.
+
+The runtime implements each of them (dsgraph/runtime/builtins.py); a test holds the two lists
+equal. Nothing here imports torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str           # int, float, str, bool, ints (a list of ints), floats, strs, any, tensor
+    default: Any = REQUIRED
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    params: tuple[Param, ...]
+    fields: tuple[str, ...] | None = None      # data sets only
+    summary: str = ""
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+P = Param
+
+MODELS = {b.name: b for b in (
+    Builtin("mlp", (P("inputs", "int"), P("outputs", "int"), P("hidden", "ints", []),
+                    P("dropout", "float", 0.0), P("activation", "str", "gelu")),
+            summary="a multi-layer perceptron"),
+    Builtin("causal_lm", (P("vocab", "int", 256), P("dim", "int", 64), P("layers", "int", 2),
+                          P("heads", "int", 4), P("max_len", "int", 128), P("dropout", "float", 0.0)),
+            summary="a small causal transformer language model"),
+)}
+
+DATA = {b.name: b for b in (
+    Builtin("synthetic_classification",
+            (P("samples", "int"), P("features", "int"), P("classes", "int"), P("seed", "int", 0)),
+            fields=("x", "y"), summary="Gaussian clusters, one per class"),
+    Builtin("synthetic_tokens",
+            (P("samples", "int"), P("length", "int"), P("vocab", "int", 256), P("seed", "int", 0)),
+            fields=("input_ids", "attention_mask", "labels"), summary="random token sequences"),
+    Builtin("jsonl", (P("path", "str"), P("fields", "strs", None)), fields=None,
+            summary="one JSON object per line"),
+)}
+
+LOSSES = {b.name: b for b in (
+    Builtin("ce", (P("logits", "tensor"), P("target", "tensor"), P("ignore_index", "int", -100),
+                   P("label_smoothing", "float", 0.0)), summary="cross-entropy"),
+    Builtin("kl", (P("student", "tensor"), P("teacher", "tensor"), P("temperature", "float", 1.0)),
+            summary="KL(teacher || student) of softened distributions, scaled by T^2"),
+    Builtin("mse", (P("input", "tensor"), P("target", "tensor")), summary="mean squared error"),
+    Builtin("cosine", (P("input", "tensor"), P("target", "tensor")),
+            summary="1 - cosine similarity, averaged"),
+)}
+
+OPTIMIZERS = {b.name: b for b in (
+    Builtin("adamw", (P("lr", "float"), P("weight_decay", "float", 0.01), P("betas", "floats", [0.9, 0.999]),
+                      P("eps", "float", 1e-8))),
+    Builtin("adam", (P("lr", "float"), P("weight_decay", "float", 0.0), P("betas", "floats", [0.9, 0.999]),
+                     P("eps", "float", 1e-8))),
+    Builtin("sgd", (P("lr", "float"), P("momentum", "float", 0.0), P("weight_decay", "float", 0.0))),
+)}
+
+# DeepSpeed optimizer types; DeepSpeed falls back to torch.optim for names it does not know.
+DEEPSPEED_OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+
+SCHEDULERS = {b.name: b for b in (
+    Builtin("constant", ()),
+    Builtin("warmup", (P("warmup_steps", "int"), P("min_lr", "float", 0.0))),
+    Builtin("warmup_decay", (P("warmup_steps", "int"), P("min_lr", "float", 0.0))),
+    Builtin("warmup_cosine", (P("warmup_steps", "int"), P("min_ratio", "float", 0.0))),
+)}
+
+SETTINGS = {p.name: p for p in (
+    P("seed", "int", 0), P("steps", "int", None), P("epochs", "int", None),
+    P("micro_batch", "int"), P("grad_accum", "int", 1), P("log_every", "int", 10),
+    P("checkpoint_every", "int", 0), P("precision", "str", "fp32"),
+)}
+
+MODEL_PROPERTIES = ("zero", "frozen", "optimizer", "scheduler", "clip", "precision")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def type_matches(kind: str, value: Any) -> bool:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    match kind:
+        case "int":
+            return isinstance(value, int) and not isinstance(value, bool)
+        case "float":
+            return number(value)
+        case "str":
+            return isinstance(value, str)
+        case "bool":
+            return isinstance(value, bool)
+        case "ints":
+            return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        case "floats":
+            return isinstance(value, list) and all(number(v) for v in value)
+        case "strs":
+            return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return True
+
+
+TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
+              "ints": "a list of whole numbers", "floats": "a list of numbers", "strs": "a list of strings",
+              "tensor": "a tensor", "any": "a value"}

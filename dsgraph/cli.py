@@ -1,0 +1,180 @@
+"""The command line: `dsgraph compile | check | dot | run`.
+
+Exit codes: 0 ok, 1 user error (diagnostics), 2 usage, 4 a worker failed or hung, 70 internal
+error (traceback only with --debug), 130 interrupted."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_WORKER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 4, 70, 130
+
+EPILOG = """examples:
+  dsgraph compile pipelines/distill.dsg               the plan, as text
+  dsgraph compile pipelines/distill.dsg --format json --world-size 2
+  dsgraph compile pipelines/distill.dsg --emit graph  an earlier stage: ast, ir or graph
+  dsgraph check pipelines/*.dsg                       diagnostics only
+  dsgraph dot pipelines/distill.dsg -o distill.svg    the graph, drawn by Graphviz
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsgraph", description="Declare, check and run several "
+                                     "models together under DeepSpeed ZeRO.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="check a .dsg file and print its plan")
+    p.add_argument("file")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--emit", choices=("ast", "ir", "graph", "plan"), default="plan",
+                   help="print this stage instead of the plan")
+    p.add_argument("--world-size", type=_positive, default=None,
+                   help="plan for this many processes (resolves train_batch_size)")
+
+    p = sub.add_parser("check", help="report the diagnostics of .dsg files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--world-size", type=_positive, default=None)
+
+    p = sub.add_parser("dot", help="draw the pipeline graph (DOT, or SVG/PNG through Graphviz)")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", help="out.dot, out.svg or out.png (default: DOT on stdout)")
+    p.add_argument("--world-size", type=_positive, default=None)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        handler = {"compile": cmd_compile, "check": cmd_check, "dot": cmd_dot}[args.command]
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception:  # noqa: BLE001 - the one place an internal error becomes exit 70
+        if args.debug:
+            traceback.print_exc()
+        else:
+            kind = sys.exc_info()[0].__name__
+            print(f"dsgraph: internal error ({kind}); run again with --debug for the traceback, "
+                  "and please report it", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _load(path: str, world_size: int | None):
+    from dsgraph.compiler import compile_file
+
+    if not Path(path).is_file():
+        print(f"dsgraph: no such file: {path}", file=sys.stderr)
+        return None
+    return compile_file(path, world_size)
+
+
+def _print_diagnostics(result, stream=sys.stderr) -> None:
+    from dsgraph.diagnostics import render_summary, render_text
+
+    for diag in result.diagnostics:
+        print(render_text(diag, result.sources), file=stream)
+    if result.diagnostics or not result.ok:
+        print(render_summary(result.diagnostics, result.source.name), file=stream)
+
+
+def cmd_compile(args) -> int:
+    result = _load(args.file, args.world_size)
+    if result is None:
+        return EXIT_USAGE
+    if args.emit == "ast" and result.ast is not None:
+        from dsgraph.syntax.ast import dump
+        sys.stdout.write(dump(result.ast))
+        return EXIT_OK
+    if args.format == "json" and not result.ok:
+        print(json.dumps({"ok": False, "diagnostics": [d.to_json() for d in result.diagnostics]}, indent=2))
+        return EXIT_USER
+    _print_diagnostics(result)
+    if not result.ok:
+        return EXIT_USER
+    if args.emit == "ir":
+        sys.stdout.write(result.ir.show())
+    elif args.emit == "graph":
+        from dsgraph.graph import show
+        sys.stdout.write(show(result.graph))
+    elif args.format == "json":
+        sys.stdout.write(result.plan.to_json())
+    else:
+        from dsgraph.render import to_text
+        sys.stdout.write(to_text(result.plan))
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    status, report = EXIT_OK, []
+    for path in args.files:
+        result = _load(path, args.world_size)
+        if result is None:
+            status = max(status, EXIT_USAGE)
+            continue
+        if args.format == "json":
+            report.append({"file": path, "ok": result.ok, "diagnostics": [d.to_json() for d in result.diagnostics]})
+        else:
+            _print_diagnostics(result, sys.stdout)
+            if not result.diagnostics:
+                print(f"{path}: ok")
+        if not result.ok:
+            status = max(status, EXIT_USER)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    return status
+
+
+def cmd_dot(args) -> int:
+    result = _load(args.file, args.world_size)
+    if result is None:
+        return EXIT_USAGE
+    _print_diagnostics(result)
+    if not result.ok:
+        return EXIT_USER
+    from dsgraph.dot import to_dot
+
+    text = to_dot(result.graph, result.plan)
+    if not args.output:
+        sys.stdout.write(text)
+        return EXIT_OK
+    out = Path(args.output)
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt in ("dot", "gv", ""):
+        out.write_text(text, encoding="utf-8")
+        return EXIT_OK
+    if fmt not in ("svg", "png", "pdf"):
+        print(f"dsgraph: cannot write .{fmt}; use .dot, .svg, .png or .pdf", file=sys.stderr)
+        return EXIT_USAGE
+    dot = shutil.which("dot")
+    if dot is None:
+        print("dsgraph: drawing SVG/PNG needs Graphviz's `dot` program, which is not installed.\n"
+              "  install it: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS),\n"
+              "  or `conda install graphviz`; or write DOT with `-o out.dot`", file=sys.stderr)
+        return EXIT_USER
+    done = subprocess.run([dot, f"-T{fmt}", "-o", str(out)], input=text.encode(), capture_output=True)
+    if done.returncode != 0:
+        print(f"dsgraph: graphviz failed: {done.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_OK

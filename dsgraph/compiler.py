@@ -1,0 +1,66 @@
+"""The stages in order: parse -> AST -> IR -> graph -> checks -> plan.
+
+Imports no torch, deepspeed, accelerate and no user code (a test holds this)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+
+from dsgraph import graph as graph_mod
+from dsgraph import ir
+from dsgraph.checks import Context, run_checks
+from dsgraph.diagnostics import CompileError, Diagnostic, Diagnostics
+from dsgraph.lower import lower
+from dsgraph.plan import Plan, build_plan
+from dsgraph.source import SourceFile
+from dsgraph.syntax import ast
+from dsgraph.syntax.parser import parse
+
+
+@dataclass
+class Compilation:
+    """Everything one compile produced; later stages are None when an earlier one failed."""
+
+    source: SourceFile
+    sources: dict[str, SourceFile]
+    diagnostics: list[Diagnostic]
+    ast: ast.File | None = None
+    ir: ir.Pipeline | None = None
+    graph: nx.DiGraph | None = None
+    context: Context | None = None
+    plan: Plan | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not any(d.is_error for d in self.diagnostics)
+
+
+def compile_source(source: SourceFile, world_size: int | None = None) -> Compilation:
+    diags = Diagnostics()
+    sources = {source.name: source}
+    result = Compilation(source, sources, [])
+    result.ast = parse(source, diags)
+    if result.ast is not None:
+        result.ir = lower(result.ast, source, diags, sources)
+    if result.ir is not None:
+        result.graph = graph_mod.build(result.ir)
+        result.context = Context(result.ir, result.graph, diags, world_size)
+        run_checks(result.context)
+        if not diags.has_errors:
+            result.plan = build_plan(result.context)
+    result.diagnostics = diags.sorted()
+    return result
+
+
+def compile_file(path: str | Path, world_size: int | None = None) -> Compilation:
+    return compile_source(SourceFile.read(path), world_size)
+
+
+def compile_plan(path: str | Path, world_size: int | None = None) -> Plan:
+    """The plan, or CompileError with every diagnostic."""
+    result = compile_file(path, world_size)
+    if result.plan is None:
+        raise CompileError(result.diagnostics, result.sources)
+    return result.plan

@@ -1,0 +1,121 @@
+"""Diagnostics: a code, a message stating the fact, a span, and a help line stating the fix.
+
+Rendered as `file:line:col: error[DSG301]: message`, then the source line with carets, then
+`= help:` and `= note:` lines. The JSON form carries the same fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsgraph.codes import Severity, lookup
+from dsgraph.source import SourceFile, Span
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    message: str
+    span: Span | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    code: str
+    message: str
+    span: Span
+    help: str
+    notes: tuple[Note, ...] = ()
+
+    @property
+    def severity(self) -> Severity:
+        return lookup(self.code).severity
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity is Severity.ERROR
+
+    def sort_key(self) -> tuple:
+        return (self.span.file, self.span.line, self.span.col, self.code, self.message)
+
+    def to_json(self) -> dict:
+        return {
+            "code": self.code,
+            "slug": lookup(self.code).slug,
+            "severity": self.severity.value,
+            "message": self.message,
+            "span": self.span.to_json(),
+            "help": self.help,
+            "notes": [{"message": n.message, "span": n.span.to_json() if n.span else None}
+                      for n in self.notes],
+        }
+
+
+@dataclass
+class Diagnostics:
+    """Collects diagnostics in the order found; reports them sorted by position."""
+
+    items: list[Diagnostic] = field(default_factory=list)
+
+    def add(self, code: str, span: Span, message: str, help: str, *notes: Note) -> None:
+        self.items.append(Diagnostic(code, message, span, help, tuple(notes)))
+
+    def extend(self, other: "Diagnostics") -> None:
+        self.items.extend(other.items)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(d.is_error for d in self.items)
+
+    def sorted(self) -> list[Diagnostic]:
+        unique = {(d.sort_key(), d.help): d for d in self.items}
+        return [unique[k] for k in sorted(unique)]
+
+
+class CompileError(Exception):
+    """Raised by `compile_*` when a file has errors; carries every diagnostic found."""
+
+    def __init__(self, diagnostics: list[Diagnostic], sources: dict[str, SourceFile]):
+        self.diagnostics = diagnostics
+        self.sources = sources
+        super().__init__(f"{sum(d.is_error for d in diagnostics)} error(s)")
+
+
+def render_snippet(span: Span, source: SourceFile | None) -> list[str]:
+    if source is None:
+        return []
+    text = source.line_text(span.line).expandtabs(4)
+    gutter = " " * len(str(span.line))
+    end = span.end_col if span.end_line == span.line else len(text) + 1
+    width = max(1, end - span.col)
+    return [f"{gutter} |",
+            f"{span.line} | {text}",
+            f"{gutter} | {' ' * (span.col - 1)}{'^' * width}"]
+
+
+def render_text(diag: Diagnostic, sources: dict[str, SourceFile]) -> str:
+    lines = [f"{diag.span}: {diag.severity.value}[{diag.code}]: {diag.message}"]
+    lines += render_snippet(diag.span, sources.get(diag.span.file))
+    pad = " " * len(str(diag.span.line))
+    if diag.help:
+        lines.append(f"{pad} = help: {diag.help}")
+    for note in diag.notes:
+        where = f": {note.span}" if note.span else ""
+        lines.append(f"{pad} = note: {note.message}{where}")
+    return "\n".join(lines)
+
+
+def render_summary(diagnostics: list[Diagnostic], filename: str) -> str:
+    errors = sum(d.is_error for d in diagnostics)
+    warnings = len(diagnostics) - errors
+    parts = []
+    if errors:
+        parts.append(f"{errors} error{'s' if errors != 1 else ''}")
+    if warnings:
+        parts.append(f"{warnings} warning{'s' if warnings != 1 else ''}")
+    return f"found {' and '.join(parts)} in {filename}" if parts else f"no problems in {filename}"
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """` did you mean `x`?` or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""

@@ -1,0 +1,72 @@
+"""The graph in DOT: one cluster per Accelerator or native engine group, frozen and trained
+models styled apart, ZeRO stage and precision on each model, loss weights on the edges."""
+from __future__ import annotations
+
+import networkx as nx
+
+from dsgraph.plan import Plan
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _attrs(**attrs) -> str:
+    return "[" + ", ".join(f"{k}={_q(str(v))}" for k, v in attrs.items()) + "]"
+
+
+def to_dot(graph: nx.DiGraph, plan: Plan) -> str:
+    d = plan.data
+    models = {m["name"]: m for m in d["models"]}
+    out = [f"digraph {_q(d['pipeline'])} {{", "  rankdir=LR;", "  node [fontname=\"Helvetica\", fontsize=11];",
+           "  edge [fontname=\"Helvetica\", fontsize=10];"]
+    clusters: dict[str, list[str]] = {}
+    for name, m in models.items():
+        if m["engine"] == "accelerate":
+            key = f"Accelerator {m['accelerator']}"
+        elif m["group"] is not None:
+            key = f"deepspeed.initialize (group {m['group']})"
+        else:
+            key = "deepspeed.initialize (inference)"
+        clusters.setdefault(key, []).append(name)
+    for index, (label, names) in enumerate(sorted(clusters.items())):
+        out.append(f"  subgraph cluster_{index} {{")
+        out.append(f"    label={_q(label)}; style=\"rounded,dashed\"; color=\"gray40\";")
+        for name in sorted(names):
+            m = models[name]
+            trained = m["role"] == "trained"
+            out.append(f"    {_q('model:' + name)} " + _attrs(
+                label=f"{name}\\n{m['role']} · ZeRO-{m['stage']} · {m['precision']}",
+                shape="box", style="filled,bold" if trained else "filled,dashed",
+                fillcolor="#cfe8ff" if trained else "#eeeeee"))
+        out.append("  }")
+    for node in sorted(graph.nodes):
+        attrs = graph.nodes[node]
+        kind = attrs["kind"]
+        if kind == "model":
+            if attrs["name"] not in models:
+                out.append(f"  {_q(node)} " + _attrs(label=f"{attrs['name']}\\nunused", shape="box", style="dotted"))
+            continue
+        if kind == "data":
+            out.append(f"  {_q(node)} " + _attrs(label=attrs["name"], shape="cylinder"))
+        elif kind == "call":
+            out.append(f"  {_q(node)} " + _attrs(label=attrs["text"], shape="ellipse"))
+        elif kind == "term":
+            out.append(f"  {_q(node)} " + _attrs(label=attrs["text"], shape="note"))
+        elif kind == "loss":
+            out.append(f"  {_q(node)} " + _attrs(label=attrs["name"], shape="doubleoctagon",
+                                                  style="filled", fillcolor="#ffe6cc"))
+    for u, v in sorted(graph.edges):
+        e = graph.edges[u, v]
+        match e["kind"]:
+            case "term":
+                extra = _attrs(label=f"× {e['weight']:g}")
+            case "trains":
+                extra = _attrs(label="trains", style="bold", color="#1f77b4", constraint="false")
+            case "weights":
+                extra = _attrs(style="dotted", arrowhead="none")
+            case _:
+                extra = _attrs(label=e["field"]) if "field" in e else ""
+        out.append(f"  {_q(u)} -> {_q(v)} {extra}".rstrip())
+    out.append("}")
+    return "\n".join(out) + "\n"

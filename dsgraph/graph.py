@@ -1,0 +1,147 @@
+"""IR -> a networkx graph of data, model, model-call, loss-term and loss nodes.
+
+Edges carry a `kind`: `input` (a value flows), `weights` (a model's parameters feed its call),
+`term` (a weighted term of a loss) and `trains` (a `train` statement: loss -> model). The
+dataflow view (everything but `trains`) is acyclic once the checks pass; its lexicographic
+topological order is the evaluation order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from dsgraph import ir
+
+
+def data_id(name: str) -> str:
+    return f"data:{name}"
+
+
+def model_id(name: str) -> str:
+    return f"model:{name}"
+
+
+def loss_id(name: str) -> str:
+    return f"loss:{name}"
+
+
+def call_id(call: ir.ModelCall) -> str:
+    return f"call:{ir.show_expr(call)}"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One addend of a loss: `weight * expr` (weight 1.0 when the addend has no constant factor)."""
+
+    weight: float
+    expr: ir.LossExpr
+
+
+def split_terms(expr: ir.LossExpr) -> list[Term]:
+    """`4.0 * kl(a, b) + ce(a, y) - 0.5 * aux` -> [(4.0, kl), (1.0, ce), (-0.5, aux)]."""
+    match expr:
+        case ir.BinOp(op="+", left=l, right=r):
+            return split_terms(l) + split_terms(r)
+        case ir.BinOp(op="-", left=l, right=r):
+            return split_terms(l) + [Term(-t.weight, t.expr) for t in split_terms(r)]
+        case ir.Neg(operand=o):
+            return [Term(-t.weight, t.expr) for t in split_terms(o)]
+        case ir.BinOp(op="*", left=ir.Const(value=c), right=r) if _number(c):
+            return [Term(c * t.weight, t.expr) for t in split_terms(r)] if _single(r) else [Term(c, r)]
+        case ir.BinOp(op="*", left=l, right=ir.Const(value=c)) if _number(c):
+            return [Term(c * t.weight, t.expr) for t in split_terms(l)] if _single(l) else [Term(c, l)]
+        case ir.BinOp(op="/", left=l, right=ir.Const(value=c)) if _number(c) and c != 0:
+            return [Term(t.weight / c, t.expr) for t in split_terms(l)] if _single(l) else [Term(1 / c, l)]
+    return [Term(1.0, expr)]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _single(expr: ir.LossExpr) -> bool:
+    return len(split_terms(expr)) == 1
+
+
+def model_calls(expr: ir.LossExpr):
+    """Every model call in an expression, nested ones included."""
+    for node in ir.walk_inputs(expr):
+        if isinstance(node, ir.ModelCall):
+            yield node
+            for arg in ir.call_arguments(node):
+                yield from model_calls(arg)
+
+
+def build(pipeline: ir.Pipeline) -> nx.DiGraph:
+    graph = nx.DiGraph(name=pipeline.name)
+    for data in pipeline.data.values():
+        graph.add_node(data_id(data.name), kind="data", name=data.name, span=data.span)
+    for model in pipeline.models.values():
+        graph.add_node(model_id(model.name), kind="model", name=model.name, span=model.span,
+                       frozen=model.frozen)
+    for loss in pipeline.losses.values():
+        graph.add_node(loss_id(loss.name), kind="loss", name=loss.name, span=loss.span)
+    for loss in pipeline.losses.values():
+        for index, term in enumerate(split_terms(loss.expr)):
+            term_id = f"term:{loss.name}#{index}"
+            graph.add_node(term_id, kind="term", loss=loss.name, weight=term.weight,
+                           text=ir.show_expr(term.expr), expr=term.expr, span=term.expr.span)
+            graph.add_edge(term_id, loss_id(loss.name), kind="term", weight=term.weight)
+            _add_inputs(graph, term.expr, term_id, pipeline)
+    for train in pipeline.trains:
+        for model in train.models:
+            if model in pipeline.models and train.loss in pipeline.losses:
+                graph.add_edge(loss_id(train.loss), model_id(model), kind="trains", train=train.index)
+    return graph
+
+
+def _add_inputs(graph: nx.DiGraph, expr: ir.LossExpr, consumer: str, pipeline: ir.Pipeline) -> None:
+    for node in ir.walk_inputs(expr):
+        match node:
+            case ir.FieldRef(data=d, field=f):
+                known = graph.edges[data_id(d), consumer]["field"] if graph.has_edge(data_id(d), consumer) else ""
+                fields = sorted(set(known.split(",") if known else []) | {f})
+                graph.add_edge(data_id(d), consumer, kind="input", field=",".join(fields))
+            case ir.LossRef(name=n):
+                if n in pipeline.losses:
+                    graph.add_edge(loss_id(n), consumer, kind="input")
+            case ir.ModelCall(model=m):
+                cid = call_id(node)
+                if cid not in graph:
+                    graph.add_node(cid, kind="call", model=m, call=node, text=ir.show_expr(node), span=node.span)
+                    if m in pipeline.models:
+                        graph.add_edge(model_id(m), cid, kind="weights")
+                    for arg in ir.call_arguments(node):
+                        _add_inputs(graph, arg, cid, pipeline)
+                graph.add_edge(cid, consumer, kind="input")
+
+
+def dataflow(graph: nx.DiGraph) -> nx.DiGraph:
+    """The graph without `trains` edges: what is computed from what."""
+    return nx.subgraph_view(graph, filter_edge=lambda u, v: graph.edges[u, v]["kind"] != "trains")
+
+
+def evaluation_order(graph: nx.DiGraph) -> list[str]:
+    return list(nx.lexicographical_topological_sort(dataflow(graph)))
+
+
+def nodes_of(graph: nx.DiGraph, kind: str) -> list[str]:
+    return sorted(n for n, k in graph.nodes(data="kind") if k == kind)
+
+
+def show(graph: nx.DiGraph) -> str:
+    """The deterministic text form (`--emit graph`)."""
+    lines = [f"graph {graph.graph.get('name', '')}"]
+    for node in sorted(graph.nodes):
+        attrs = graph.nodes[node]
+        extra = ""
+        if attrs["kind"] == "model":
+            extra = " frozen" if attrs["frozen"] else ""
+        elif attrs["kind"] == "term":
+            extra = f" weight={attrs['weight']:g} {attrs['text']}"
+        lines.append(f"  node {node}{extra}")
+    for u, v in sorted(graph.edges):
+        attrs = graph.edges[u, v]
+        label = "".join(f" {k}={attrs[k]}" for k in ("field", "weight", "train") if k in attrs)
+        lines.append(f"  edge {u} -> {v} [{attrs['kind']}{label}]")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,308 @@
+"""The IR: the pipeline with names resolved, values typed and defaults filled. Frozen dataclasses.
+
+`show()` prints the whole IR deterministically (the `--emit ir` form)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Union
+
+from dsgraph.source import Span
+
+
+class SourceKind(str, Enum):
+    BUILTIN = "builtin"
+    FACTORY = "factory"
+    HF = "hf"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model, data set or loss function comes from. The compiler never imports it."""
+
+    kind: SourceKind
+    target: str                                 # "mlp", "pkg.mod:fn" or the hf path/config
+    args: tuple[tuple[str, Any], ...]           # positional arguments have names "0", "1", ...
+    span: Span
+
+    def show(self) -> str:
+        args = ", ".join(f"{k}={json.dumps(v)}" if not k.isdigit() else json.dumps(v)
+                         for k, v in self.args)
+        prefix = {SourceKind.BUILTIN: "builtin.", SourceKind.FACTORY: "", SourceKind.HF: ""}[self.kind]
+        name = "hf" if self.kind is SourceKind.HF else self.target
+        return f"{prefix}{name}({args})"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind.value, "target": self.target,
+                "args": [[k, v] for k, v in self.args], "span": self.span.to_json()}
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    steps: int | None
+    epochs: int | None
+    micro_batch: int
+    grad_accum: int
+    grad_accum_given: bool
+    log_every: int
+    checkpoint_every: int
+    precision: Precision
+    spans: dict[str, Span] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    source: Source
+    fields: tuple[str, ...] | None              # None: known only at run time
+    span: Span
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    """A DeepSpeed config as declared: an inline block, a JSON file, or a file with overrides."""
+
+    name: str
+    config: dict[str, Any]                      # DeepSpeed's own shape, "auto" kept
+    file: str | None                            # the JSON path, relative to the .dsg file
+    precision: Precision | None                 # from `precision =` or the file's fp16/bf16
+    key_spans: dict[str, Span] = field(compare=False)   # "zero_optimization.stage" -> span
+    span: Span = field(compare=False)
+
+    def stage(self) -> int:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+
+    def span_of(self, path: str) -> Span:
+        return self.key_spans.get(path, self.span)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    kind: str                                   # adamw, adam, sgd
+    params: dict[str, Any]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    kind: str                                   # constant, warmup, warmup_decay, warmup_cosine
+    params: dict[str, Any]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    source: Source
+    zero: str | None                            # a ZeroConfig name (inline blocks get `<model>.zero`)
+    frozen: bool
+    optimizer: Optimizer | None
+    scheduler: Scheduler | None
+    clip: float | None
+    precision: Precision | None                 # the model's own `precision =`, if any
+    span: Span
+    spans: dict[str, Span] = field(compare=False)   # property name -> span
+
+
+# -- loss expressions --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Const:
+    value: float | int | str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class FieldRef:
+    data: str
+    field: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    model: str
+    args: tuple["LossExpr", ...]
+    kwargs: tuple[tuple[str, "LossExpr"], ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Project:
+    """`student(x).logits`: an attribute (or dict key) of a model's output."""
+
+    obj: "LossExpr"
+    attr: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class LossFn:
+    fn: str                                     # "kl" for built-ins, "pkg.mod:fn" for factories
+    builtin: bool
+    args: tuple["LossExpr", ...]
+    kwargs: tuple[tuple[str, "LossExpr"], ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class LossRef:
+    name: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str
+    left: "LossExpr"
+    right: "LossExpr"
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: "LossExpr"
+    span: Span = field(compare=False)
+
+
+LossExpr = Union[Const, FieldRef, ModelCall, Project, LossFn, LossRef, BinOp, Neg]
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def show_expr(expr: LossExpr, parent: int = 0) -> str:
+    """The canonical text of an expression; equal calls print equal (the dedup key)."""
+    match expr:
+        case Const(value=v):
+            return json.dumps(v) if isinstance(v, str) else repr(v)
+        case FieldRef(data=d, field=f):
+            return f"{d}.{f}"
+        case ModelCall(model=m, args=a, kwargs=k) | LossFn(fn=m, args=a, kwargs=k):
+            parts = [show_expr(x) for x in a] + [f"{n}={show_expr(x)}" for n, x in k]
+            return f"{m}({', '.join(parts)})"
+        case Project(obj=o, attr=a):
+            return f"{show_expr(o, 3)}.{a}"
+        case LossRef(name=n):
+            return n
+        case BinOp(op=op, left=l, right=r):
+            prec = _PRECEDENCE[op]
+            text = f"{show_expr(l, prec)} {op} {show_expr(r, prec + 1)}"
+            return f"({text})" if prec < parent else text
+        case Neg(operand=o):
+            return f"-{show_expr(o, 3)}"
+    raise TypeError(f"not a loss expression: {expr!r}")
+
+
+def expr_to_json(expr: LossExpr) -> dict:
+    """The structured form the runtime evaluates."""
+    span = expr.span.to_json()
+    match expr:
+        case Const(value=v):
+            return {"const": v, "span": span}
+        case FieldRef(data=d, field=f):
+            return {"field": [d, f], "span": span}
+        case ModelCall(model=m, args=a, kwargs=k):
+            return {"call": show_expr(expr), "span": span}
+        case Project(obj=o, attr=a):
+            return {"project": a, "of": expr_to_json(o), "span": span}
+        case LossFn(fn=fn, builtin=b, args=a, kwargs=k):
+            return {"loss_fn": fn, "builtin": b, "args": [expr_to_json(x) for x in a],
+                    "kwargs": {n: expr_to_json(x) for n, x in k}, "span": span}
+        case LossRef(name=n):
+            return {"loss": n, "span": span}
+        case BinOp(op=op, left=l, right=r):
+            return {"op": op, "left": expr_to_json(l), "right": expr_to_json(r), "span": span}
+        case Neg(operand=o):
+            return {"op": "neg", "operand": expr_to_json(o), "span": span}
+    raise TypeError(f"not a loss expression: {expr!r}")
+
+
+def walk_inputs(expr: LossExpr):
+    """The direct inputs of an expression: model calls, data fields and loss references,
+    without descending into a model call's own arguments."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        match node:
+            case ModelCall() | FieldRef() | LossRef():
+                yield node
+            case Project(obj=o):
+                stack.append(o)
+            case LossFn(args=a, kwargs=k):
+                stack.extend(reversed([*a, *(x for _, x in k)]))
+            case BinOp(left=l, right=r):
+                stack.extend((r, l))
+            case Neg(operand=o):
+                stack.append(o)
+
+
+def call_arguments(call: ModelCall) -> list[LossExpr]:
+    return [*call.args, *(x for _, x in call.kwargs)]
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    expr: LossExpr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Train:
+    index: int
+    models: tuple[str, ...]
+    model_spans: tuple[Span, ...]
+    loss: str
+    loss_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    file: str
+    settings: Settings
+    data: dict[str, DataSet]
+    zeros: dict[str, ZeroConfig]
+    models: dict[str, Model]
+    losses: dict[str, Loss]
+    trains: tuple[Train, ...]
+    span: Span
+
+    def show(self) -> str:
+        s = self.settings
+        out = [f"pipeline {self.name}",
+               f"  settings seed={s.seed} steps={s.steps} epochs={s.epochs} "
+               f"micro_batch={s.micro_batch} grad_accum={s.grad_accum} log_every={s.log_every} "
+               f"checkpoint_every={s.checkpoint_every} precision={s.precision.value}"]
+        for d in self.data.values():
+            fields = ",".join(d.fields) if d.fields is not None else "?"
+            out.append(f"  data {d.name} = {d.source.show()} fields=[{fields}]")
+        for z in self.zeros.values():
+            origin = f" file={z.file}" if z.file else ""
+            prec = f" precision={z.precision.value}" if z.precision else ""
+            out.append(f"  zero {z.name}{origin}{prec} {json.dumps(z.config, sort_keys=True)}")
+        for m in self.models.values():
+            props = [f"zero={m.zero}", "frozen" if m.frozen else "trainable"]
+            if m.optimizer:
+                props.append(f"optimizer={m.optimizer.kind}{json.dumps(m.optimizer.params, sort_keys=True)}")
+            if m.scheduler:
+                props.append(f"scheduler={m.scheduler.kind}{json.dumps(m.scheduler.params, sort_keys=True)}")
+            if m.clip is not None:
+                props.append(f"clip={m.clip}")
+            if m.precision:
+                props.append(f"precision={m.precision.value}")
+            out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
+        for l in self.losses.values():
+            out.append(f"  loss {l.name} = {show_expr(l.expr)}")
+        for t in self.trains:
+            out.append(f"  train {', '.join(t.models)} on {t.loss}")
+        return "\n".join(out) + "\n"

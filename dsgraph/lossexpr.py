@@ -1,0 +1,137 @@
+"""Loss expressions: AST -> IR, resolving each name to a model call, a built-in or factory loss,
+a data field or another loss."""
+from __future__ import annotations
+
+from dsgraph import catalogue, ir
+from dsgraph.diagnostics import Diagnostics, did_you_mean
+from dsgraph.syntax import ast
+
+
+class LossLowering:
+    def __init__(self, data: dict[str, ir.DataSet], model_names: set[str], loss_names: set[str],
+                 diags: Diagnostics):
+        self.data = data
+        self.models = model_names
+        self.losses = loss_names
+        self.diags = diags
+
+    def lower(self, expr: ast.Expr) -> ir.LossExpr | None:
+        match expr:
+            case ast.Number(value=v, span=s):
+                return ir.Const(v, s)
+            case ast.String(value=v, span=s):
+                return ir.Const(v, s)
+            case ast.Ref(name=name, span=s):
+                return self._ref(name, s)
+            case ast.Attr(obj=obj, name=name, span=s):
+                return self._attr(obj, name, s)
+            case ast.Call(callee=callee, args=args, span=s):
+                return self._call(callee, args, s)
+            case ast.FactoryRef(target=t, span=s):
+                self.diags.add("DSG212", s, f"factory `{t}` must be called",
+                               f"write `{t}(...)` with the tensors it takes")
+                return None
+            case ast.BinOp(op=op, left=l, right=r, span=s):
+                left, right = self.lower(l), self.lower(r)
+                return ir.BinOp(op, left, right, s) if left is not None and right is not None else None
+            case ast.Neg(operand=o, span=s):
+                operand = self.lower(o)
+                return ir.Neg(operand, s) if operand is not None else None
+        raise TypeError(f"not an expression: {expr!r}")
+
+    def _ref(self, name: ast.Name, span) -> ir.LossExpr | None:
+        text = name.text
+        if text in self.losses:
+            return ir.LossRef(text, span)
+        if text in self.data:
+            fields = self.data[text].fields
+            example = f"{text}.{fields[0]}" if fields else f"{text}.FIELD"
+            self.diags.add("DSG212", span, f"data set `{text}` is used without a field",
+                           f"name the field: `{example}`")
+        elif text in self.models:
+            self.diags.add("DSG212", span, f"model `{text}` is used without being called",
+                           f"call it on its inputs: `{text}(data.field)`")
+        else:
+            self._undefined(text, span, self.losses | set(self.data) | self.models)
+        return None
+
+    def _attr(self, obj: ast.Expr, name: ast.Name, span) -> ir.LossExpr | None:
+        if isinstance(obj, ast.Ref) and obj.name.text in self.data:
+            data = self.data[obj.name.text]
+            if data.fields is not None and name.text not in data.fields:
+                self.diags.add("DSG211", name.span, f"data set `{data.name}` has no field `{name.text}`"
+                               f"{did_you_mean(name.text, data.fields)}",
+                               f"its fields are: {', '.join(data.fields)}")
+                return None
+            return ir.FieldRef(data.name, name.text, span)
+        inner = self.lower(obj)
+        if inner is None:
+            return None
+        if not isinstance(inner, (ir.ModelCall, ir.Project)):
+            self.diags.add("DSG212", name.span, f"`.{name.text}` can only follow a model call or a data set",
+                           "write `model(input).field` or `data.field`")
+            return None
+        return ir.Project(inner, name.text, span)
+
+    def _call(self, callee: ast.Expr, args: tuple[ast.Arg, ...], span) -> ir.LossExpr | None:
+        positional, keywords = self._args(args)
+        if positional is None:
+            return None
+        match callee:
+            case ast.FactoryRef(target=t):
+                return ir.LossFn(t, False, positional, keywords, span)
+            case ast.Ref(name=name) if name.text in self.models:
+                return ir.ModelCall(name.text, positional, keywords, span)
+            case ast.Ref(name=name) if name.text in catalogue.LOSSES:
+                return self._builtin_loss(catalogue.LOSSES[name.text], positional, keywords, span, args)
+            case ast.Ref(name=name) if name.text in self.data or name.text in self.losses:
+                kind = "data set" if name.text in self.data else "loss"
+                self.diags.add("DSG212", name.span, f"{kind} `{name.text}` cannot be called",
+                               "only models, built-in losses and `package.module:function` factories are called")
+            case ast.Ref(name=name):
+                self._undefined(name.text, name.span, self.models | set(catalogue.LOSSES))
+            case _:
+                self.diags.add("DSG212", callee.span, "only models, built-in losses and factories can be called",
+                               "call a model by name (`student(x)`), a built-in loss (`ce(...)`), or `pkg.mod:fn(...)`")
+        return None
+
+    def _args(self, args: tuple[ast.Arg, ...]):
+        positional, keywords, ok = [], [], True
+        for arg in args:
+            value = self.lower(arg.value)
+            ok = ok and value is not None
+            if arg.name is None:
+                positional.append(value)
+            else:
+                keywords.append((arg.name.text, value))
+        return (tuple(positional), tuple(keywords)) if ok else (None, None)
+
+    def _builtin_loss(self, spec: catalogue.Builtin, positional, keywords, span, args) -> ir.LossExpr | None:
+        tensors = [p for p in spec.params if p.type == "tensor"]
+        options = {p.name: p for p in spec.params if p.type != "tensor"}
+        ok = True
+        if len(positional) != len(tensors):
+            self.diags.add("DSG205" if len(positional) < len(tensors) else "DSG204", span,
+                           f"loss `{spec.name}` takes {len(tensors)} tensor argument(s) "
+                           f"({', '.join(p.name for p in tensors)}), not {len(positional)}",
+                           f"write `{spec.name}({', '.join(p.name for p in tensors)}"
+                           f"{', ' if options else ''}{', '.join(f'{o}=...' for o in options)})`")
+            ok = False
+        for (name, value), arg in zip(keywords, [a for a in args if a.name is not None]):
+            param = options.get(name)
+            if param is None:
+                self.diags.add("DSG204", arg.name.span, f"loss `{spec.name}` has no option `{name}`"
+                               f"{did_you_mean(name, options)}",
+                               f"its options are: {', '.join(options) or 'none'}")
+                ok = False
+            elif not isinstance(value, ir.Const) or not catalogue.type_matches(param.type, value.value):
+                self.diags.add("DSG203", arg.value.span, f"option `{name}` of `{spec.name}` must be "
+                               f"{catalogue.TYPE_WORDS[param.type]}",
+                               f"write a constant, e.g. `{name}={param.default!r}`")
+                ok = False
+        return ir.LossFn(spec.name, True, positional, keywords, span) if ok else None
+
+    def _undefined(self, text: str, span, candidates) -> None:
+        self.diags.add("DSG201", span, f"`{text}` is not defined{did_you_mean(text, candidates)}",
+                       "declare it with `model`, `data` or `loss`, or use a built-in loss "
+                       f"({', '.join(catalogue.LOSSES)})")

@@ -1,0 +1,238 @@
+"""The AST: one frozen dataclass per grammar rule, each carrying its span.
+
+`dump()` prints any node as a deterministic, indented tree (the `--emit ast` form)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Union
+
+from dsgraph.source import Span
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    text: str
+    span: Span
+
+
+# -- values: settings, arguments, block entries ------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    value: int | float
+    text: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class String:
+    value: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Bool:
+    value: bool
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Ident:
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ListValue:
+    items: tuple["Value", ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    """`value` or `name = value`, in a call's argument list (values or expressions)."""
+
+    name: Name | None
+    value: Union["Value", "Expr"]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class CallValue:
+    """`adamw(lr=1e-3)`, `file("zero2.json")`: a named constructor with arguments."""
+
+    name: Name
+    args: tuple[Arg, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """`key = value` in a block, or a bare flag (`frozen`) when `value` is None."""
+
+    key: Name
+    value: Union["Value", None]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    entries: tuple[Entry, ...]
+    span: Span
+
+
+Value = Union[Number, String, Bool, Ident, ListValue, CallValue, Block]
+
+
+# -- expressions: loss definitions ---------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    name: Name
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class FactoryRef:
+    target: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    obj: "Expr"
+    name: Name
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    callee: "Expr"
+    args: tuple[Arg, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class BinOp:
+    op: str
+    left: "Expr"
+    right: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Neg:
+    operand: "Expr"
+    span: Span
+
+
+Expr = Union[Number, String, Ref, FactoryRef, Attr, Call, BinOp, Neg]
+
+
+# -- declarations ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """`builtin.mlp(...)`, `hf("dir")` (path = dotted name) or `pkg.mod:fn(...)` (factory)."""
+
+    path: tuple[Name, ...]
+    factory: str | None
+    args: tuple[Arg, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: Name
+    value: Value
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class DataDecl:
+    name: Name
+    source: Source
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroDecl:
+    """`zero NAME { ... }` (file is None) or `zero NAME = file("x.json") { ... }`."""
+
+    name: Name
+    file: CallValue | None
+    block: Block | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDecl:
+    name: Name
+    source: Source
+    block: Block | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class LossDecl:
+    name: Name
+    expr: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class TrainStmt:
+    models: tuple[Name, ...]
+    loss: Name
+    span: Span
+
+
+Item = Union[Setting, DataDecl, ZeroDecl, ModelDecl, LossDecl, TrainStmt]
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    path: String
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    name: Name
+    items: tuple[Item, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class File:
+    items: tuple[Union[Include, ZeroDecl, Pipeline], ...]
+    span: Span
+
+
+def dump(node: object, indent: int = 0) -> str:
+    """A deterministic, indented rendering of an AST node and its spans."""
+    out: list[str] = []
+    _dump(node, indent, out, label="")
+    return "\n".join(out) + "\n"
+
+
+def _dump(node: object, indent: int, out: list[str], label: str) -> None:
+    pad = "  " * indent
+    if isinstance(node, tuple):
+        if not node:
+            return
+        for child in node:
+            _dump(child, indent, out, label)
+        return
+    if node is None or isinstance(node, (str, int, float, bool)):
+        if node is not None:
+            out.append(f"{pad}{label}{node!r}")
+        return
+    if isinstance(node, Name):
+        out.append(f"{pad}{label}{node.text} @{node.span.line}:{node.span.col}")
+        return
+    span = getattr(node, "span")
+    simple = [f for f in fields(node) if f.name != "span"]
+    out.append(f"{pad}{label}{type(node).__name__} @{span.line}:{span.col}")
+    for f in simple:
+        _dump(getattr(node, f.name), indent + 1, out, f"{f.name}: ")

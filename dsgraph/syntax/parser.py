@@ -1,0 +1,357 @@
+"""Text -> AST. Lark's errors are translated into DSG1xx diagnostics in plain words."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.lexer import PatternStr
+
+from dsgraph.diagnostics import Diagnostics
+from dsgraph.source import SourceFile, Span
+from dsgraph.syntax import ast
+
+MAX_BYTES = 1_000_000       # a .dsg file beyond this is not a pipeline description
+MAX_DEPTH = 200             # nesting of brackets and of expression trees
+
+_TERMINAL_WORDS = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a string",
+    "FACTORY": "a factory `package.module:function`", "$END": "the end of the file",
+}
+
+
+def grammar_path() -> Path:
+    """The grammar ships inside the package in a wheel, and at the top level in a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "grammars" / "dsgraph.lark", here.parent / "grammars" / "dsgraph.lark"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("grammars/dsgraph.lark is missing from the dsgraph installation")
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    options = dict(parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    text = grammar_path().read_text(encoding="utf-8")
+    try:  # Lark stores the LALR tables in a temp file keyed by the grammar's hash.
+        return Lark(text, cache=True, **options)
+    except OSError:
+        return Lark(text, **options)
+
+
+def parse(source: SourceFile, diags: Diagnostics) -> ast.File | None:
+    """Parse one file. On a syntax error, adds one DSG1xx diagnostic and returns None."""
+    if len(source.text) > MAX_BYTES:
+        diags.add("DSG105", source.whole(), f"the file is {len(source.text)} characters long",
+                  f"a .dsg file may hold at most {MAX_BYTES} characters; split it with `include`")
+        return None
+    deep = _too_deep(source.text)
+    if deep is not None:
+        diags.add("DSG105", source.span_at(deep), f"brackets nest deeper than {MAX_DEPTH} levels",
+                  "flatten the expression or the block")
+        return None
+    try:
+        tree = _parser().parse(source.text)
+    except UnexpectedInput as error:
+        _report_syntax_error(error, source, diags)
+        return None
+    if _tree_depth(tree) > MAX_DEPTH:
+        diags.add("DSG105", source.whole(), f"an expression nests deeper than {MAX_DEPTH} levels",
+                  "split the loss into several `loss` declarations that refer to each other")
+        return None
+    return _ToAst(source.name).transform(tree)
+
+
+def _too_deep(text: str) -> int | None:
+    depth = 0
+    for offset, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return offset
+        elif char in ")]}":
+            depth -= 1
+    return None
+
+
+def _tree_depth(tree: Tree) -> int:
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+    return deepest
+
+
+# -- syntax errors in plain words ------------------------------------------------------------
+
+def _describe_terminal(name: str) -> str:
+    if name in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[name]
+    try:
+        pattern = _parser().get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    return f"`{pattern.value}`" if isinstance(pattern, PatternStr) else name.lower()
+
+
+def _describe_token(token: Token) -> str:
+    if token.type == "$END":
+        return "the end of the file"
+    if token.type in ("NAME", "NUMBER", "STRING", "FACTORY"):
+        return f"{_TERMINAL_WORDS[token.type].split(' ')[1]} `{token.value}`"
+    return f"`{token.value}`"
+
+
+_VALUE_STARTS = {"NAME", "NUMBER", "STRING", "LSQB", "LBRACE", "TRUE", "FALSE", "MINUS"}
+_EXPR_STARTS = {"NAME", "NUMBER", "STRING", "LPAR", "MINUS", "FACTORY"}
+
+
+def _expected_words(expected: set[str]) -> str:
+    expected = {e for e in expected if not (e.startswith("KW_") and "NAME" in expected)}
+    if {"NUMBER", "LSQB"} <= expected:
+        expected = (expected - _VALUE_STARTS) | {"a value"}
+    elif {"NUMBER", "LPAR"} <= expected:
+        expected = (expected - _EXPR_STARTS) | {"an expression"}
+    words = sorted({e if e.startswith("a") and " " in e else _describe_terminal(e)
+                    for e in expected if not e.startswith("KW_") or e == "KW_ON"})
+    keywords = sorted(e for e in expected if e.startswith("KW_") and e != "KW_ON")
+    if keywords and "a name" not in words:
+        words.append("a declaration (" + ", ".join(_describe_terminal(k) for k in keywords) + ")")
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _report_syntax_error(error: UnexpectedInput, source: SourceFile, diags: Diagnostics) -> None:
+    if isinstance(error, UnexpectedCharacters):
+        span = Span(source.name, error.line, error.column, error.line, error.column + 1)
+        char = source.text[error.pos_in_stream] if error.pos_in_stream < len(source.text) else ""
+        if char == '"':
+            diags.add("DSG104", span, "this string has no closing quote on its line",
+                      'close the string with `"`; strings cannot span lines')
+        else:
+            diags.add("DSG102", span, f"unexpected character `{char}`",
+                      "remove it; comments start with `#`")
+        return
+    token = getattr(error, "token", None)
+    if isinstance(error, UnexpectedEOF) or (isinstance(token, Token) and token.type == "$END"):
+        _report_unexpected_end(source, diags)
+        return
+    assert isinstance(error, UnexpectedToken)
+    span = Span(source.name, token.line, token.column, token.end_line or token.line,
+                token.end_column or token.column + len(token.value))
+    try:  # the exact set of tokens the parser could take here; error.expected over-approximates
+        accepted = set(error.interactive_parser.accepts())
+    except Exception:  # noqa: BLE001 - fall back to Lark's LALR estimate
+        accepted = set(error.expected)
+    expected = _expected_words(accepted or set(error.expected))
+    diags.add("DSG101", span, f"unexpected {_describe_token(token)}; expected {expected}",
+              _hint(token, accepted))
+
+
+def _hint(token: Token, expected: set[str]) -> str:
+    if token.type in ("EQUAL", "LBRACE") and ("LBRACE" in expected or expected == {"NAME"}):
+        return "a ZeRO config is written `zero NAME { ... }` or `zero NAME = file(\"x.json\")`"
+    if "RPAR" in expected and "COMMA" in expected:
+        return "separate arguments with `,` and close the list with `)`"
+    if "EQUAL" in expected:
+        return "declarations and settings are written `NAME = value`"
+    if token.type in ("NAME", "NUMBER") and "RBRACE" in expected:
+        return "inside a block write `key = value` or a bare flag such as `frozen`"
+    return "see docs/language.md for the form of each declaration"
+
+
+def _report_unexpected_end(source: SourceFile, diags: Diagnostics) -> None:
+    opener = _unclosed_bracket(source.text)
+    if opener is not None:
+        char = source.text[opener]
+        closing = {"{": "}", "(": ")", "[": "]"}[char]
+        diags.add("DSG103", source.span_at(opener), f"the file ends before this `{char}` is closed",
+                  f"add the missing `{closing}`")
+    else:
+        end = source.span_at(max(0, len(source.text.rstrip()) - 1))
+        diags.add("DSG103", end, "the file ends in the middle of a declaration",
+                  "finish the declaration or remove it")
+
+
+def _unclosed_bracket(text: str) -> int | None:
+    """The offset of the innermost bracket still open at the end (strings and comments skipped)."""
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == "#":
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+            continue
+        if char == '"':
+            end = text.find('"', i + 1)
+            i = n if end < 0 else end + 1
+            continue
+        if char in "{([":
+            stack.append(i)
+        elif char in "})]" and stack:
+            stack.pop()
+        i += 1
+    return stack[-1] if stack else None
+
+
+# -- parse tree -> AST -----------------------------------------------------------------------
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        return int(value) if value.is_integer() and "e" in text.lower() and "." not in text else value
+
+
+def _unquote(token: str) -> str:
+    body = token[1:-1]
+    return body.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in body else body
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """One method per grammar rule (or alias), each building the AST class of that name."""
+
+    def __init__(self, filename: str):
+        super().__init__()
+        self.filename = filename
+
+    def _span(self, meta) -> Span:
+        if getattr(meta, "empty", True):
+            return Span(self.filename, 1, 1, 1, 2)
+        return Span(self.filename, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, token: Token) -> Span:
+        return Span(self.filename, token.line, token.column, token.end_line, token.end_column)
+
+    def start(self, meta, items):
+        return ast.File(tuple(items), self._span(meta))
+
+    def name(self, meta, children):
+        (token,) = children
+        return ast.Name(str(token), self._tok(token))
+
+    def include(self, meta, children):
+        (token,) = children
+        return ast.Include(ast.String(_unquote(token), self._tok(token)), self._span(meta))
+
+    def pipeline(self, meta, children):
+        name, *items = children
+        return ast.Pipeline(name, tuple(items), self._span(meta))
+
+    def setting(self, meta, children):
+        token, value = children
+        return ast.Setting(ast.Name(str(token), self._tok(token)), value, self._span(meta))
+
+    def data_decl(self, meta, children):
+        return ast.DataDecl(children[0], children[1], self._span(meta))
+
+    def zero_inline(self, meta, children):
+        return ast.ZeroDecl(children[0], None, children[1], self._span(meta))
+
+    def zero_file(self, meta, children):
+        name, file, block = children
+        return ast.ZeroDecl(name, file, block, self._span(meta))
+
+    def model_decl(self, meta, children):
+        name, source, block = children
+        return ast.ModelDecl(name, source, block, self._span(meta))
+
+    def loss_decl(self, meta, children):
+        return ast.LossDecl(children[0], children[1], self._span(meta))
+
+    def train_stmt(self, meta, children):
+        *models, loss = children
+        return ast.TrainStmt(tuple(models), loss, self._span(meta))
+
+    def named_source(self, meta, children):
+        path, args = children
+        return ast.Source(path, None, args, self._span(meta))
+
+    def factory_source(self, meta, children):
+        token, args = children
+        return ast.Source((), str(token), args, self._span(meta))
+
+    def dotted_name(self, meta, children):
+        return tuple(children)
+
+    def args(self, meta, children):
+        return tuple(c for c in children if c is not None)
+
+    call_args = args
+
+    def positional(self, meta, children):
+        return ast.Arg(None, children[0], self._span(meta))
+
+    def keyword(self, meta, children):
+        return ast.Arg(children[0], children[1], self._span(meta))
+
+    def block(self, meta, children):
+        return ast.Block(tuple(children), self._span(meta))
+
+    def assign(self, meta, children):
+        return ast.Entry(children[0], children[1], self._span(meta))
+
+    def flag(self, meta, children):
+        return ast.Entry(children[0], None, self._span(meta))
+
+    def number(self, meta, children):
+        (token,) = children
+        return ast.Number(_number(token), str(token), self._tok(token))
+
+    num = number
+
+    def negative(self, meta, children):
+        (token,) = children
+        return ast.Number(-_number(token), "-" + str(token), self._span(meta))
+
+    def string(self, meta, children):
+        (token,) = children
+        return ast.String(_unquote(token), self._tok(token))
+
+    str = string
+
+    def true(self, meta, children):
+        return ast.Bool(True, self._span(meta))
+
+    def false(self, meta, children):
+        return ast.Bool(False, self._span(meta))
+
+    def ident(self, meta, children):
+        (token,) = children
+        return ast.Ident(str(token), self._tok(token))
+
+    def list(self, meta, children):
+        return ast.ListValue(tuple(c for c in children if c is not None), self._span(meta))
+
+    def call_value(self, meta, children):
+        token, args = children
+        return ast.CallValue(ast.Name(str(token), self._tok(token)), args, self._span(meta))
+
+    def ref(self, meta, children):
+        return ast.Ref(children[0], self._span(meta))
+
+    def factory_ref(self, meta, children):
+        (token,) = children
+        return ast.FactoryRef(str(token), self._tok(token))
+
+    def attr(self, meta, children):
+        return ast.Attr(children[0], children[1], self._span(meta))
+
+    def call(self, meta, children):
+        return ast.Call(children[0], children[1], self._span(meta))
+
+    def _binop(op):  # noqa: N805 - a small factory for the four operator rules
+        def build(self, meta, children):
+            return ast.BinOp(op, children[0], children[1], self._span(meta))
+        return build
+
+    add, sub, mul, div = _binop("+"), _binop("-"), _binop("*"), _binop("/")
+
+    def neg(self, meta, children):
+        return ast.Neg(children[0], self._span(meta))

@@ -1,0 +1,224 @@
+"""`zero` declarations -> ZeroConfig: inline blocks, DeepSpeed JSON files, and files with overrides.
+
+Shorthands (`stage`, `offload_optimizer = cpu`, `offload_param`, `precision`) expand into
+DeepSpeed's own shape; every other key goes where DeepSpeed expects it (zero_optimization or the
+top level). Unknown keys are reported with a did-you-mean, in the .dsg file or in the JSON file."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from dsgraph import dskeys
+from dsgraph.catalogue import OFFLOAD_DEVICES, PRECISIONS
+from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
+from dsgraph.ir import Precision, ZeroConfig
+from dsgraph.source import SourceFile, Span
+from dsgraph.syntax import ast
+from dsgraph.values import INVALID, describe, to_python
+
+# Bucket sizes left to DeepSpeed's defaults allocate ~2 GB per backward; dsgraph sizes them from
+# the model at run time unless the block says otherwise.
+_INLINE_DEFAULTS = {
+    1: {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
+    2: {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
+    3: {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto"},
+}
+
+
+class ZeroBuilder:
+    def __init__(self, dsg_file: str, diags: Diagnostics, sources: dict[str, SourceFile]):
+        self.base = Path(dsg_file).parent
+        self.diags = diags
+        self.sources = sources          # JSON files read here are added, for caret rendering
+
+    def build(self, name: str, decl_span: Span, file: ast.CallValue | None,
+              block: ast.Block | None) -> ZeroConfig:
+        config: dict[str, Any] = {}
+        spans: dict[str, Span] = {}
+        rel = None
+        if file is not None:
+            rel = self._file_arg(file)
+            if rel is not None:
+                config, spans = self._load_json(rel, file)
+        precision = _precision_of_json(config, spans, decl_span, self.diags)
+        if block is not None:
+            precision = self._apply_block(block, config, spans) or precision
+            if file is None:
+                stage = config.get("zero_optimization", {}).get("stage", 0)
+                for key, value in _INLINE_DEFAULTS.get(stage if isinstance(stage, int) else 0, {}).items():
+                    config.setdefault("zero_optimization", {}).setdefault(key, value)
+        return ZeroConfig(name, config, rel, precision, spans, decl_span)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _file_arg(self, call: ast.CallValue) -> str | None:
+        args = call.args
+        if call.name.text != "file" or len(args) != 1 or args[0].name is not None \
+                or not isinstance(args[0].value, ast.String):
+            self.diags.add("DSG203", call.span, "a ZeRO config file is written `file(\"path.json\")`",
+                           "give the path of a DeepSpeed JSON file, relative to this .dsg file")
+            return None
+        return args[0].value.value
+
+    def _load_json(self, rel: str, call: ast.CallValue) -> tuple[dict, dict[str, Span]]:
+        path = self.base / rel
+        arg_span = call.args[0].value.span
+        if not path.is_file():
+            self.diags.add("DSG409", arg_span, f"DeepSpeed config file `{rel}` does not exist",
+                           f"paths are relative to the .dsg file; looked for {path}")
+            return {}, {}
+        display = str(path)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        source = SourceFile(display, text)
+        self.sources[display] = source
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            at = source.span_at(error.pos)
+            self.diags.add("DSG410", at, f"`{rel}` is not valid JSON: {error.msg}",
+                           "DeepSpeed reads strict JSON: no trailing commas, no comments, keys in double quotes",
+                           Note("used here", arg_span))
+            return {}, {}
+        if not isinstance(data, dict):
+            self.diags.add("DSG410", source.whole(), f"`{rel}` holds {describe(data)}, not a JSON object",
+                           "a DeepSpeed config is one JSON object `{...}`", Note("used here", arg_span))
+            return {}, {}
+        spans = _locate_keys(data, source)
+        self._check_keys(data, "", spans, arg_span)
+        _check_types(data, spans, arg_span, self.diags)
+        return data, spans
+
+    def _check_keys(self, obj: dict, path: str, spans: dict[str, Span], fallback: Span) -> None:
+        allowed = dskeys.known_children(path)
+        if allowed is None:
+            return
+        for key, value in obj.items():
+            full = f"{path}.{key}" if path else key
+            if key not in allowed:
+                where = f"in `{path}`" if path else "at the top level"
+                self.diags.add("DSG408", spans.get(full, fallback),
+                               f"DeepSpeed has no key `{key}` {where}{did_you_mean(key, allowed)}",
+                               "DeepSpeed would silently ignore it; fix the spelling or remove it")
+            elif isinstance(value, dict):
+                self._check_keys(value, full, spans, fallback)
+
+    # -- inline blocks -------------------------------------------------------------------------
+
+    def _apply_block(self, block: ast.Block, config: dict, spans: dict[str, Span]) -> Precision | None:
+        precision = None
+        for entry in block.entries:
+            key, span = entry.key.text, entry.span
+            value = True if entry.value is None else to_python(entry.value, self.diags)
+            if value is INVALID:
+                continue
+            if key == "precision":
+                if value in PRECISIONS:
+                    precision = Precision(value)
+                    spans["precision"] = span
+                else:
+                    self.diags.add("DSG209", entry.value.span if entry.value else span,
+                                   f"precision must be one of {', '.join(PRECISIONS)}, not {describe(value)}",
+                                   "write `precision = bf16` (or fp32, fp16)")
+                continue
+            if key in ("offload_optimizer", "offload_param") and isinstance(value, str):
+                if value not in OFFLOAD_DEVICES:
+                    self.diags.add("DSG209", entry.value.span, f"`{key}` must be one of "
+                                   f"{', '.join(OFFLOAD_DEVICES)}, not {describe(value)}",
+                                   f"write `{key} = cpu`, or a block `{key} = {{ device = nvme  nvme_path = \"/x\" }}`")
+                    continue
+                value = {"device": value}
+            if key in dskeys.ZERO:
+                path = f"zero_optimization.{key}"
+                config.setdefault("zero_optimization", {})[key] = value
+            elif key in dskeys.TOP_LEVEL:
+                path = key
+                config[key] = value
+            else:
+                self.diags.add("DSG408", entry.key.span, f"DeepSpeed has no key `{key}`"
+                               f"{did_you_mean(key, dskeys.ZERO | dskeys.TOP_LEVEL | {'precision'})}",
+                               "zero blocks take ZeRO keys (stage, offload_optimizer, ...), top-level "
+                               "DeepSpeed keys, and `precision`")
+                continue
+            spans[path] = span
+            if isinstance(value, dict):
+                self._check_keys(value, path, {}, entry.key.span)
+            check_value_type(path, value, entry.value.span if entry.value else span, self.diags)
+        return precision
+
+
+def _check_types(data: dict, spans: dict[str, Span], fallback: Span, diags: Diagnostics) -> None:
+    """DSG411 for the keys listed in dskeys.TYPES, wherever they are set in a JSON file."""
+    for path, kind in dskeys.TYPES.items():
+        node: Any = data
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        _check_one(path, kind, node, spans.get(path, fallback), diags)
+
+
+def check_value_type(path: str, value: Any, span: Span, diags: Diagnostics) -> None:
+    kind = dskeys.TYPES.get(path)
+    if kind is not None:
+        _check_one(path, kind, value, span, diags)
+
+
+def _check_one(path: str, kind: str, value: Any, span: Span, diags: Diagnostics) -> None:
+    if value is None or value == "auto":
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    good = {"int": number and float(value).is_integer(), "number": number,
+            "bool": isinstance(value, bool)}[kind]
+    if not good:
+        words = {"int": "a whole number", "number": "a number", "bool": "true or false"}[kind]
+        diags.add("DSG411", span, f"DeepSpeed key `{path}` must be {words}, not {describe(value)}",
+                  f"write {words}, or \"auto\" where dsgraph can fill it")
+
+
+def _precision_of_json(config: dict, spans: dict[str, Span], fallback: Span,
+                       diags: Diagnostics) -> Precision | None:
+    enabled = [p for p in ("bf16", "fp16")
+               if isinstance(config.get(p), dict) and config[p].get("enabled") is True]
+    if len(enabled) == 2:
+        diags.add("DSG414", spans.get("fp16", fallback), "this config enables both fp16 and bf16",
+                  "enable one of them", Note("bf16 is enabled here", spans.get("bf16")))
+        return None
+    return Precision(enabled[0]) if enabled else None
+
+
+_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
+
+
+def _locate_keys(data: dict, source: SourceFile) -> dict[str, Span]:
+    """Spans of the keys of a JSON object, as dotted paths: a single left-to-right scan that
+    follows the nesting of braces, so equal key names in different objects are told apart."""
+    spans: dict[str, Span] = {}
+    stack: list[str] = []           # the path of the object we are in
+    pending: str | None = None      # the last key seen, before its value opens an object
+    text = source.text
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == '"':
+            match = _KEY.match(text, i)
+            if match:
+                pending = match.group(1)
+                path = ".".join([*stack[1:], pending])
+                spans.setdefault(path, source.span_at(i, len(match.group(0)) - 1))
+                i = match.end()
+                continue
+            end = i + 1
+            while end < n and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            i = end + 1
+            continue
+        if char == "{":
+            stack.append(pending or "")
+            pending = None
+        elif char == "}" and stack:
+            stack.pop()
+        elif char in ",[":
+            pending = None if char == "," else pending
+        i += 1
+    return spans
