@@ -58,7 +58,8 @@ class Analysis:
 def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis:
     flow = g.dataflow(graph)
     order = tuple(nx.lexicographical_topological_sort(flow))
-    trains = [t for t in pipeline.trains if t.loss in pipeline.losses]
+    trains = [t for t in pipeline.trains
+              if t.loss in pipeline.losses and any(m in pipeline.models for m in t.models)]
     groups = tuple(Group(t.index, tuple(m for m in t.models if m in pipeline.models), t.loss,
                          frozenset(nx.ancestors(flow, g.loss_id(t.loss))) | {g.loss_id(t.loss)})
                    for t in trains)

@@ -1,6 +1,7 @@
 """Text -> AST. Lark's errors are translated into DSG1xx diagnostics in plain words."""
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -208,9 +209,12 @@ def _number(text: str) -> int | float:
         return int(value) if value.is_integer() and "e" in text.lower() and "." not in text else value
 
 
+_ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
+
+
 def _unquote(token: str) -> str:
-    body = token[1:-1]
-    return body.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in body else body
+    """A string's value: `\\"`, `\\\\`, `\\n` and `\\t` are escapes; any other backslash stays."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), token[1:-1])
 
 
 @v_args(meta=True)

@@ -1,0 +1,32 @@
+# `make demo` and `make test` do all the set-up on a fresh machine (Python >= 3.10 with venv).
+# The default torch is the CPU build; on a GPU machine: `make setup TORCH_SPEC=torch` after
+# installing the CUDA build of torch you want, or see README.md.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.dsgraph-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/dsgraph check pipelines/*.dsg
+	$(BIN)/dsgraph compile pipelines/distill.dsg --world-size 2
+	mkdir -p runs && $(BIN)/dsgraph dot pipelines/distill.dsg -o runs/distill.dot
+	@echo "the graph is in runs/distill.dot (draw it with: dsgraph dot pipelines/distill.dsg -o distill.svg)"
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(BIN)/python benchmarks/compile_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,127 @@
+"""Compiling is deterministic, imports no torch/deepspeed/accelerate, and never raises on any
+input: valid programs, byte mutations and token mutations of the shipped pipelines."""
+import subprocess
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsgraph.compiler import compile_source
+from dsgraph.source import SourceFile
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = {p.name: p.read_text() for p in sorted((ROOT / "pipelines").glob("*.dsg"))}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsgraph", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_compile_twice_in_fresh_processes_is_byte_identical():
+    for name in SHIPPED:
+        for fmt in ("text", "json"):
+            first = _cli("compile", f"pipelines/{name}", "--format", fmt)
+            second = _cli("compile", f"pipelines/{name}", "--format", fmt)
+            assert first.returncode == 0, first.stderr
+            assert first.stdout == second.stdout
+        dots = [_cli("dot", f"pipelines/{name}").stdout for _ in range(2)]
+        assert dots[0] == dots[1] and dots[0].startswith("digraph")
+
+
+def test_compiling_imports_no_torch_deepspeed_accelerate_or_user_code(tmp_path):
+    (tmp_path / "usercode_probe.py").write_text("raise SystemExit('user code was imported')\n")
+    pipeline = tmp_path / "p.dsg"
+    pipeline.write_text(SHIPPED["distill.dsg"].replace(
+        "builtin.mlp(inputs=32, hidden=[32], outputs=8)", "usercode_probe:make(hidden=32)").replace(
+        'file("configs/zero2.json")', "{ stage = 2 }"))
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from dsgraph.cli import main\n"
+        "code = main(['compile', %r])\n"
+        "heavy = sorted(m for m in ('torch', 'deepspeed', 'accelerate', 'transformers', 'usercode_probe')"
+        " if m in sys.modules)\n"
+        "assert code == 0, code\n"
+        "assert not heavy, heavy\n"
+        "print('clean')\n" % (str(tmp_path), str(pipeline)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("clean")
+
+
+def _compile_never_raises(text: str) -> None:
+    result = compile_source(SourceFile("fuzz.dsg", text))
+    for diag in result.diagnostics:
+        assert diag.code.startswith("DSG") and diag.span.line >= 1 and diag.help
+    assert result.plan is not None or any(d.is_error for d in result.diagnostics)
+
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(SHIPPED)), st.data())
+def test_byte_mutations_give_diagnostics_not_exceptions(name, data):
+    text = SHIPPED[name]
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(text)))
+        action = data.draw(st.sampled_from(["delete", "insert", "replace"]))
+        char = data.draw(st.sampled_from(list('{}()[]=,.:"#+-*/\n 0aZ_\\\x00é')))
+        if action == "delete":
+            text = text[:pos] + text[pos + 1:]
+        elif action == "insert":
+            text = text[:pos] + char + text[pos:]
+        else:
+            text = text[:pos] + char + text[pos + 1:]
+    _compile_never_raises(text)
+
+
+TOKENS = ["pipeline", "model", "data", "zero", "loss", "train", "on", "frozen", "include", "{", "}",
+          "(", ")", "=", ",", "stage", "3", "-1", "0.5", '"x.json"', "student", "teacher", "train.x",
+          "kl", "ce", "builtin.mlp", "pkg.mod:fn", "hf", "file", "auto", "true", "[", "]", "+", "*"]
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(SHIPPED)), st.data())
+def test_token_mutations_give_diagnostics_not_exceptions(name, data):
+    words = SHIPPED[name].split()
+    for _ in range(data.draw(st.integers(1, 5))):
+        pos = data.draw(st.integers(0, max(0, len(words) - 1)))
+        action = data.draw(st.sampled_from(["delete", "insert", "replace", "swap"]))
+        token = data.draw(st.sampled_from(TOKENS))
+        if action == "delete" and words:
+            del words[pos]
+        elif action == "insert":
+            words.insert(pos, token)
+        elif action == "replace" and words:
+            words[pos] = token
+        elif action == "swap" and len(words) > 1:
+            other = data.draw(st.integers(0, len(words) - 1))
+            words[pos], words[other] = words[other], words[pos]
+    _compile_never_raises(" ".join(words))
+
+
+def test_grammar_generated_programs_compile_or_diagnose():
+    from hypothesis.extra.lark import from_lark
+    from lark import Lark
+
+    from dsgraph.syntax.parser import grammar_path
+
+    grammar = Lark(grammar_path().read_text(), parser="lalr", start="start")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(from_lark(grammar, explicit={"NAME": st.sampled_from(["a", "b", "x", "train", "stage", "teacher"]),
+                                        "COMMENT": st.just("# c"), "WS": st.just(" ")}))
+    def run(text):
+        _compile_never_raises(text)
+
+    run()
+
+
+def test_very_long_and_deeply_nested_input_is_a_diagnostic():
+    deep = "pipeline p { loss l = " + "(" * 5000 + "1" + ")" * 5000 + " }"
+    long_sum = "pipeline p { loss l = " + " + ".join(["1"] * 20000) + " }"
+    for text in (deep, long_sum, "pipeline p {" + " seed = 1" * 200000 + "}"):
+        result = compile_source(SourceFile("big.dsg", text))
+        assert any(d.code in ("DSG105", "DSG208") for d in result.diagnostics)
