@@ -34,13 +34,18 @@ class Group:
 @dataclass(frozen=True)
 class Analysis:
     order: tuple[str, ...]                      # evaluation order of all dataflow nodes
+    position: dict[str, int]                    # node -> its index in `order`
     roles: dict[str, Role]
     groups: tuple[Group, ...]
     call_groups: dict[str, frozenset[int]]     # call id -> the groups whose gradients pass through it
     group_of_model: dict[str, int]
 
-    def calls(self) -> list[str]:
-        return [n for n in self.order if n.startswith("call:")]
+    def group(self, index: int) -> Group | None:
+        return next((grp for grp in self.groups if grp.index == index), None)
+
+    def in_order(self, nodes, prefix: str) -> list[str]:
+        """The nodes that start with `prefix`, in evaluation order."""
+        return sorted((n for n in nodes if n.startswith(prefix)), key=self.position.__getitem__)
 
     def needs_grad(self, call: str) -> bool:
         return bool(self.call_groups.get(call))
@@ -88,4 +93,4 @@ def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis:
             if trains_model or any(group.index in call_groups.get(p, ()) for p in flow.predecessors(node)):
                 owners.add(group.index)
         call_groups[node] = frozenset(owners)
-    return Analysis(order, roles, groups, call_groups, group_of_model)
+    return Analysis(order, {n: i for i, n in enumerate(order)}, roles, groups, call_groups, group_of_model)

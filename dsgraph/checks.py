@@ -103,8 +103,9 @@ def check_unused(ctx: Context) -> None:
 def check_trained_models_reached(ctx: Context) -> None:
     if ctx.analysis is None:
         return
+    groups = {grp.index: grp for grp in ctx.analysis.groups}
     for train in ctx.pipeline.trains:
-        group = next((grp for grp in ctx.analysis.groups if grp.index == train.index), None)
+        group = groups.get(train.index)
         if group is None:
             continue
         for name, span in zip(train.models, train.model_spans):

@@ -56,8 +56,9 @@ def build_plan(ctx: Context) -> Plan:
             "runtime_auto": dict(sorted(resolved.runtime.items())), "span": model.span.to_json(),
         })
     groups = []
+    trains = {t.index: t for t in p.trains}
     for group in analysis.groups:
-        train = next(t for t in p.trains if t.index == group.index)
+        train = trains[group.index]
         decision = strategy.groups[group.index]
         groups.append({"index": group.index, "models": list(group.models), "loss": group.loss,
                        "shared": group.shared, "engine": decision.engine.value, "reason": decision.reason,
@@ -149,11 +150,12 @@ def _training_step(ctx: Context) -> list[dict]:
                            kwargs={k: ir.expr_to_json(v) for k, v in call.kwargs},
                            no_grad=not owners, grad_group=owner,
                            detach=[d[5:] for d in analysis.detached_inputs(node, owner, graph)]))
+    trains = {t.index: t for t in p.trains}
     for group in analysis.groups:
-        train = next(t for t in p.trains if t.index == group.index)
-        losses = [n[5:] for n in analysis.order if n.startswith("loss:") and n in group.reach]
-        detach = sorted(c[5:] for c, owners in analysis.call_groups.items()
-                        if c in group.reach and owners and group.index not in owners)
+        train = trains[group.index]
+        losses = [n[5:] for n in analysis.in_order(group.reach, "loss:")]
+        detach = sorted(c[5:] for c in analysis.in_order(group.reach, "call:")
+                        if analysis.call_groups[c] and group.index not in analysis.call_groups[c])
         steps.append(_step("losses", train.span, group=group.index, losses=losses, detach=detach))
         steps.append(_step("backward", train.span, group=group.index, loss=group.loss,
                            models=list(group.models), engine=ctx.strategy.groups[group.index].engine.value))
