@@ -44,7 +44,7 @@ def check_loss_cycles(ctx: Context) -> None:
 
 
 def check_something_trained(ctx: Context) -> None:
-    if not ctx.pipeline.trains:
+    if not ctx.pipeline.trains and ctx.pipeline.complete:
         ctx.diags.add("DSG308", ctx.pipeline.span, f"pipeline `{ctx.pipeline.name}` trains nothing",
                       "add `train MODEL on LOSS`")
 
@@ -73,12 +73,13 @@ def check_train_statements(ctx: Context) -> None:
 
 def check_unused(ctx: Context) -> None:
     """DSG303 unused model, DSG309 implicitly frozen, DSG304 unused loss, DSG310 unused data/zero."""
-    if ctx.analysis is None:
+    if ctx.analysis is None or not ctx.pipeline.complete:
         return
     p, roles = ctx.pipeline, ctx.analysis.roles
     trained_models = {m for t in p.trains for m in t.models}
     for name, model in p.models.items():
-        if roles[name] is Role.UNUSED and name not in trained_models:
+        called = any(True for _ in ctx.graph.successors(g.model_id(name)))
+        if not called and name not in trained_models:      # frozen or not, nothing runs it
             ctx.diags.add("DSG303", model.span, f"model `{name}` is declared but no loss uses it",
                           f"use it in a loss (`{name}(data.field)`) or remove it")
         elif roles[name] is Role.FROZEN and not model.frozen and name not in trained_models:
@@ -101,7 +102,7 @@ def check_unused(ctx: Context) -> None:
 
 
 def check_trained_models_reached(ctx: Context) -> None:
-    if ctx.analysis is None:
+    if ctx.analysis is None or not ctx.pipeline.complete:
         return
     groups = {grp.index: grp for grp in ctx.analysis.groups}
     for train in ctx.pipeline.trains:
@@ -192,12 +193,22 @@ def check_resolved_configs(ctx: Context) -> None:
         ctx.resolved[name] = resolved
         zero = dsconfig.zero_of(ctx.pipeline, model)
         for problem in resolved.problems:
-            span = zero.key_spans.get(problem.path) if zero and problem.path else None
+            span = _config_span(zero, problem.path) if zero else None
             message = problem.message
             if problem.code == "DSG405" and ctx.strategy and ctx.strategy.engine_of(name, ctx.analysis) is Engine.ACCELERATE:
                 message += " (Accelerators share one gradient-accumulation state)"
-            ctx.diags.add(problem.code, span or model.span, f"{message} (model `{name}`)" if span else message,
+            named = not span or f"model `{name}`" in message     # located in the config: say whose
+            ctx.diags.add(problem.code, span or model.span, message if named else f"{message} (model `{name}`)",
                           problem.help, *((Note(f"model `{name}` is declared here", model.span),) if span else ()))
+
+
+def _config_span(zero: ir.ZeroConfig, path: str):
+    """Where the config sets `path`, or else the nearest enclosing key it sets; None if neither."""
+    while path:
+        if path in zero.key_spans:
+            return zero.key_spans[path]
+        path = path.rpartition(".")[0]
+    return None
 
 
 CHECKS = (

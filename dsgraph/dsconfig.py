@@ -127,7 +127,7 @@ def _optimizer(pipeline, model: ir.Model, out: Resolved) -> None:
     params = cfg["optimizer"].get("params", {})
     for key, value in params.items():
         if value == "auto":
-            out.problems.append(Problem("DSG412", "optimizer", f"optimizer `{key}` is \"auto\" but model "
+            out.problems.append(Problem("DSG412", f"optimizer.params.{key}", f"optimizer `{key}` is \"auto\" but model "
                                         f"`{model.name}` declares no optimizer to fill it from",
                                         f"add `optimizer = adamw(lr=...)` to `{model.name}`, or write the value"))
 
@@ -161,7 +161,7 @@ def _scheduler(pipeline: ir.Pipeline, model: ir.Model, out: Resolved) -> None:
             if value == "auto" and fill.get(key) not in (None, "auto"):
                 params[key] = fill[key]
             elif value == "auto" and key != "total_num_steps":
-                out.problems.append(Problem("DSG412", "scheduler", f"scheduler `{key}` is \"auto\" and "
+                out.problems.append(Problem("DSG412", f"scheduler.params.{key}", f"scheduler `{key}` is \"auto\" and "
                                             f"nothing in the pipeline fills it",
                                             f"declare `scheduler = warmup(warmup_steps=...)` on "
                                             f"`{model.name}`, or write the value"))

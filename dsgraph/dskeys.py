@@ -45,11 +45,18 @@ OFFLOAD_OPTIMIZER = frozenset({"device", "nvme_path", "buffer_count", "pin_memor
                                "pipeline_write", "fast_init", "ratio", "cpuadam_cores_perc",
                                "super_offload"})
 
-# Keys whose value type dsgraph checks (DSG411). "auto" is accepted where Accelerate allows it.
+# Keys whose value type dsgraph checks (DSG411): "auto" is accepted for the scalar ones (dsgraph
+# fills it, or reports DSG412), never for an object.
 INT = "int"
 NUM = "number"
 BOOL = "bool"
+OBJ = "object"
+TYPE_WORDS = {INT: "a whole number", NUM: "a number", BOOL: "true or false",
+              OBJ: "an object (a block `{ ... }`)"}
 TYPES = {
+    "zero_optimization": OBJ, "optimizer": OBJ, "optimizer.params": OBJ, "scheduler": OBJ,
+    "scheduler.params": OBJ, "fp16": OBJ, "bf16": OBJ,
+    "zero_optimization.offload_param": OBJ, "zero_optimization.offload_optimizer": OBJ,
     "train_batch_size": INT, "train_micro_batch_size_per_gpu": INT,
     "gradient_accumulation_steps": INT, "gradient_clipping": NUM, "steps_per_print": INT,
     "wall_clock_breakdown": BOOL, "prescale_gradients": BOOL,
@@ -63,6 +70,9 @@ TYPES = {
     "zero_optimization.sub_group_size": NUM,
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": BOOL,
 }
+
+# Keys DeepSpeed also takes as null (its config classes declare them Optional).
+NULLABLE = frozenset({"zero_optimization.offload_param", "zero_optimization.offload_optimizer"})
 
 # "auto" values the runtime fills from the model itself (Accelerate's rules: hidden size based).
 RUNTIME_AUTO = {

@@ -78,7 +78,9 @@ class ZeroConfig:
     span: Span = field(compare=False)
 
     def stage(self) -> int:
-        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+        """The ZeRO stage; 0 also when it is "auto", which nothing fills (DSG412)."""
+        stage = self.config.get("zero_optimization", {}).get("stage", 0)
+        return int(stage) if isinstance(stage, (int, float)) and not isinstance(stage, bool) else 0
 
     def span_of(self, path: str) -> Span:
         return self.key_spans.get(path, self.span)
@@ -276,6 +278,9 @@ class Pipeline:
     losses: dict[str, Loss]
     trains: tuple[Train, ...]
     span: Span
+    # False when lowering reported errors: declarations that had them are missing, so what
+    # looks unused or unreached may only be so because of them (the checks say nothing then).
+    complete: bool = True
 
     def show(self) -> str:
         s = self.settings

@@ -8,9 +8,9 @@ from dsgraph.syntax import ast
 
 
 class LossLowering:
-    def __init__(self, data: dict[str, ir.DataSet], model_names: set[str], loss_names: set[str],
+    def __init__(self, data: dict[str, ir.DataSet | None], model_names: set[str], loss_names: set[str],
                  diags: Diagnostics):
-        self.data = data
+        self.data = data                # None: declared, but its declaration had errors
         self.models = model_names
         self.losses = loss_names
         self.diags = diags
@@ -44,7 +44,7 @@ class LossLowering:
         if text in self.losses:
             return ir.LossRef(text, span)
         if text in self.data:
-            fields = self.data[text].fields
+            fields = self.data[text].fields if self.data[text] is not None else None
             example = f"{text}.{fields[0]}" if fields else f"{text}.FIELD"
             self.diags.add("DSG212", span, f"data set `{text}` is used without a field",
                            f"name the field: `{example}`")
@@ -58,6 +58,8 @@ class LossLowering:
     def _attr(self, obj: ast.Expr, name: ast.Name, span) -> ir.LossExpr | None:
         if isinstance(obj, ast.Ref) and obj.name.text in self.data:
             data = self.data[obj.name.text]
+            if data is None:            # already reported where it is declared
+                return None
             if data.fields is not None and name.text not in data.fields:
                 self.diags.add("DSG211", name.span, f"data set `{data.name}` has no field `{name.text}`"
                                f"{did_you_mean(name.text, data.fields)}",

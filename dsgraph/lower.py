@@ -22,17 +22,19 @@ def lower(tree: ast.File, source: SourceFile, diags: Diagnostics,
         diags.add("DSG106", span, f"a .dsg file declares exactly one pipeline; this one has {len(pipelines)}",
                   "write `pipeline NAME { ... }`; share ZeRO configs between files with `include`")
         return None
-    shared_zeros = _included_zeros(tree, source, diags, sources, [source.name])
+    shared_zeros = _included_zeros(tree, source, diags, sources, [source.name], set())
     return _Lowerer(source.name, diags, sources).pipeline(pipelines[0], shared_zeros)
 
 
 def _included_zeros(tree: ast.File, source: SourceFile, diags: Diagnostics,
-                    sources: dict[str, SourceFile], chain: list[str]) -> list[tuple[ast.ZeroDecl, str]]:
-    """Top-level `zero` blocks of this file and of the files it includes, with their file name."""
+                    sources: dict[str, SourceFile], chain: list[str],
+                    seen: set[Path]) -> list[tuple[ast.ZeroDecl, str]]:
+    """Top-level `zero` blocks of this file and of the files it includes, with their file name.
+    A file included twice (`a` and `b` both include `c`) is read once."""
     found = [(item, source.name) for item in tree.items if isinstance(item, ast.ZeroDecl)]
     for inc in (i for i in tree.items if isinstance(i, ast.Include)):
         path = Path(source.name).parent / inc.path.value
-        if str(path) in chain:
+        if path.resolve() in {Path(c).resolve() for c in chain}:   # `a/../a.dsg` is `a.dsg`
             diags.add("DSG107", inc.path.span, f"`{inc.path.value}` includes itself through "
                       f"{' -> '.join(chain)}", "remove one of the includes")
             continue
@@ -40,6 +42,9 @@ def _included_zeros(tree: ast.File, source: SourceFile, diags: Diagnostics,
             diags.add("DSG107", inc.path.span, f"included file `{inc.path.value}` does not exist",
                       f"paths are relative to the including file; looked for {path}")
             continue
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
         included = SourceFile.read(path)
         sources[included.name] = included
         sub = parse(included, diags)
@@ -49,7 +54,7 @@ def _included_zeros(tree: ast.File, source: SourceFile, diags: Diagnostics,
             diags.add("DSG107", inc.path.span, f"included file `{inc.path.value}` declares a pipeline",
                       "an included file holds only `zero` blocks and further `include`s")
             continue
-        found += _included_zeros(sub, included, diags, sources, [*chain, str(path)])
+        found += _included_zeros(sub, included, diags, sources, [*chain, str(path)], seen)
     return found
 
 
@@ -83,7 +88,7 @@ class _Lowerer:
             model = self._model(decl, zeros, builder)
             if model is not None:
                 models[model.name] = model
-        lowering = LossLowering({k: v for k, v in data.items() if v is not None},
+        lowering = LossLowering(data,
                                 {d.name.text for d in models_ok}, {d.name.text for d in losses_ok}, self.diags)
         losses = {}
         for decl in losses_ok:
@@ -96,7 +101,7 @@ class _Lowerer:
             return None
         return ir.Pipeline(node.name.text, self.filename, settings,
                            {k: v for k, v in data.items() if v is not None}, zeros, models, losses,
-                           tuple(trains), node.span)
+                           tuple(trains), node.span, complete=not self.diags.has_errors)
 
     def _declare(self, name: ast.Name, table: dict[str, Span], kind: str) -> bool:
         if name.text in table:

@@ -33,6 +33,8 @@ def to_python(value: ast.Value, diags: Diagnostics) -> Any:
 
 
 def describe(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true or false"
     if isinstance(value, (int, float)):
@@ -84,6 +86,7 @@ def bind_args(spec: Builtin, kind: str, args: tuple[ast.Arg, ...], span: Span,
         if value is INVALID or not check_type(param.type, value, arg.value.span,
                                               f"argument `{name}` of `{spec.name}`", diags):
             ok = False
+            bound[name] = INVALID       # given, though wrong: not also "missing"
             continue
         bound[name] = value
     for param in spec.params:

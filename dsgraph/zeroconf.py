@@ -74,6 +74,12 @@ class ZeroBuilder:
         text = path.read_text(encoding="utf-8", errors="replace")
         source = SourceFile(display, text)
         self.sources[display] = source
+        deep = _too_deep_json(text)
+        if deep is not None:       # json.loads and every walk over the config would recurse
+            self.diags.add("DSG410", source.span_at(deep), f"`{rel}` nests deeper than "
+                           f"{_MAX_JSON_DEPTH} levels", "a DeepSpeed config nests a few levels deep; "
+                           "this is not one", Note("used here", arg_span))
+            return {}, {}
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -88,13 +94,15 @@ class ZeroBuilder:
             return {}, {}
         spans = _locate_keys(data, source)
         self._check_keys(data, "", spans, arg_span)
-        _check_types(data, spans, arg_span, self.diags)
+        _check_types(data, "", spans, arg_span, self.diags)
         return data, spans
 
     def _check_keys(self, obj: dict, path: str, spans: dict[str, Span], fallback: Span) -> None:
+        """DSG408 for each unknown key, which is then dropped (as DeepSpeed would ignore it)."""
         allowed = dskeys.known_children(path)
         if allowed is None:
             return
+        unknown = []
         for key, value in obj.items():
             full = f"{path}.{key}" if path else key
             if key not in allowed:
@@ -102,8 +110,11 @@ class ZeroBuilder:
                 self.diags.add("DSG408", spans.get(full, fallback),
                                f"DeepSpeed has no key `{key}` {where}{did_you_mean(key, allowed)}",
                                "DeepSpeed would silently ignore it; fix the spelling or remove it")
+                unknown.append(key)
             elif isinstance(value, dict):
                 self._check_keys(value, full, spans, fallback)
+        for key in unknown:
+            del obj[key]
 
     # -- inline blocks -------------------------------------------------------------------------
 
@@ -143,37 +154,63 @@ class ZeroBuilder:
                                "DeepSpeed keys, and `precision`")
                 continue
             spans[path] = span
+            value_spans = {path: entry.value.span if entry.value else span}
+            if isinstance(entry.value, ast.Block):
+                _nested_spans(entry.value, path, spans, value_spans)
             if isinstance(value, dict):
-                self._check_keys(value, path, {}, entry.key.span)
-            check_value_type(path, value, entry.value.span if entry.value else span, self.diags)
+                self._check_keys(value, path, spans, entry.key.span)
+            _check_types(config, path, value_spans, value_spans[path], self.diags)
         return precision
 
 
-def _check_types(data: dict, spans: dict[str, Span], fallback: Span, diags: Diagnostics) -> None:
-    """DSG411 for the keys listed in dskeys.TYPES, wherever they are set in a JSON file."""
+def _nested_spans(block: ast.Block, path: str, entries: dict[str, Span], values: dict[str, Span]) -> None:
+    """The spans of a nested block's entries and of their values, by dotted path."""
+    for entry in block.entries:
+        full = f"{path}.{entry.key.text}"
+        entries[full] = entry.span
+        values[full] = entry.value.span if entry.value else entry.span
+        if isinstance(entry.value, ast.Block):
+            _nested_spans(entry.value, full, entries, values)
+
+
+def _check_types(config: dict, under: str, spans: dict[str, Span], fallback: Span,
+                 diags: Diagnostics) -> None:
+    """DSG411 for the keys of dskeys.TYPES set in `config` at `under` or inside it ("": all),
+    and DSG209 for a stage other than 0-3. A value reported is dropped from `config`, so that
+    what reads the config later finds only values of the right type."""
+    bad = []
     for path, kind in dskeys.TYPES.items():
-        node: Any = data
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        _check_one(path, kind, node, spans.get(path, fallback), diags)
+        if under and path != under and not path.startswith(under + "."):
+            continue
+        parent, parts = config, path.split(".")
+        for part in parts[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or parts[-1] not in parent:
+            continue
+        value, span = parent[parts[-1]], spans.get(path, fallback)
+        if value is None and path in dskeys.NULLABLE:
+            continue
+        if not _type_ok(kind, value):
+            words = dskeys.TYPE_WORDS[kind]
+            diags.add("DSG411", span, f"DeepSpeed key `{path}` must be {words}, not {describe(value)}",
+                      f"write {words}" + ("" if kind == dskeys.OBJ else ", or \"auto\" where dsgraph can fill it"))
+            bad.append((parent, parts[-1]))
+        elif path == "zero_optimization.stage" and value != "auto" and value not in (0, 1, 2, 3):
+            diags.add("DSG209", span, f"ZeRO stage must be 0, 1, 2 or 3, not {describe(value)}",
+                      "write `stage = 3` to shard parameters, gradients and optimizer state")
+            bad.append((parent, parts[-1]))
+    for parent, key in bad:
+        del parent[key]
 
 
-def check_value_type(path: str, value: Any, span: Span, diags: Diagnostics) -> None:
-    kind = dskeys.TYPES.get(path)
-    if kind is not None:
-        _check_one(path, kind, value, span, diags)
-
-
-def _check_one(path: str, kind: str, value: Any, span: Span, diags: Diagnostics) -> None:
-    if value is None or value == "auto":
-        return
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == dskeys.OBJ:
+        return isinstance(value, dict)
+    if value == "auto":
+        return True
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    good = {"int": number and float(value).is_integer(), "number": number,
-            "bool": isinstance(value, bool)}[kind]
-    if not good:
-        words = {"int": "a whole number", "number": "a number", "bool": "true or false"}[kind]
-        diags.add("DSG411", span, f"DeepSpeed key `{path}` must be {words}, not {describe(value)}",
-                  f"write {words}, or \"auto\" where dsgraph can fill it")
+    return {dskeys.INT: number and float(value).is_integer(), dskeys.NUM: number,
+            dskeys.BOOL: isinstance(value, bool)}[kind]
 
 
 def _precision_of_json(config: dict, spans: dict[str, Span], fallback: Span,
@@ -185,6 +222,31 @@ def _precision_of_json(config: dict, spans: dict[str, Span], fallback: Span,
                   "enable one of them", Note("bf16 is enabled here", spans.get("bf16")))
         return None
     return Precision(enabled[0]) if enabled else None
+
+
+_MAX_JSON_DEPTH = 100
+
+
+def _too_deep_json(text: str) -> int | None:
+    """The offset of the first bracket nested deeper than _MAX_JSON_DEPTH (strings skipped)."""
+    depth, in_string, i, n = 0, False, 0, len(text)
+    while i < n:
+        char = text[i]
+        if in_string:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > _MAX_JSON_DEPTH:
+                return i
+        elif char in "]}":
+            depth -= 1
+        i += 1
+    return None
 
 
 _KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')

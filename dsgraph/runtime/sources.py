@@ -1,0 +1,90 @@
+"""Resolving a plan's sources at run time: built-ins, `package.module:function` factories and
+Hugging Face models from a local directory or a config (nothing is downloaded).
+
+Factories are imported as written in the .dsg file, from the installed packages and the .dsg
+file's own directory (put first on sys.path, like a script's directory); never from the current
+directory otherwise."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from dsgraph.runtime import builtins
+
+
+class SourceError(Exception):
+    """A source could not be resolved or built; the executor adds the plan step and the line."""
+
+
+def set_import_path(dsg_file: str) -> None:
+    here = str(Path(dsg_file).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", str(Path.cwd()))]
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
+def resolve_factory(target: str) -> Callable:
+    module_name, _, function = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SourceError(f"cannot import module `{module_name}` for `{target}`: {error}") from error
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise SourceError(f"module `{module_name}` has no function `{function}`")
+    return fn
+
+
+def _call_args(args: list[list]) -> tuple[list, dict]:
+    positional = [v for k, v in args if k.isdigit()]
+    keywords = {k: v for k, v in args if not k.isdigit()}
+    return positional, keywords
+
+
+def build(source: dict, table: dict[str, Callable], base_dir: Path) -> Any:
+    kind, target = source["kind"], source["target"]
+    positional, keywords = _call_args(source["args"])
+    if kind == "builtin":
+        if target == "jsonl":
+            keywords["path"] = str(base_dir / keywords["path"])
+        return table[target](*positional, **keywords)
+    if kind == "factory":
+        return resolve_factory(target)(*positional, **keywords)
+    return build_hf(positional, keywords, base_dir)
+
+
+_HF_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
+               "model": "AutoModel"}
+
+
+def build_hf(positional: list, keywords: dict, base_dir: Path) -> Any:
+    import transformers
+
+    task = keywords.pop("task", "causal_lm")
+    if task not in _HF_CLASSES:
+        raise SourceError(f"hf task must be one of {', '.join(_HF_CLASSES)}, not {task!r}")
+    auto = getattr(transformers, _HF_CLASSES[task])
+    trust = bool(keywords.pop("trust_remote_code", False))      # only when the file says so
+    if "config" in keywords:
+        config = keywords.pop("config")
+        if isinstance(config, str):
+            config = transformers.AutoConfig.from_pretrained(str(base_dir / config), trust_remote_code=trust,
+                                                             local_files_only=True)
+        else:
+            config = dict(config)
+            config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+        return auto.from_config(config, trust_remote_code=trust, **keywords)
+    path = base_dir / positional[0]
+    if not path.is_dir():
+        raise SourceError(f"hf model directory {path} does not exist (nothing is downloaded)")
+    return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust, **keywords)
+
+
+def model_table() -> dict[str, Callable]:
+    return builtins.MODELS
+
+
+def data_table() -> dict[str, Callable]:
+    return builtins.DATA
