@@ -76,7 +76,7 @@ def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis:
     for name, model in pipeline.models.items():
         if name in group_of_model and not model.frozen:
             roles[name] = Role.TRAINED
-        elif model.frozen or any(True for _ in graph.successors(g.model_id(name))):
+        elif any(True for _ in graph.successors(g.model_id(name))):
             roles[name] = Role.FROZEN
         else:
             roles[name] = Role.UNUSED

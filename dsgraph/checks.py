@@ -118,17 +118,34 @@ def check_trained_models_reached(ctx: Context) -> None:
 
 
 def check_gradient_groups(ctx: Context) -> None:
+    """DSG307: a call whose gradients would reach two train groups, or whose backward would run
+    through a model that another group trains (its engine would see foreign gradients)."""
     if ctx.analysis is None:
         return
-    for call, owners in ctx.analysis.call_groups.items():
+    a, trains = ctx.analysis, {t.index: t for t in ctx.pipeline.trains}
+    trained_in: dict[str, int] = {}     # a model trained twice is DSG306's, not ours
+    for train in ctx.pipeline.trains:
+        for name in set(train.models):
+            trained_in[name] = trained_in.get(name, 0) + 1
+    for call, owners in a.call_groups.items():
+        model = ctx.graph.nodes[call]["model"]
+        home = a.group_of_model.get(model) if a.roles.get(model) is Role.TRAINED else None
         if len(owners) > 1:
-            trains = [t for t in ctx.pipeline.trains if t.index in owners]
+            groups = [trains[i] for i in sorted(owners)]
             ctx.diags.add("DSG307", ctx.graph.nodes[call]["span"],
                           f"gradients of `{call[5:]}` would flow into {len(owners)} train groups "
-                          f"({', '.join(t.loss for t in trains)})",
+                          f"({', '.join(t.loss for t in groups)})",
                           "train these models on one shared loss (`train a, b on total`), or keep each "
                           "model's output out of the other group's loss",
-                          *(Note(f"train group of `{t.loss}`", t.span) for t in trains))
+                          *(Note(f"train group of `{t.loss}`", t.span) for t in groups))
+        elif owners and home is not None and home not in owners and trained_in.get(model) == 1:
+            (other,) = owners
+            ctx.diags.add("DSG307", ctx.graph.nodes[call]["span"],
+                          f"the backward of `{trains[other].loss}` would run through `{model}`, which "
+                          f"`train ... on {trains[home].loss}` updates",
+                          f"train `{model}` in the same statement (`train ..., {model} on ...`), or make "
+                          f"`{trains[other].loss}` use a call of `{model}` that does not depend on a trained model",
+                          Note(f"`{model}` is trained here", trains[home].span))
 
 
 def check_frozen_configs(ctx: Context) -> None:
@@ -195,8 +212,11 @@ def check_resolved_configs(ctx: Context) -> None:
         for problem in resolved.problems:
             span = _config_span(zero, problem.path) if zero else None
             message = problem.message
-            if problem.code == "DSG405" and ctx.strategy and ctx.strategy.engine_of(name, ctx.analysis) is Engine.ACCELERATE:
-                message += " (Accelerators share one gradient-accumulation state)"
+            if problem.code == "DSG405" and ctx.strategy and len(set(ctx.strategy.accelerator_of.values())) > 1 \
+                    and ctx.strategy.engine_of(name, ctx.analysis) is Engine.ACCELERATE:
+                message += "; Accelerators share one gradient-accumulation state"
+            if problem.code == "DSG414" and "precision" in model.spans:
+                span = model.spans["precision"]
             named = not span or f"model `{name}`" in message     # located in the config: say whose
             ctx.diags.add(problem.code, span or model.span, message if named else f"{message} (model `{name}`)",
                           problem.help, *((Note(f"model `{name}` is declared here", model.span),) if span else ()))

@@ -81,13 +81,15 @@ class CompileError(Exception):
 def render_snippet(span: Span, source: SourceFile | None) -> list[str]:
     if source is None:
         return []
-    text = source.line_text(span.line).expandtabs(4)
+    raw = source.line_text(span.line)
+    end = span.end_col if span.end_line == span.line else len(raw) + 1
+    # Columns count characters; a tab is drawn 4 wide, so measure the caret on the drawn text.
+    start = len(raw[:span.col - 1].expandtabs(4))
+    width = max(1, len(raw[:end - 1].expandtabs(4)) - start)
     gutter = " " * len(str(span.line))
-    end = span.end_col if span.end_line == span.line else len(text) + 1
-    width = max(1, end - span.col)
     return [f"{gutter} |",
-            f"{span.line} | {text}",
-            f"{gutter} | {' ' * (span.col - 1)}{'^' * width}"]
+            f"{span.line} | {raw.expandtabs(4)}",
+            f"{gutter} | {' ' * start}{'^' * width}"]
 
 
 def render_text(diag: Diagnostic, sources: dict[str, SourceFile]) -> str:

@@ -8,7 +8,8 @@ from dsgraph.plan import Plan
 
 
 def _q(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A quoted DOT string; a newline in `text` becomes DOT's line break."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _attrs(**attrs) -> str:
@@ -36,7 +37,7 @@ def to_dot(graph: nx.DiGraph, plan: Plan) -> str:
             m = models[name]
             trained = m["role"] == "trained"
             out.append(f"    {_q('model:' + name)} " + _attrs(
-                label=f"{name}\\n{m['role']} · ZeRO-{m['stage']} · {m['precision']}",
+                label=f"{name}\n{m['role']} · ZeRO-{m['stage']} · {m['precision']}",
                 shape="box", style="filled,bold" if trained else "filled,dashed",
                 fillcolor="#cfe8ff" if trained else "#eeeeee"))
         out.append("  }")
@@ -45,7 +46,7 @@ def to_dot(graph: nx.DiGraph, plan: Plan) -> str:
         kind = attrs["kind"]
         if kind == "model":
             if attrs["name"] not in models:
-                out.append(f"  {_q(node)} " + _attrs(label=f"{attrs['name']}\\nunused", shape="box", style="dotted"))
+                out.append(f"  {_q(node)} " + _attrs(label=f"{attrs['name']}\nunused", shape="box", style="dotted"))
             continue
         if kind == "data":
             out.append(f"  {_q(node)} " + _attrs(label=attrs["name"], shape="cylinder"))

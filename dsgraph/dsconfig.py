@@ -52,10 +52,11 @@ def resolve(pipeline: ir.Pipeline, model: ir.Model, trained: bool, world_size: i
     if trained:
         _optimizer(pipeline, model, out)
         _scheduler(pipeline, model, out)
+        # Always explicit: DeepSpeed 0.19 clips at 1.0 when the key is absent.
         if model.clip is not None:
             cfg["gradient_clipping"] = model.clip
-        elif cfg.get("gradient_clipping") == "auto":
-            del cfg["gradient_clipping"]
+        elif cfg.get("gradient_clipping", "auto") == "auto":
+            cfg["gradient_clipping"] = 0.0
     else:
         for key in ("optimizer", "scheduler", "gradient_clipping"):
             cfg.pop(key, None)

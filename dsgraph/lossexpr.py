@@ -36,6 +36,8 @@ class LossLowering:
                 return ir.BinOp(op, left, right, s) if left is not None and right is not None else None
             case ast.Neg(operand=o, span=s):
                 operand = self.lower(o)
+                if isinstance(operand, ir.Const) and isinstance(operand.value, (int, float)):
+                    return ir.Const(-operand.value, s)          # `-1` is a constant, not an expression
                 return ir.Neg(operand, s) if operand is not None else None
         raise TypeError(f"not an expression: {expr!r}")
 

@@ -179,7 +179,9 @@ class _Lowerer:
                 self.diags.add("DSG205", node.span, "`hf` needs a local directory or a config",
                                'write `hf("path/to/model")` or `hf(config="config.json")`')
                 return None
-            return ir.Source(ir.SourceKind.HF, str(dict(args).get("0", "")), args, node.span)
+            named = dict(args)
+            target = named.get("0", named.get("config"))
+            return ir.Source(ir.SourceKind.HF, target if isinstance(target, str) else "config", args, node.span)
         if len(path) == 2 and path[0] == "builtin":
             spec = table.get(path[1])
             if spec is None:

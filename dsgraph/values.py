@@ -40,7 +40,7 @@ def describe(value: Any) -> str:
     if isinstance(value, (int, float)):
         return f"the number {value}"
     if isinstance(value, str):
-        return f"`{value}`"
+        return f'"{value}"'
     if isinstance(value, list):
         return "a list"
     return "a block"
