@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--world-size", type=_positive, default=None)
 
+    p = sub.add_parser("run", help="compile, then train on DeepSpeed engines with N processes")
+    p.add_argument("file")
+    p.add_argument("--procs", type=_positive, default=None,
+                   help="processes to start (default: one per GPU, or 2 without a GPU)")
+    p.add_argument("--run-dir", default=None, help="default: runs/<pipeline>-<time>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting (steps=40) or a model property (student.optimizer.lr=1e-4)")
+
     p = sub.add_parser("dot", help="draw the pipeline graph (DOT, or SVG/PNG through Graphviz)")
     p.add_argument("file")
     p.add_argument("-o", "--output", help="out.dot, out.svg or out.png (default: DOT on stdout)")
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        handler = {"compile": cmd_compile, "check": cmd_check, "dot": cmd_dot}[args.command]
+        handler = {"compile": cmd_compile, "check": cmd_check, "dot": cmd_dot, "run": cmd_run}[args.command]
         return handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -81,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def _load(path: str, world_size: int | None):
+def _load(path: str, world_size: int | None, overrides: tuple[str, ...] = ()):
     from dsgraph.compiler import compile_file
 
     if not Path(path).is_file():
         print(f"dsgraph: no such file: {path}", file=sys.stderr)
         return None
-    return compile_file(path, world_size)
+    return compile_file(path, world_size, overrides)
 
 
 def _print_diagnostics(result, stream=sys.stderr) -> None:
@@ -178,3 +186,27 @@ def cmd_dot(args) -> int:
         print(f"dsgraph: graphviz failed: {done.stderr.decode(errors='replace').strip()}", file=sys.stderr)
         return EXIT_INTERNAL
     return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    import os
+
+    from dsgraph.runtime import env, launch
+
+    inside = env.inside_launcher()
+    procs = int(os.environ["WORLD_SIZE"]) if inside else (args.procs or env.gpu_count() or 2)
+    # Compile first: a wrong file stops here, before any worker starts.
+    result = _load(args.file, procs, tuple(args.overrides))
+    if result is None:
+        return EXIT_USAGE
+    _print_diagnostics(result)
+    if not result.ok:
+        return EXIT_USER
+    if inside:
+        run_dir = Path(args.run_dir or f"runs/{result.plan.data['pipeline']}-{os.environ.get('MASTER_PORT', 'run')}")
+        launch.write_plan(run_dir, result.plan.to_json())
+        return launch.run_here(run_dir)
+    run_dir = Path(args.run_dir) if args.run_dir else launch.default_run_dir(result.plan.data["pipeline"])
+    launch.write_plan(run_dir, result.plan.to_json())
+    print(f"dsgraph: {procs} processes, run directory {run_dir}", file=sys.stderr)
+    return launch.launch(run_dir, procs)

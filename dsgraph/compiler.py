@@ -15,6 +15,7 @@ from dsgraph import ir
 from dsgraph.checks import Context, run_checks
 from dsgraph.diagnostics import CompileError, Diagnostic, Diagnostics
 from dsgraph.lower import lower
+from dsgraph.overrides import apply_overrides
 from dsgraph.plan import Plan, build_plan
 from dsgraph.source import SourceFile
 from dsgraph.syntax import ast
@@ -52,16 +53,20 @@ def _no_gc():
             gc.enable()
 
 
-def compile_source(source: SourceFile, world_size: int | None = None) -> Compilation:
+def compile_source(source: SourceFile, world_size: int | None = None,
+                   overrides: tuple[str, ...] = ()) -> Compilation:
+    """`overrides` are `--set key=value` strings, applied to the AST before lowering."""
     with _no_gc():
-        return _compile(source, world_size)
+        return _compile(source, world_size, overrides)
 
 
-def _compile(source: SourceFile, world_size: int | None) -> Compilation:
+def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, ...]) -> Compilation:
     diags = Diagnostics()
     sources = {source.name: source}
     result = Compilation(source, sources, [])
     result.ast = parse(source, diags)
+    if result.ast is not None and overrides:
+        result.ast = apply_overrides(result.ast, list(overrides), diags, sources)
     if result.ast is not None:
         result.ir = lower(result.ast, source, diags, sources)
     if result.ir is not None:
@@ -74,8 +79,9 @@ def _compile(source: SourceFile, world_size: int | None) -> Compilation:
     return result
 
 
-def compile_file(path: str | Path, world_size: int | None = None) -> Compilation:
-    return compile_source(SourceFile.read(path), world_size)
+def compile_file(path: str | Path, world_size: int | None = None,
+                 overrides: tuple[str, ...] = ()) -> Compilation:
+    return compile_source(SourceFile.read(path), world_size, overrides)
 
 
 def compile_plan(path: str | Path, world_size: int | None = None) -> Plan:

@@ -15,6 +15,7 @@ from dsgraph import ir
 from dsgraph.analysis import Role
 from dsgraph.checks import Context
 from dsgraph.dsconfig import precision_of, stage_of
+from dsgraph.graph import split_terms
 from dsgraph.strategy import Engine
 
 PLAN_VERSION = 1
@@ -78,7 +79,7 @@ def build_plan(ctx: Context) -> Plan:
         "setup": _setup(ctx, models),
         "step": _training_step(ctx),
         "losses": {name: {"expr": ir.expr_to_json(loss.expr), "text": ir.show_expr(loss.expr),
-                          "span": loss.span.to_json()} for name, loss in p.losses.items()},
+                          "terms": _terms(loss), "span": loss.span.to_json()} for name, loss in p.losses.items()},
     }
     plan["digest"] = hashlib.sha256(json.dumps(_without_spans(plan), sort_keys=True).encode()).hexdigest()[:16]
     return Plan(plan)
@@ -112,8 +113,6 @@ def _setup(ctx: Context, models: list[dict]) -> list[dict]:
         steps.append(_step("select_plugin", span(m), model=m["name"]))
         steps.append(_step("build_model", span(m), model=m["name"], zero_init=m["zero_init"]))
         prepare = ["model", "optimizer"] + (["scheduler"] if "scheduler" in m["deepspeed_config"] else [])
-        if index == 0:
-            prepare += [f"data:{d}" for d in p.data]
         steps.append(_step("prepare", span(m), model=m["name"], accelerator=m["accelerator"], objects=prepare))
     for m in accel_frozen:
         steps.append(_step("select_plugin", span(m), model=m["name"]))
@@ -124,9 +123,10 @@ def _setup(ctx: Context, models: list[dict]) -> list[dict]:
         steps.append(_step("initialize", span(m), model=m["name"], eval=m["role"] == "frozen",
                            objects=["model"] if m["role"] == "frozen" else ["model", "optimizer"]
                            + (["scheduler"] if "scheduler" in m["deepspeed_config"] else [])))
-    if not accel:
-        for name, data in p.data.items():
-            steps.append(_step("shard_data", data.span, data=name))
+    # dsgraph deals the batches itself, in the order Accelerate's prepared DataLoader gives: the
+    # same for both engine kinds, resumable, and free of Accelerate's end-of-data sync.
+    for name, data in p.data.items():
+        steps.append(_step("shard_data", data.span, data=name))
     if accel_trained:
         steps.append(_step("select_plugin", span(accel_trained[0]), model=accel_trained[0]["name"],
                            why="the training plugin is active during the loop"))
@@ -161,6 +161,24 @@ def _training_step(ctx: Context) -> list[dict]:
                            models=list(group.models), engine=ctx.strategy.groups[group.index].engine.value))
         steps.append(_step("optimizer_step", train.span, group=group.index, models=list(group.models)))
     return steps
+
+
+def _terms(loss: ir.Loss) -> list[dict]:
+    """The weighted terms of a loss, each with a short name for the metrics (`kd/kl`, `kd/ce`)."""
+    terms, seen = [], {}
+    for term in split_terms(loss.expr):
+        match term.expr:
+            case ir.LossFn(fn=fn):
+                short = fn.rpartition(":")[2]
+            case ir.LossRef(name=n):
+                short = n
+            case _:
+                short = "term"
+        seen[short] = seen.get(short, 0) + 1
+        name = short if seen[short] == 1 else f"{short}#{seen[short]}"
+        terms.append({"name": f"{loss.name}/{name}", "weight": term.weight, "expr": ir.expr_to_json(term.expr),
+                      "text": ir.show_expr(term.expr)})
+    return terms
 
 
 def _sorted(value: Any) -> Any:

@@ -83,7 +83,7 @@ def _setup_detail(st: dict) -> str:
         case "initialize":
             return f"{st['model']}: {', '.join(st['objects'])}" + ("  (eval)" if st["eval"] else "")
         case "shard_data":
-            return f"{st['data']} (each rank its own shard)"
+            return f"{st['data']} (each rank its own shard, in Accelerate's order)"
     return ""
 
 

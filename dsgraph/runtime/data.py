@@ -3,6 +3,7 @@ pipeline seed. Every rank reads its own shard, in the order Accelerate's prepare
 (batch k of the shuffled order goes to rank k mod world size); epochs wrap."""
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -28,12 +29,15 @@ class RankBatchSampler(Sampler[list[int]]):
         self.batches = BatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)),
                                     micro_batch, drop_last=True)
         self.rank, self.world = rank, world
+        self.served: list[list[int]] | None = [] if os.environ.get("DSGRAPH_RECORD_SAMPLES") else None
 
     def __iter__(self) -> Iterator[list[int]]:
         group: list[list[int]] = []
         for batch in self.batches:
             group.append(batch)
             if len(group) == self.world:
+                if self.served is not None:     # tests check that ranks see disjoint samples
+                    self.served.append(group[self.rank])
                 yield group[self.rank]
                 group = []
 

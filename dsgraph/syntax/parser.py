@@ -393,3 +393,44 @@ class _ToAst:
 
     def neg(self, meta, children):
         return ast.Neg(children[0], self._span(meta))
+
+
+@lru_cache(maxsize=1)
+def _value_parser() -> Lark:
+    text = grammar_path().read_text(encoding="utf-8")
+    return Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True, start="value")
+
+
+def parse_value(source: SourceFile, offset: int, diags: Diagnostics):
+    """Parse `source.text[offset:]` as one value (for `--set key=value`); spans point into it."""
+    text = source.text[offset:]
+    try:
+        tree = _value_parser().parse(text)
+    except UnexpectedInput as error:
+        column = getattr(error, "column", 1) if isinstance(getattr(error, "column", None), int) else 1
+        span = source.span_at(offset + max(0, column - 1))
+        diags.add("DSG203", span, f"`{text}` is not a value", "write a number, a string in double quotes, "
+                  "true/false, a name, or a list `[1, 2]`")
+        return None
+    value = _ToAst(source.name).transform(tree) if isinstance(tree, Tree) else None
+    if value is None:
+        return None
+    return _shift(value, offset)
+
+
+def _shift(node, offset: int):
+    """Move a value's spans right by `offset` columns (it was parsed without its `key=` prefix)."""
+    import dataclasses
+
+    if isinstance(node, tuple):
+        return tuple(_shift(n, offset) for n in node)
+    if not dataclasses.is_dataclass(node):
+        return node
+    changes = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, Span):
+            changes[f.name] = Span(value.file, value.line, value.col + offset, value.end_line, value.end_col + offset)
+        elif dataclasses.is_dataclass(value) or isinstance(value, tuple):
+            changes[f.name] = _shift(value, offset)
+    return dataclasses.replace(node, **changes)

@@ -1,0 +1,45 @@
+"""What a run reports: metrics.jsonl (rank 0), a progress bar (rank 0), a summary at the end."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, pipeline: str, first_step: int = 0):
+        self.rank = rank
+        self.start = time.perf_counter()
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+        self.last: dict = {}
+        self.bar = None
+        if rank == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, desc=pipeline, unit="step",
+                            dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+                            disable=None if sys.stderr.isatty() else False)
+
+    def log(self, record: dict) -> None:
+        record["wall_time"] = round(time.perf_counter() - self.start, 4)
+        self.last = record
+        if self.file is not None:
+            self.file.write(json.dumps(record, sort_keys=True) + "\n")
+            self.file.flush()
+        if self.bar is not None:
+            shown = {k: f"{v:.4f}" for k, v in record["losses"].items()}
+            shown["samples/s"] = f"{record['samples_per_s']:.0f}"
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self, summary_lines: list[str]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.rank == 0:
+            print("\n".join(summary_lines), flush=True)

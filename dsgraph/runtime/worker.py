@@ -1,0 +1,93 @@
+"""One rank: `python -m dsgraph.runtime.worker RUN_DIR`, started by the launcher.
+
+Reads RUN_DIR/plan.json, runs it, exports the trained models, and leaves RUN_DIR/done/rankN.
+A failure is written to RUN_DIR/failures/rankN.json (the plan step, the .dsg line, the cause) and
+the process exits at once, so that the launcher stops the other ranks instead of leaving them
+waiting in a collective."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+EXIT_FAILED = 1
+
+
+def _quiet() -> None:
+    """Libraries talk a lot at start-up; the run's own output is the progress bar and summary."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+
+    for name in ("DeepSpeed", "accelerate", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run(run_dir: Path) -> int:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    _quiet()
+    plan = json.loads((run_dir / "plan.json").read_text())
+    from dsgraph.runtime.executor import Executor, RunFailure     # imports torch and deepspeed
+
+    started = time.perf_counter()
+    executor = Executor(plan, run_dir, rank, world)
+    try:
+        executor.setup()
+        setup_time = time.perf_counter() - started
+        metrics = executor.train()
+        exported = executor.export()
+        executor.write_rank_report()
+        train_time = time.perf_counter() - started - setup_time
+        metrics.close(_summary(plan, metrics.last, exported, setup_time, train_time, run_dir))
+        executor.backend.shutdown()
+    except BaseException as error:  # noqa: BLE001 - every failure is reported, then the rank exits
+        _report_failure(run_dir, rank, error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILED)          # no clean-up that could wait on the other ranks
+    (run_dir / "done").mkdir(exist_ok=True)
+    (run_dir / "done" / f"rank{rank}").write_text("ok\n")
+    return 0
+
+
+def _report_failure(run_dir: Path, rank: int, error: BaseException) -> None:
+    from dsgraph.runtime.executor import RunFailure
+
+    if isinstance(error, RunFailure):
+        record = {"rank": rank, **error.to_json()}
+    elif isinstance(error, KeyboardInterrupt):
+        record = {"rank": rank, "where": "interrupted", "span": None, "error": "KeyboardInterrupt"}
+    else:
+        record = {"rank": rank, "where": "dsgraph runtime", "span": None,
+                  "error": f"{type(error).__name__}: {error}", "internal": True}
+    record["traceback"] = traceback.format_exc()
+    (run_dir / "failures").mkdir(exist_ok=True)
+    (run_dir / "failures" / f"rank{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _summary(plan: dict, last: dict, exported: list[Path], setup: float, train: float, run_dir: Path) -> list[str]:
+    lines = [f"done: {plan['pipeline']}, {last.get('step', 0)} steps in {train:.1f} s "
+             f"(setup {setup:.1f} s), {last.get('samples_per_s', 0):.0f} samples/s"]
+    for name, value in last.get("losses", {}).items():
+        lines.append(f"  loss {name:<12} {value:.6f}")
+    for path in exported:
+        lines.append(f"  model {path.name:<11} -> {path}")
+    lines.append(f"  metrics      -> {run_dir / 'metrics.jsonl'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m dsgraph.runtime.worker RUN_DIR", file=sys.stderr)
+        return 2
+    return run(Path(args[0]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
