@@ -17,10 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/dsgraph check pipelines/*.dsg
 	$(BIN)/dsgraph compile pipelines/distill.dsg --world-size 2
-	mkdir -p runs && $(BIN)/dsgraph dot pipelines/distill.dsg -o runs/distill.dot
-	@echo "the graph is in runs/distill.dot (draw it with: dsgraph dot pipelines/distill.dsg -o distill.svg)"
+	$(BIN)/dsgraph run pipelines/distill.dsg --procs 2 --run-dir runs/demo-distill
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -118,6 +118,8 @@ def _optimizer(pipeline, model: ir.Model, out: Resolved) -> None:
     cfg = out.config
     if model.optimizer is not None:
         params = dict(model.optimizer.params)
+        if model.optimizer.kind == "adam":
+            params["adam_w_mode"] = False     # DeepSpeed's "Adam" is AdamW unless told otherwise
         cfg["optimizer"] = {"type": catalogue.DEEPSPEED_OPTIMIZER_TYPES[model.optimizer.kind], "params": params}
         return
     if "optimizer" not in cfg:

@@ -46,7 +46,20 @@ class Backend:
         return "gloo" if self.on_cpu else get_accelerator().communication_backend_name()
 
     def init_distributed(self) -> None:
-        deepspeed.init_distributed(dist_backend=self.backend_name)
+        with _quiet_stdout():
+            deepspeed.init_distributed(dist_backend=self.backend_name)
+
+    def check_world(self, rank: int, world: int) -> None:
+        """Every layer must agree on who this process is (Accelerate on CPU can silently fall back
+        to one process while DeepSpeed runs with several)."""
+        seen = {"launcher": (rank, world),
+                "torch.distributed": (torch.distributed.get_rank(), torch.distributed.get_world_size()),
+                "deepspeed": (deepspeed.comm.get_rank(), deepspeed.comm.get_world_size())}
+        if self.accelerators:
+            state = self.accelerators[0].state
+            seen["accelerate"] = (state.process_index, state.num_processes)
+        if len(set(seen.values())) != 1:
+            raise RuntimeError("rank/world size disagree: " + ", ".join(f"{k} {v}" for k, v in seen.items()))
 
     def device(self) -> torch.device:
         if self.on_cpu:
@@ -63,10 +76,11 @@ class Backend:
             # The plugins live in the shared AcceleratorState; the first one is the default.
             # gloo must be named on CPU, or Accelerate silently runs single-process.
             self.plugin_configs = plugins
-            accelerator = Accelerator(
-                deepspeed_plugins={name: DeepSpeedPlugin(hf_ds_config=cfg) for name, cfg in plugins.items()},
-                mixed_precision=mixed_precision,
-                kwargs_handlers=[InitProcessGroupKwargs(backend=self.backend_name)])
+            with _quiet_stdout():      # DeepSpeed prints a line when it loads its comm op
+                accelerator = Accelerator(
+                    deepspeed_plugins={name: DeepSpeedPlugin(hf_ds_config=cfg) for name, cfg in plugins.items()},
+                    mixed_precision=mixed_precision,
+                    kwargs_handlers=[InitProcessGroupKwargs(backend=self.backend_name)])
         else:
             accelerator = Accelerator()         # one trained engine per Accelerator
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -213,6 +227,10 @@ class Backend:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def _quiet_stdout():
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:

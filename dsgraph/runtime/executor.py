@@ -72,12 +72,18 @@ class Executor:
             self.configs[name] = configs.finalize(m, self.world, self.total_steps, hidden, self.backend.on_cpu)
         if not any(s["op"] == "create_accelerator" for s in self.plan["setup"]):
             self.backend.init_distributed()
+        if self.rank == 0:      # the exact configs handed to DeepSpeed, "auto" resolved
+            out = self.run_dir / "deepspeed_configs"
+            out.mkdir(exist_ok=True)
+            for name, config in self.configs.items():
+                (out / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         built: dict[str, Any] = {}
         for step in self.plan["setup"]:
             where = f"setup step {step['id']} ({step['op']} {step.get('model') or step.get('data') or ''})".rstrip()
             with step_context(where.replace(" )", ")"), step["span"]):
                 self._setup_step(step, built)
             self.executed.append({"id": step["id"], "op": step["op"], "model": step.get("model")})
+        self.backend.check_world(self.rank, self.world)
 
     def _setup_step(self, step: dict, built: dict[str, Any]) -> None:
         op = step["op"]
@@ -226,12 +232,30 @@ class Executor:
 
     def write_rank_report(self) -> None:
         """What this rank executed and held, for tests and for the driver's summary."""
-        report = {"rank": self.rank, "executed": self.executed,
+        digests = {}
+        for m in self.plan["models"]:
+            if m["role"] == "frozen":
+                state = self.backend.full_state_dict(m["name"])     # collective: all ranks gather
+                if state is not None:
+                    digests[m["name"]] = state_digest(state)
+        report = {"rank": self.rank, "executed": self.executed, "frozen_digests": digests,
                   "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
                   "epochs": {name: b.epoch for name, b in self.batches.items()},
                   "samples": {name: b.loader.batch_sampler.served for name, b in self.batches.items()}}
         (self.run_dir / "ranks").mkdir(exist_ok=True)
         (self.run_dir / "ranks" / f"rank{self.rank}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A hash of a state dict's exact bits: equal digests mean bit-identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(key.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

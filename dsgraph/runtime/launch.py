@@ -41,11 +41,12 @@ def _free_port() -> int:
 
 def launch(run_dir: Path, procs: int) -> int:
     """Start `procs` workers on this machine and wait; returns the dsgraph exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+    command = [sys.executable, "-m", "dsgraph.runtime.agent", "--nproc_per_node", str(procs),
                "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "--max_restarts", "0", "-m", "dsgraph.runtime.worker", str(run_dir)]
     environment = env.worker_environment(procs)
     environment["DSGRAPH_DRIVER"] = "1"
+    environment.setdefault("LOGLEVEL", "CRITICAL")      # the elastic agent's own log lines
     process = subprocess.Popen(command, env=environment, start_new_session=True)
     try:
         code = process.wait()

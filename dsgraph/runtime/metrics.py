@@ -11,7 +11,7 @@ class Metrics:
     def __init__(self, run_dir: Path, rank: int, total_steps: int, pipeline: str, first_step: int = 0):
         self.rank = rank
         self.start = time.perf_counter()
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+        self.file = open(run_dir / "metrics.jsonl", "w", encoding="utf-8") if rank == 0 else None
         self.last: dict = {}
         self.bar = None
         if rank == 0:

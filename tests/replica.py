@@ -1,0 +1,116 @@
+"""A plain single-process PyTorch replica of a plan: the same models (same seeds), the same global
+batches (every rank's shard, concatenated in rank order), torch optimizers with the plan's
+hyper-parameters, gradient clipping per model, DeepSpeed's own (pure Python) LR schedules. No
+DeepSpeed engine, no Accelerator, no process group: if dsgraph's orchestration of the engines
+changed the arithmetic, the losses would differ."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+from dsgraph.runtime import builtins, data, sources
+from dsgraph.runtime.evaluate import Scope, evaluate
+from dsgraph.runtime.executor import model_seed
+
+
+def _optimizer(config: dict, params):
+    spec = config["optimizer"]
+    p = dict(spec["params"])
+    if spec["type"] == "SGD":
+        return torch.optim.SGD(params, lr=p["lr"], momentum=p.get("momentum", 0.0),
+                               weight_decay=p.get("weight_decay", 0.0))
+    cls = torch.optim.AdamW if spec["type"] == "AdamW" or p.get("adam_w_mode", True) else torch.optim.Adam
+    return cls(params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=p["weight_decay"])
+
+
+def _scheduler(config: dict, optimizer, total_steps: int):
+    if "scheduler" not in config:
+        return None
+    from deepspeed.runtime import lr_schedules
+
+    spec = config["scheduler"]
+    params = dict(spec["params"])
+    if params.get("total_num_steps") == "auto":
+        params["total_num_steps"] = total_steps
+    return getattr(lr_schedules, spec["type"])(optimizer, **params)
+
+
+class _Shards:
+    """Every rank's batches, as the runtime deals them."""
+
+    def __init__(self, dataset, micro: int, seed: int, world: int):
+        self.loaders = [data.sharded_loader(dataset, micro, seed, r, world) for r in range(world)]
+        self.iters = [iter(loader) for loader in self.loaders]
+
+    def next_global(self) -> dict:
+        batches = []
+        for r, it in enumerate(self.iters):
+            try:
+                batches.append(next(it))
+            except StopIteration:
+                self.iters[r] = iter(self.loaders[r])
+                batches.append(next(self.iters[r]))
+        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def replicate(plan: dict, world: int) -> list[dict[str, float]]:
+    """The losses of every optimizer step, as {loss name: value}."""
+    settings = plan["settings"]
+    base = Path(plan["file"]).parent
+    if str(base.resolve()) not in sys.path:      # factories live beside the .dsg file
+        sys.path.insert(0, str(base.resolve()))
+    micro, accum, steps = settings["micro_batch"], settings["grad_accum"], settings["steps"]
+    shards = {d["name"]: _Shards(sources.build(d["source"], builtins.DATA, base), micro,
+                                 data.data_seed(settings["seed"], i), world)
+              for i, d in enumerate(plan["data"])}
+    models, optimizers, schedulers = {}, {}, {}
+    for m in plan["models"]:
+        torch.manual_seed(model_seed(settings["seed"], m["name"]))
+        model = sources.build(m["source"], builtins.MODELS, base)
+        if m["role"] == "trained":
+            config = m["deepspeed_config"]
+            optimizers[m["name"]] = _optimizer(config, model.parameters())
+            schedulers[m["name"]] = _scheduler(config, optimizers[m["name"]], steps)
+            model.train()
+        else:
+            model.requires_grad_(False).eval()
+        models[m["name"]] = model
+    configs = {m["name"]: m["deepspeed_config"] for m in plan["models"]}
+    forwards = [s for s in plan["step"] if s["op"] == "forward"]
+    groups = list(zip([s for s in plan["step"] if s["op"] == "losses"],
+                      [s for s in plan["step"] if s["op"] == "backward"]))
+    history = []
+    for _ in range(steps):
+        sums: dict[str, float] = {}
+        for _ in range(accum):
+            scope = Scope({name: s.next_global() for name, s in shards.items()})
+            for f in forwards:
+                scope.detach = frozenset(f["detach"])
+                args = [evaluate(a, scope, sources.resolve_factory) for a in f["args"]]
+                kwargs = {k: evaluate(v, scope, sources.resolve_factory) for k, v in f["kwargs"].items()}
+                with torch.no_grad() if f["no_grad"] else contextlib.nullcontext():
+                    scope.calls[f["call"]] = models[f["model"]](*args, **kwargs)
+            for losses, backward in groups:
+                scope.detach, scope.losses = frozenset(losses["detach"]), {}
+                for name in losses["losses"]:
+                    value = None
+                    for term in plan["losses"][name]["terms"]:
+                        weighted = term["weight"] * evaluate(term["expr"], scope, sources.resolve_factory)
+                        value = weighted if value is None else value + weighted
+                    scope.losses[name] = value
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                (scope.losses[backward["loss"]] / accum).backward()
+        for name, optimizer in optimizers.items():
+            clip = configs[name].get("gradient_clipping", 0.0)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(models[name].parameters(), clip)
+            optimizer.step()
+            if schedulers[name] is not None:
+                schedulers[name].step()
+            optimizer.zero_grad()
+        history.append({k: v / accum for k, v in sums.items()})
+    return history
