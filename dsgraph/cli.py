@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default: runs/<pipeline>-<time>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting (steps=40) or a model property (student.optimizer.lr=1e-4)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR from its newest complete checkpoint")
+    p.add_argument("--hang-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop the run when a rank makes no progress for this long (default 600)")
 
     p = sub.add_parser("dot", help="draw the pipeline graph (DOT, or SVG/PNG through Graphviz)")
     p.add_argument("file")
@@ -202,11 +206,57 @@ def cmd_run(args) -> int:
     _print_diagnostics(result)
     if not result.ok:
         return EXIT_USER
-    if inside:
-        run_dir = Path(args.run_dir or f"runs/{result.plan.data['pipeline']}-{os.environ.get('MASTER_PORT', 'run')}")
-        launch.write_plan(run_dir, result.plan.to_json())
-        return launch.run_here(run_dir)
-    run_dir = Path(args.run_dir) if args.run_dir else launch.default_run_dir(result.plan.data["pipeline"])
+    plan = result.plan.data
+    manifest = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        manifest = _resume_checks(run_dir, plan, procs, result)
+        if manifest is None:
+            return EXIT_USER
+    elif inside:
+        run_dir = Path(args.run_dir or f"runs/{plan['pipeline']}-{os.environ.get('MASTER_PORT', 'run')}")
+    else:
+        run_dir = Path(args.run_dir) if args.run_dir else launch.default_run_dir(plan["pipeline"])
     launch.write_plan(run_dir, result.plan.to_json())
-    print(f"dsgraph: {procs} processes, run directory {run_dir}", file=sys.stderr)
-    return launch.launch(run_dir, procs)
+    if inside:
+        return launch.run_here(run_dir, manifest)
+    resumed = f", resuming from {manifest.name}" if manifest else ""
+    print(f"dsgraph: {procs} processes, run directory {run_dir}{resumed}", file=sys.stderr)
+    return launch.launch(run_dir, procs, args.hang_timeout, manifest)
+
+
+def _resume_checks(run_dir: Path, plan: dict, procs: int, result):
+    """The newest complete checkpoint of RUN_DIR if this plan may continue it, else None (with
+    DSG501/DSG502 printed). Nothing in RUN_DIR is unpickled here or without a valid manifest."""
+    from dsgraph.diagnostics import Diagnostic, Note, render_summary, render_text
+    from dsgraph.runtime import checkpoint
+    from dsgraph.source import Span
+
+    file_span = Span(plan["file"], 1, 1, 1, 2)
+    spans = {m["name"]: Span.from_json(m["span"]) for m in plan["models"]}
+    spans.update({name: Span.from_json(loss["span"]) for name, loss in plan["losses"].items()})
+    spans.update({d["name"]: Span.from_json(d["span"]) for d in plan["data"]})
+    found = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    diags = []
+    if found is None:
+        partial = checkpoint.incomplete(run_dir) if run_dir.is_dir() else []
+        why = f"; {len(partial)} incomplete checkpoint folder(s) are ignored" if partial else ""
+        diags.append(Diagnostic("DSG502", f"{run_dir} holds no complete dsgraph checkpoint{why}", file_span,
+                                "resume a run directory that `dsgraph run` checkpointed (checkpoint_every > 0)"))
+    else:
+        manifest, path = found
+        for message, name in checkpoint.differences(manifest["identity"], checkpoint.identity(plan)):
+            diags.append(Diagnostic("DSG501", f"the checkpoint at step {manifest['step']} was saved by a "
+                                    f"different plan: {message}", spans.get(name, file_span),
+                                    "resume with the file the run was started with, or start a new run",
+                                    (Note(f"checkpoint: {path}"),)))
+        if manifest["world_size"] != procs:
+            diags.append(Diagnostic("DSG501", f"the checkpoint was saved by {manifest['world_size']} processes, "
+                                    f"this run has {procs}", file_span,
+                                    f"resume with --procs {manifest['world_size']}", (Note(f"checkpoint: {path}"),)))
+    for diag in diags:
+        print(render_text(diag, result.sources), file=sys.stderr)
+    if diags:
+        print(render_summary(diags, result.source.name), file=sys.stderr)
+        return None
+    return path

@@ -72,6 +72,9 @@ _ALL = (
     Code("DSG412", "unresolvable-auto", E, "an \"auto\" value that nothing in the pipeline can fill"),
     Code("DSG413", "no-optimizer", E, "a trained model without an optimizer"),
     Code("DSG414", "conflicting-precision", E, "a model asked to be fp16 and bf16 at once"),
+    # 5xx: run time (`dsgraph run`), checked by the driver before any worker starts.
+    Code("DSG501", "checkpoint-mismatch", E, "a checkpoint saved by a different plan or world size"),
+    Code("DSG502", "no-complete-checkpoint", E, "a run directory without a complete dsgraph checkpoint"),
 )
 
 REGISTRY: dict[str, Code] = {c.code: c for c in _ALL}

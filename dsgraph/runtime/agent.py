@@ -1,10 +1,13 @@
 """The process that runs torch's elastic launcher for `dsgraph run`: `torch.distributed.run`,
 called as a library so that its own failure report (a traceback of ChildFailedError) does not
-bury dsgraph's one-line report of what failed where. The workers' output passes through."""
+bury dsgraph's one-line report. It records which rank failed first, and how, in the run
+directory (the last argument) for the driver. The workers' output passes through."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
@@ -12,10 +15,15 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    run_dir = Path(argv[-1])
     try:
         run(parse_args(argv))
-    except ChildFailedError:
-        return 1        # the driver reads the workers' own reports to say what failed
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        record = {"rank": rank, "exitcode": failure.exitcode,
+                  "signal": failure.signal_name() if failure.exitcode < 0 else None}
+        (run_dir / "agent_failure.json").write_text(json.dumps(record) + "\n")
+        return 1
     return 0
 
 

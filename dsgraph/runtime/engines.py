@@ -219,7 +219,15 @@ class Backend:
         return local, total
 
     def save_checkpoint(self, name: str, directory: str, tag: str) -> None:
-        self.models[name].engine.save_checkpoint(directory, tag=tag)
+        # Each engine its own folder; DeepSpeed's `latest` pointer is not used (the manifest is).
+        self.models[name].engine.save_checkpoint(directory, tag=tag, save_latest=False)
+
+    def load_checkpoint(self, name: str, directory: str, tag: str) -> None:
+        """Unpickles DeepSpeed's files: only called for folders a valid dsgraph manifest names."""
+        path, _ = self.models[name].engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint of `{name}` in {directory}/{tag}")
 
     def shutdown(self) -> None:
         for accelerator in self.accelerators.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import zlib
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsgraph.runtime import configs, data, sources
+from dsgraph.runtime import checkpoint, configs, control, data, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
@@ -58,6 +59,10 @@ class Executor:
         self.total_steps = 0
         self.executed: list[dict] = []        # what ran, in order (tests compare it with the plan)
         self._factories: dict[str, Any] = {}
+        self.heartbeat = control.Heartbeat(run_dir, rank)
+        self.first_step = 0                   # > 0 when resuming
+        self.resume_rng: dict | None = None
+        self.stopped_early = False
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -84,6 +89,12 @@ class Executor:
                 self._setup_step(step, built)
             self.executed.append({"id": step["id"], "op": step["op"], "model": step.get("model")})
         self.backend.check_world(self.rank, self.world)
+        resume = os.environ.get("DSGRAPH_RESUME")
+        if resume:
+            manifest = json.loads(Path(resume).read_text())
+            with step_context(f"resuming from {Path(resume).name}", None):
+                checkpoint.load(self, manifest)
+            self.first_step = manifest["step"]
 
     def _setup_step(self, step: dict, built: dict[str, Any]) -> None:
         op = step["op"]
@@ -146,13 +157,16 @@ class Executor:
         trained = [m for m in plan["models"] if m["role"] == "trained"]
         log_every, accum = self.settings["log_every"], self.settings["grad_accum"]
         global_batch = self.settings["micro_batch"] * self.world * accum
-        metrics = Metrics(self.run_dir, self.rank, self.total_steps, plan["pipeline"])
+        metrics = Metrics(self.run_dir, self.rank, self.total_steps, plan["pipeline"], self.first_step)
         names = [t["name"] for losses, _ in groups for name in losses["losses"]
                  for t in plan["losses"][name]["terms"]]
         loss_names = [name for losses, _ in groups for name in losses["losses"]]
         torch.manual_seed(self.settings["seed"] * 7919 + self.rank)   # dropout differs per rank
-        tick, last_logged = time.perf_counter(), 0
-        for step in range(1, self.total_steps + 1):
+        if self.resume_rng is not None:
+            checkpoint.set_rng_state(self.resume_rng)
+        tick, last_logged = time.perf_counter(), self.first_step
+        self.heartbeat.beat(control.TRAINING, self.first_step)
+        for step in range(self.first_step + 1, self.total_steps + 1):
             totals = torch.zeros(len(loss_names) + len(names), dtype=torch.float64)
             for _ in range(accum):
                 scope = Scope({n: _to_device(b.next(), device) for n, b in self.batches.items()})
@@ -177,8 +191,16 @@ class Executor:
                 metrics.log(record)
                 tick, last_logged = now, step
             metrics.advance()
-            if self.settings["checkpoint_every"] and step % self.settings["checkpoint_every"] == 0:
-                self.checkpoint(step)
+            self.heartbeat.beat(control.TRAINING, step)      # a memory store, no system call
+            stop = control.stop_step(self.run_dir)          # the driver asks for a clean stop
+            every = self.settings["checkpoint_every"]
+            if (every and step % every == 0) or (stop == step and every):
+                self.heartbeat.beat(control.SETUP, step)    # saving may take long: setup's timeout
+                checkpoint.save(self, step)
+                self.heartbeat.beat(control.TRAINING, step)
+            if stop == step:
+                self.stopped_early = True
+                break
         return metrics
 
     def _accumulate(self):
@@ -216,11 +238,6 @@ class Executor:
 
     # -- checkpoints and the end -----------------------------------------------------------
 
-    def checkpoint(self, step: int) -> None:
-        for m in self.plan["models"]:
-            if m["role"] == "trained":
-                self.backend.save_checkpoint(m["name"], str(self.run_dir / "ckpt" / m["name"]), f"step{step}")
-
     def export(self) -> list[Path]:
         out = []
         for m in self.plan["models"]:
@@ -240,8 +257,8 @@ class Executor:
                     digests[m["name"]] = state_digest(state)
         report = {"rank": self.rank, "executed": self.executed, "frozen_digests": digests,
                   "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
-                  "epochs": {name: b.epoch for name, b in self.batches.items()},
-                  "samples": {name: b.loader.batch_sampler.served for name, b in self.batches.items()}}
+                  "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
+                  "samples": {name: b.sampler.served for name, b in self.batches.items()}}
         (self.run_dir / "ranks").mkdir(exist_ok=True)
         (self.run_dir / "ranks" / f"rank{self.rank}.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -1,8 +1,10 @@
 """`dsgraph run`: compile (no torch yet), then start N workers with torch's elastic launcher and
-wait for them; or, inside an existing launcher, run as that rank.
+watch them; or, inside an existing launcher, run as that rank.
 
-The run directory holds plan.json (what is executed), metrics.jsonl, ckpt/<model>/,
-models/<model>/, and per-rank reports (ranks/, done/, failures/)."""
+The driver never waits blindly: it polls the workers' heartbeats, so that a rank stuck in a
+collective (DeepSpeed's CPU all-reduce ignores the process-group timeout) ends the run after
+`--hang-timeout` seconds; a killed rank ends it as soon as torch's launcher notices. Either way
+every worker is gone when `dsgraph run` returns (they live in a process group of their own)."""
 from __future__ import annotations
 
 import json
@@ -14,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from dsgraph.runtime import env
+from dsgraph.runtime import control, env
 
 EXIT_OK, EXIT_USER, EXIT_WORKER, EXIT_INTERRUPTED = 0, 1, 4, 130
+SETUP_TIMEOUT = 900          # the first run builds DeepSpeed's comm op (~30-50 s on 2 cores)
 
 
 def default_run_dir(pipeline: str) -> Path:
@@ -25,9 +28,11 @@ def default_run_dir(pipeline: str) -> Path:
 
 def write_plan(run_dir: Path, plan_json: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("failures", "done"):        # a reused run directory starts clean of old reports
+    for sub in ("failures", "done", "heartbeat"):      # a reused run directory starts clean
         for old in (run_dir / sub).glob("rank*") if (run_dir / sub).is_dir() else []:
             old.unlink()
+    for stale in ("stop", "agent_failure.json"):
+        (run_dir / stale).unlink(missing_ok=True)
     tmp = run_dir / f".plan.json.{os.getpid()}"
     tmp.write_text(plan_json, encoding="utf-8")
     tmp.replace(run_dir / "plan.json")       # atomic: ranks of an external launcher race here
@@ -39,26 +44,81 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(run_dir: Path, procs: int) -> int:
-    """Start `procs` workers on this machine and wait; returns the dsgraph exit code."""
+def launch(run_dir: Path, procs: int, hang_timeout: float, resume: Path | None = None) -> int:
+    """Start `procs` workers on this machine, watch them, and return the dsgraph exit code."""
     command = [sys.executable, "-m", "dsgraph.runtime.agent", "--nproc_per_node", str(procs),
                "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "--max_restarts", "0", "-m", "dsgraph.runtime.worker", str(run_dir)]
     environment = env.worker_environment(procs)
     environment["DSGRAPH_DRIVER"] = "1"
     environment.setdefault("LOGLEVEL", "CRITICAL")      # the elastic agent's own log lines
+    if resume is not None:
+        environment["DSGRAPH_RESUME"] = str(resume)
     process = subprocess.Popen(command, env=environment, start_new_session=True)
     try:
-        code = process.wait()
+        code, hung = _watch(process, run_dir, procs, hang_timeout)
     except KeyboardInterrupt:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        print("dsgraph: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupt(process, run_dir, procs)
+    finally:
+        _kill_group(process)
+    if hung:
+        return EXIT_WORKER
     return outcome(run_dir, procs, code)
+
+
+def _watch(process: subprocess.Popen, run_dir: Path, procs: int, hang_timeout: float) -> tuple[int, bool]:
+    last_progress: dict[int, tuple[int, float]] = {}
+    while True:
+        try:
+            return process.wait(timeout=1.0), False
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.time()
+        for rank, (phase, step, _) in control.read_heartbeats(run_dir, procs).items():
+            if phase == control.FINISHED:
+                continue
+            seen = last_progress.get(rank)
+            if seen is None or seen[0] != (phase, step):
+                last_progress[rank] = ((phase, step), now)
+                continue
+            limit = hang_timeout if phase == control.TRAINING else max(hang_timeout, SETUP_TIMEOUT)
+            if now - seen[1] > limit:
+                where = f"at step {step + 1} (last completed step {step})" if phase == control.TRAINING \
+                    else "during setup"
+                print(f"dsgraph: rank {rank} made no progress for {now - seen[1]:.0f} s {where}; "
+                      "stopping the run (a rank stuck in a collective)", file=sys.stderr)
+                _kill_group(process)
+                return -1, True
+
+
+def _interrupt(process: subprocess.Popen, run_dir: Path, procs: int) -> int:
+    """Ctrl-C: ask the ranks to stop after a step none has finished (they checkpoint it when
+    checkpointing is on); a second Ctrl-C, or 60 s, stops them at once."""
+    step = control.request_stop(run_dir, procs)
+    print(f"\ndsgraph: stopping after step {step} (Ctrl-C again to stop at once)", file=sys.stderr)
+    try:
+        process.wait(timeout=60)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        pass
+    _kill_group(process)
+    return EXIT_INTERRUPTED
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """The launcher and every worker share one process group: none is left behind."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def last_completed_step(run_dir: Path, procs: int) -> int:
+    beats = control.read_heartbeats(run_dir, procs)
+    return min((b[1] for b in beats.values()), default=0)
 
 
 def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
@@ -80,14 +140,23 @@ def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
         if others:
             print(f"  ({others} other rank(s) failed too; see {run_dir / 'failures'})", file=sys.stderr)
         return EXIT_USER if not record.get("internal") else EXIT_WORKER
-    print(f"dsgraph: a worker died without a report (launcher exit code {launcher_code}); "
-          f"{done} of {procs} ranks finished", file=sys.stderr)
+    step = last_completed_step(run_dir, procs)
+    agent = run_dir / "agent_failure.json"
+    if agent.exists():
+        record = json.loads(agent.read_text())
+        how = f"was killed by {record['signal']}" if record.get("signal") else f"exited with code {record['exitcode']}"
+        print(f"dsgraph: rank {record['rank']} {how}; last completed step {step}", file=sys.stderr)
+    else:
+        print(f"dsgraph: the workers stopped without a report (launcher exit code {launcher_code}); "
+              f"{done} of {procs} ranks finished; last completed step {step}", file=sys.stderr)
     return EXIT_WORKER
 
 
-def run_here(run_dir: Path) -> int:
+def run_here(run_dir: Path, resume: Path | None = None) -> int:
     """Inside torchrun / accelerate launch / deepspeed: this process is one rank."""
     env.prepare_current_process()
+    if resume is not None:
+        os.environ["DSGRAPH_RESUME"] = str(resume)
     from dsgraph.runtime.worker import run
 
     return run(run_dir)

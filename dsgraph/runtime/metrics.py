@@ -11,7 +11,15 @@ class Metrics:
     def __init__(self, run_dir: Path, rank: int, total_steps: int, pipeline: str, first_step: int = 0):
         self.rank = rank
         self.start = time.perf_counter()
-        self.file = open(run_dir / "metrics.jsonl", "w", encoding="utf-8") if rank == 0 else None
+        self.file = None
+        if rank == 0:
+            path = run_dir / "metrics.jsonl"
+            kept = []
+            if first_step and path.exists():    # resuming: keep what led up to the checkpoint
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= first_step]
+            self.file = open(path, "w", encoding="utf-8")
+            self.file.writelines(line + "\n" for line in kept)
         self.last: dict = {}
         self.bar = None
         if rank == 0:

@@ -40,7 +40,8 @@ def run(run_dir: Path) -> int:
         executor.setup()
         setup_time = time.perf_counter() - started
         metrics = executor.train()
-        exported = executor.export()
+        executor.heartbeat.beat(2, executor.total_steps)      # finished training: no watchdog
+        exported = [] if executor.stopped_early else executor.export()
         executor.write_rank_report()
         train_time = time.perf_counter() - started - setup_time
         metrics.close(_summary(plan, metrics.last, exported, setup_time, train_time, run_dir))
@@ -51,8 +52,12 @@ def run(run_dir: Path) -> int:
         sys.stderr.flush()
         os._exit(EXIT_FAILED)          # no clean-up that could wait on the other ranks
     (run_dir / "done").mkdir(exist_ok=True)
-    (run_dir / "done" / f"rank{rank}").write_text("ok\n")
-    return 0
+    (run_dir / "done" / f"rank{rank}").write_text("stopped\n" if executor.stopped_early else "ok\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written and the process group is gone. Skipping the interpreter's teardown
+    # avoids a rare abort in a C++ destructor of a communication library at exit.
+    os._exit(0)
 
 
 def _report_failure(run_dir: Path, rank: int, error: BaseException) -> None:
