@@ -1,6 +1,6 @@
 """How the driver watches and steers its workers without touching their collectives.
 
-Each rank keeps a heartbeat: a 24-byte memory-mapped file (phase, last completed step, time),
+Each rank keeps a heartbeat: a 32-byte memory-mapped file (phase, last completed step, time, pid),
 written with plain memory stores every step, so it costs no system call. The driver reads them to
 name the last completed step of a failed run and to notice a rank that stopped moving (a hang in a
 collective: DeepSpeed's CPU all-reduce ignores the process-group timeout). To stop cleanly, the
@@ -14,7 +14,7 @@ import struct
 import time
 from pathlib import Path
 
-_FORMAT = "<qqd"            # phase, last completed step, unix time of the last beat
+_FORMAT = "<qqdq"           # phase, last completed step, unix time of the last beat, pid
 _SIZE = struct.calcsize(_FORMAT)
 SETUP, TRAINING, FINISHED = 0, 1, 2
 
@@ -31,11 +31,11 @@ class Heartbeat:
         self.beat(SETUP, 0)
 
     def beat(self, phase: int, step: int) -> None:
-        self._map[:_SIZE] = struct.pack(_FORMAT, phase, step, time.time())
+        self._map[:_SIZE] = struct.pack(_FORMAT, phase, step, time.time(), os.getpid())
 
 
-def read_heartbeats(run_dir: Path, world: int) -> dict[int, tuple[int, int, float]]:
-    """rank -> (phase, last completed step, time of the last beat), for ranks that have started."""
+def read_heartbeats(run_dir: Path, world: int) -> dict[int, tuple[int, int, float, int]]:
+    """rank -> (phase, last completed step, time of the last beat, pid), for started ranks."""
     beats = {}
     for rank in range(world):
         path = run_dir / "heartbeat" / f"rank{rank}"

@@ -15,13 +15,6 @@ def data_seed(pipeline_seed: int, index: int) -> int:
     return pipeline_seed * 1000 + 17 + index
 
 
-def make_loader(dataset: Dataset, micro_batch: int, seed: int) -> DataLoader:
-    """The loader Accelerate prepares: shuffled by its own generator, whole batches only."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=micro_batch, sampler=RandomSampler(dataset, generator=generator),
-                      drop_last=True)
-
-
 class RankBatchSampler(Sampler[list[int]]):
     """What Accelerate's BatchSamplerShard yields for one rank: the batches of a shuffled
     BatchSampler dealt round-robin, rank r taking batches r, r+W, ... Its position (the generator
@@ -72,7 +65,10 @@ class RankBatchSampler(Sampler[list[int]]):
 
 
 def sharded_loader(dataset: Dataset, micro_batch: int, seed: int, rank: int, world: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=RankBatchSampler(dataset, micro_batch, seed, rank, world))
+    # The loader's own generator: each new iterator draws a base seed from it, not from the global
+    # RNG, so starting an epoch (or a resumed run) never shifts the dropout masks.
+    return DataLoader(dataset, batch_sampler=RankBatchSampler(dataset, micro_batch, seed, rank, world),
+                      generator=torch.Generator().manual_seed(seed + 1))
 
 
 class Batches:

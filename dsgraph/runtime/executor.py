@@ -215,14 +215,14 @@ class Executor:
 
     def _group_updates(self, groups, scope: Scope, totals, loss_names, term_names) -> None:
         for losses_step, backward_step in groups:
-            with step_context(f"loss `{backward_step['loss']}`", losses_step["span"]):
-                scope.detach = frozenset(losses_step["detach"])
-                scope.losses = {}
-                for name in losses_step["losses"]:
+            scope.detach = frozenset(losses_step["detach"])
+            scope.losses = {}
+            for name in losses_step["losses"]:
+                with step_context(f"loss `{name}`", self.plan["losses"][name]["span"]):
                     value = None
                     for term in self.plan["losses"][name]["terms"]:
                         term_value = evaluate(term["expr"], scope, self._factory)
-                        totals[len(loss_names) + term_names.index(term["name"])] += float(term_value)
+                        totals[len(loss_names) + term_names.index(term["name"])] += float(_detached(term_value))
                         weighted = term["weight"] * term_value
                         value = weighted if value is None else value + weighted
                     if not isinstance(value, torch.Tensor) or value.dim() != 0:
@@ -283,3 +283,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value

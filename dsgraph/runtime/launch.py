@@ -4,7 +4,7 @@ watch them; or, inside an existing launcher, run as that rank.
 The driver never waits blindly: it polls the workers' heartbeats, so that a rank stuck in a
 collective (DeepSpeed's CPU all-reduce ignores the process-group timeout) ends the run after
 `--hang-timeout` seconds; a killed rank ends it as soon as torch's launcher notices. Either way
-every worker is gone when `dsgraph run` returns (they live in a process group of their own)."""
+every worker is gone when `dsgraph run` returns."""
 from __future__ import annotations
 
 import json
@@ -60,7 +60,7 @@ def launch(run_dir: Path, procs: int, hang_timeout: float, resume: Path | None =
     except KeyboardInterrupt:
         return _interrupt(process, run_dir, procs)
     finally:
-        _kill_group(process)
+        _kill_all(process, run_dir, procs)
     if hung:
         return EXIT_WORKER
     return outcome(run_dir, procs, code)
@@ -74,7 +74,7 @@ def _watch(process: subprocess.Popen, run_dir: Path, procs: int, hang_timeout: f
         except subprocess.TimeoutExpired:
             pass
         now = time.time()
-        for rank, (phase, step, _) in control.read_heartbeats(run_dir, procs).items():
+        for rank, (phase, step, _, _) in control.read_heartbeats(run_dir, procs).items():
             if phase == control.FINISHED:
                 continue
             seen = last_progress.get(rank)
@@ -87,7 +87,7 @@ def _watch(process: subprocess.Popen, run_dir: Path, procs: int, hang_timeout: f
                     else "during setup"
                 print(f"dsgraph: rank {rank} made no progress for {now - seen[1]:.0f} s {where}; "
                       "stopping the run (a rank stuck in a collective)", file=sys.stderr)
-                _kill_group(process)
+                _kill_all(process, run_dir, procs)
                 return -1, True
 
 
@@ -100,20 +100,37 @@ def _interrupt(process: subprocess.Popen, run_dir: Path, procs: int) -> int:
         process.wait(timeout=60)
     except (KeyboardInterrupt, subprocess.TimeoutExpired):
         pass
-    _kill_group(process)
+    _kill_all(process, run_dir, procs)
     return EXIT_INTERRUPTED
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """The launcher and every worker share one process group: none is left behind."""
+def _kill_all(process: subprocess.Popen, run_dir: Path, procs: int) -> None:
+    """Leave no process behind: the launcher's group, and every worker by the pid its heartbeat
+    names (torch's launcher starts workers in sessions of their own)."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for _, _, _, pid in control.read_heartbeats(run_dir, procs).values():
+        if _is_worker_of(pid, run_dir):         # a pid may have been reused: check it is ours
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _is_worker_of(pid: int, run_dir: Path) -> bool:
+    try:
+        import psutil
+
+        cmdline = psutil.Process(pid).cmdline()
+    except Exception:  # noqa: BLE001 - gone, or not ours to inspect
+        return False
+    return "dsgraph.runtime.worker" in cmdline and str(run_dir) in cmdline
 
 
 def last_completed_step(run_dir: Path, procs: int) -> int:
@@ -128,8 +145,21 @@ def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
     if done == procs:
         return EXIT_OK
     failures = sorted((run_dir / "failures").glob("rank*.json")) if (run_dir / "failures").is_dir() else []
+    agent = run_dir / "agent_failure.json"
+    exits = json.loads(agent.read_text()) if agent.exists() else []
+    silent = [e for e in exits if not (run_dir / "failures" / f"rank{e['rank']}.json").exists()
+              and (e["signal"] or e["exitcode"] != 1)]
+    if silent:
+        # A rank that went without a report was killed (or crashed hard); what the others then
+        # reported (a closed connection in a collective) follows from it.
+        died = min(silent, key=lambda e: (e["signal"] == "SIGTERM", e["rank"]))   # the agent SIGTERMs survivors
+        step = last_completed_step(run_dir, procs)
+        how = f"was killed by {died['signal']}" if died.get("signal") else f"exited with code {died['exitcode']}"
+        print(f"dsgraph: rank {died['rank']} {how}; last completed step {step}", file=sys.stderr)
+        return EXIT_WORKER
     if failures:
-        record = json.loads(failures[0].read_text())
+        records = sorted((json.loads(f.read_text()) for f in failures), key=lambda r: r.get("time", 0))
+        record = records[0]
         span = record.get("span")
         where = f"{span['file']}:{span['line']}:{span['col']}: " if span else ""
         print(f"{where}error: rank {record['rank']} failed in {record['where']}\n  {record['error']}",
@@ -141,14 +171,8 @@ def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
             print(f"  ({others} other rank(s) failed too; see {run_dir / 'failures'})", file=sys.stderr)
         return EXIT_USER if not record.get("internal") else EXIT_WORKER
     step = last_completed_step(run_dir, procs)
-    agent = run_dir / "agent_failure.json"
-    if agent.exists():
-        record = json.loads(agent.read_text())
-        how = f"was killed by {record['signal']}" if record.get("signal") else f"exited with code {record['exitcode']}"
-        print(f"dsgraph: rank {record['rank']} {how}; last completed step {step}", file=sys.stderr)
-    else:
-        print(f"dsgraph: the workers stopped without a report (launcher exit code {launcher_code}); "
-              f"{done} of {procs} ranks finished; last completed step {step}", file=sys.stderr)
+    print(f"dsgraph: the workers stopped without a report (launcher exit code {launcher_code}); "
+          f"{done} of {procs} ranks finished; last completed step {step}", file=sys.stderr)
     return EXIT_WORKER
 
 

@@ -1,7 +1,11 @@
-"""What a run reports: metrics.jsonl (rank 0), a progress bar (rank 0), a summary at the end."""
+"""What a run reports: metrics.jsonl (rank 0), a progress bar (rank 0), a summary at the end.
+
+With DSGRAPH_STEP_TIMES=1, rank 0 also writes step_times.json: the wall time of every step and
+the unix time the loop started (benchmarks/overhead.py reads it; one clock read per step)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,11 @@ class Metrics:
             self.bar = tqdm(total=total_steps, initial=first_step, desc=pipeline, unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
                             disable=None if sys.stderr.isatty() else False)
+        self.step_times: list[float] | None = None
+        if rank == 0 and os.environ.get("DSGRAPH_STEP_TIMES") == "1":
+            self.step_times_path = run_dir / "step_times.json"
+            self.step_times, self.loop_start = [], time.time()
+            self._tick = time.perf_counter()
 
     def log(self, record: dict) -> None:
         record["wall_time"] = round(time.perf_counter() - self.start, 4)
@@ -41,6 +50,10 @@ class Metrics:
             self.bar.set_postfix(shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
+        if self.step_times is not None:     # the end of a step: everything since the last one
+            now = time.perf_counter()
+            self.step_times.append(now - self._tick)
+            self._tick = now
         if self.bar is not None:
             self.bar.update(steps)
 
@@ -49,5 +62,8 @@ class Metrics:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.step_times is not None:
+            self.step_times_path.write_text(json.dumps({"loop_start_unix": self.loop_start,
+                                                        "step_seconds": self.step_times}) + "\n")
         if self.rank == 0:
             print("\n".join(summary_lines), flush=True)

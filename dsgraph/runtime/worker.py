@@ -71,6 +71,7 @@ def _report_failure(run_dir: Path, rank: int, error: BaseException) -> None:
         record = {"rank": rank, "where": "dsgraph runtime", "span": None,
                   "error": f"{type(error).__name__}: {error}", "internal": True}
     record["traceback"] = traceback.format_exc()
+    record["time"] = time.time()        # the first failure is the cause; the others follow from it
     (run_dir / "failures").mkdir(exist_ok=True)
     (run_dir / "failures" / f"rank{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
 
