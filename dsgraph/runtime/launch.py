@@ -149,6 +149,8 @@ def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
     exits = json.loads(agent.read_text()) if agent.exists() else []
     silent = [e for e in exits if not (run_dir / "failures" / f"rank{e['rank']}.json").exists()
               and (e["signal"] or e["exitcode"] != 1)]
+    if failures:        # the agent SIGTERMs the survivors of a reported failure: not a cause
+        silent = [e for e in silent if e["signal"] != "SIGTERM"]
     if silent:
         # A rank that went without a report was killed (or crashed hard); what the others then
         # reported (a closed connection in a collective) follows from it.
