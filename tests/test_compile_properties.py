@@ -57,7 +57,7 @@ def _compile_never_raises(text: str) -> None:
     assert result.plan is not None or any(d.is_error for d in result.diagnostics)
 
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -110,7 +110,7 @@ def test_grammar_generated_programs_compile_or_diagnose():
 
     grammar = Lark(grammar_path().read_text(), parser="lalr", start="start")
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
     @given(from_lark(grammar, explicit={"NAME": st.sampled_from(["a", "b", "x", "train", "stage", "teacher"]),
                                         "COMMENT": st.just("# c"), "WS": st.just(" ")}))
     def run(text):
