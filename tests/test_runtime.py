@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsgraph.runtime.launch import _free_port
 from replica import replicate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +157,27 @@ def test_set_overrides_are_checked_like_the_file(tmp_path):
     assert done.returncode == 1
     assert "--set[2]:1:7: error[DSG203]" in done.stderr
     assert "DSG204" in done.stderr
+
+
+def test_dsgraph_deals_batches_in_the_order_of_accelerates_prepared_dataloader(tmp_path):
+    from dsgraph.runtime.env import worker_environment
+
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), str(ROOT / "tests" / "scripts" / "accelerate_order.py"),
+                           str(tmp_path)], cwd=ROOT, env=worker_environment(2), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["world"] == 2
+        assert result["actual"] == result["expected"] and len(result["expected"]) == 3 * 6
+    assert not {i for b in results[0]["actual"][:6] for i in b} & {i for b in results[1]["actual"][:6] for i in b}
+
+
+def test_frozen_models_are_not_saved_in_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    done = dsgraph_run(Path("pipelines") / "distill.dsg", run_dir, "steps=4", "checkpoint_every=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["manifests", "student"]
+    manifest = json.loads((run_dir / "ckpt" / "manifests" / "step-00000004.json").read_text())
+    assert manifest["frozen"]["teacher"]["target"] == "mlp" and list(manifest["models"]) == ["student"]
