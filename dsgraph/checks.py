@@ -84,7 +84,7 @@ def check_unused(ctx: Context) -> None:
                           f"use it in a loss (`{name}(data.field)`) or remove it")
         elif roles[name] is Role.FROZEN and not model.frozen and name not in trained_models:
             ctx.diags.add("DSG309", model.span, f"model `{name}` is used but never trained; it runs frozen",
-                          f"say so with `frozen` in its block, or add it to a `train` statement")
+                          "say so with `frozen` in its block, or add it to a `train` statement")
     reached = set().union(*(grp.reach for grp in ctx.analysis.groups)) if ctx.analysis.groups else set()
     for name, loss in p.losses.items():
         if g.loss_id(name) not in reached:

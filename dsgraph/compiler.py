@@ -11,14 +11,14 @@ from pathlib import Path
 import networkx as nx
 
 from dsgraph import graph as graph_mod
-from dsgraph import ir
+from dsgraph import ir as ir_mod
 from dsgraph.checks import Context, run_checks
-from dsgraph.diagnostics import CompileError, Diagnostic, Diagnostics
+from dsgraph.diagnostics import Diagnostic, Diagnostics
 from dsgraph.lower import lower
 from dsgraph.overrides import apply_overrides
 from dsgraph.plan import Plan, build_plan
 from dsgraph.source import SourceFile
-from dsgraph.syntax import ast
+from dsgraph.syntax import ast as ast_mod
 from dsgraph.syntax.parser import parse
 
 
@@ -29,8 +29,8 @@ class Compilation:
     source: SourceFile
     sources: dict[str, SourceFile]
     diagnostics: list[Diagnostic]
-    ast: ast.File | None = None
-    ir: ir.Pipeline | None = None
+    ast: ast_mod.File | None = None
+    ir: ir_mod.Pipeline | None = None
     graph: nx.DiGraph | None = None
     context: Context | None = None
     plan: Plan | None = None
@@ -82,11 +82,3 @@ def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, .
 def compile_file(path: str | Path, world_size: int | None = None,
                  overrides: tuple[str, ...] = ()) -> Compilation:
     return compile_source(SourceFile.read(path), world_size, overrides)
-
-
-def compile_plan(path: str | Path, world_size: int | None = None) -> Plan:
-    """The plan, or CompileError with every diagnostic."""
-    result = compile_file(path, world_size)
-    if result.plan is None:
-        raise CompileError(result.diagnostics, result.sources)
-    return result.plan

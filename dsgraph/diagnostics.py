@@ -69,14 +69,6 @@ class Diagnostics:
         return [unique[k] for k in sorted(unique)]
 
 
-class CompileError(Exception):
-    """Raised by `compile_*` when a file has errors; carries every diagnostic found."""
-
-    def __init__(self, diagnostics: list[Diagnostic], sources: dict[str, SourceFile]):
-        self.diagnostics = diagnostics
-        self.sources = sources
-        super().__init__(f"{sum(d.is_error for d in diagnostics)} error(s)")
-
 
 def render_snippet(span: Span, source: SourceFile | None) -> list[str]:
     if source is None:

@@ -63,14 +63,6 @@ def _single(expr: ir.LossExpr) -> bool:
     return len(split_terms(expr)) == 1
 
 
-def model_calls(expr: ir.LossExpr):
-    """Every model call in an expression, nested ones included."""
-    for node in ir.walk_inputs(expr):
-        if isinstance(node, ir.ModelCall):
-            yield node
-            for arg in ir.call_arguments(node):
-                yield from model_calls(arg)
-
 
 def build(pipeline: ir.Pipeline) -> nx.DiGraph:
     graph = nx.DiGraph(name=pipeline.name)
@@ -125,12 +117,6 @@ def dataflow(graph: nx.DiGraph) -> nx.DiGraph:
     return flow
 
 
-def evaluation_order(graph: nx.DiGraph) -> list[str]:
-    return list(nx.lexicographical_topological_sort(dataflow(graph)))
-
-
-def nodes_of(graph: nx.DiGraph, kind: str) -> list[str]:
-    return sorted(n for n, k in graph.nodes(data="kind") if k == kind)
 
 
 def show(graph: nx.DiGraph) -> str:

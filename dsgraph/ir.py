@@ -211,7 +211,7 @@ def expr_to_json(expr: LossExpr) -> dict:
             return {"const": v, "span": span}
         case FieldRef(data=d, field=f):
             return {"field": [d, f], "span": span}
-        case ModelCall(model=m, args=a, kwargs=k):
+        case ModelCall():
             return {"call": show_expr(expr), "span": span}
         case Project(obj=o, attr=a):
             return {"project": a, "of": expr_to_json(o), "span": span}

@@ -10,7 +10,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-
 from dsgraph import ir
 from dsgraph.analysis import Role
 from dsgraph.checks import Context
@@ -193,6 +192,3 @@ def _without_spans(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_spans(v) for v in value]
     return value
-
-
-

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import default_collate
 
 from dsgraph.runtime import builtins, data, sources
 from dsgraph.runtime.evaluate import Scope, evaluate

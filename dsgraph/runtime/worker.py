@@ -32,7 +32,7 @@ def run(run_dir: Path) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     _quiet()
     plan = json.loads((run_dir / "plan.json").read_text())
-    from dsgraph.runtime.executor import Executor, RunFailure     # imports torch and deepspeed
+    from dsgraph.runtime.executor import Executor     # imports torch and deepspeed
 
     started = time.perf_counter()
     executor = Executor(plan, run_dir, rank, world)
