@@ -181,3 +181,34 @@ def test_frozen_models_are_not_saved_in_checkpoints(tmp_path):
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["manifests", "student"]
     manifest = json.loads((run_dir / "ckpt" / "manifests" / "step-00000004.json").read_text())
     assert manifest["frozen"]["teacher"]["target"] == "mlp" and list(manifest["models"]) == ["student"]
+
+
+def test_hugging_face_models_from_a_directory_and_from_a_config(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "teacher")
+    pipeline = tmp_path / "lm.dsg"
+    pipeline.write_text("""
+    pipeline lm {
+        steps = 4
+        micro_batch = 4
+        data train = builtin.synthetic_tokens(samples=64, length=12, vocab=64)
+        model teacher = hf("teacher") { zero = { stage = 3  stage3_param_persistence_threshold = 0 }  frozen }
+        model student = hf(config={ model_type = "gpt2"  vocab_size = 64  n_positions = 16  n_embd = 16
+                                    n_layer = 1  n_head = 2 }) {
+            zero = { stage = 2 }
+            optimizer = adamw(lr=1e-3)
+        }
+        loss kd = kl(student(train.input_ids, attention_mask=train.attention_mask).logits,
+                     teacher(train.input_ids, attention_mask=train.attention_mask).logits, temperature=2.0)
+        train student on kd
+    }
+    """)
+    run_dir = tmp_path / "run"
+    done = dsgraph_run(pipeline, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    local, total = ranks(run_dir)[0]["shards"]["teacher"]
+    assert 0 < local < total                                  # partitioned as it loaded
+    assert (run_dir / "models" / "student" / "config.json").is_file()   # save_pretrained
+    assert "Loading weights" not in done.stderr

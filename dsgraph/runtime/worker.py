@@ -26,6 +26,13 @@ def _quiet() -> None:
 
     for name in ("DeepSpeed", "accelerate", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()       # loading/saving bars would break dsgraph's own
+    except ImportError:
+        pass
 
 
 def run(run_dir: Path) -> int:
