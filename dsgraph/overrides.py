@@ -75,8 +75,8 @@ def _set_property(block: ast.Block | None, path: list[str], value: ast.Value, sp
         current = entries[existing].value if existing is not None else None
         if not isinstance(current, ast.CallValue):
             diags.add("DSG207", span, f"the model has no `{prop}(...)` whose `{path[1]}` could be set",
-                      f"set the whole property instead: `--set MODEL.{prop}=...` is not supported for calls; "
-                      f"declare `{prop} = ...` in the file")
+                      f"set the whole property instead, e.g. `--set MODEL.{prop}=adamw(lr=1e-3)`, "
+                      f"or declare `{prop} = ...` in the file")
             return None
         args = [a for a in current.args if not (a.name and a.name.text == path[1])]
         args.append(ast.Arg(ast.Name(path[1], span), value, span))

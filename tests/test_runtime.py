@@ -212,3 +212,23 @@ def test_hugging_face_models_from_a_directory_and_from_a_config(tmp_path):
     assert 0 < local < total                                  # partitioned as it loaded
     assert (run_dir / "models" / "student" / "config.json").is_file()   # save_pretrained
     assert "Loading weights" not in done.stderr
+
+
+def test_factory_models_get_bucket_sizes_measured_on_the_model(tmp_path):
+    run_dir = tmp_path / "run"
+    assert dsgraph_run(FIXTURES / "factory_only.dsg", run_dir, "steps=1").returncode == 0
+    config = json.loads((run_dir / "deepspeed_configs" / "reg.json").read_text())
+    assert config["zero_optimization"]["reduce_bucket_size"] == 16 * 16      # widest layer of the regressor
+
+
+def test_the_compiler_and_the_runtime_know_the_same_builtins():
+    from dsgraph import catalogue
+    from dsgraph.runtime import builtins
+    import inspect
+
+    for known, implemented in ((catalogue.MODELS, builtins.MODELS), (catalogue.DATA, builtins.DATA),
+                               (catalogue.LOSSES, builtins.LOSSES)):
+        assert set(known) == set(implemented)
+        for name, spec in known.items():
+            params = list(inspect.signature(implemented[name]).parameters)
+            assert [p.name for p in spec.params] == params, name

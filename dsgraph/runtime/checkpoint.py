@@ -35,6 +35,7 @@ def identity(plan: dict) -> dict[str, Any]:
     def config(m):
         cfg = json.loads(json.dumps(m["deepspeed_config"]))
         cfg.get("scheduler", {}).get("params", {}).pop("total_num_steps", None)
+        cfg.pop("train_batch_size", None)       # follows the world size, which is compared on its own
         return cfg
     s = plan["settings"]
     return {
@@ -75,10 +76,22 @@ def differences(saved: dict, current: dict) -> list[tuple[str, str | None]]:
                 out.append((f"{noun} `{name}` is gone", None))
             elif section == "models":
                 changed = [k for k in now if before.get(k) != now[k]]
+                if "deepspeed_config" in changed:
+                    keys = _changed_keys(before["deepspeed_config"], now["deepspeed_config"])
+                    changed[changed.index("deepspeed_config")] = f"deepspeed_config ({', '.join(keys)})"
                 out.append((f"{noun} `{name}` changed: {', '.join(changed)}", name))
             else:
                 out.append((f"{noun} `{name}` changed: `{before}` -> `{now}`", name))
     return out
+
+
+def _changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(before) | set(now)):
+            out += _changed_keys(before.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if before == now else [prefix or "(whole)"]
 
 
 # -- finding the newest complete checkpoint (no torch needed) --------------------------------

@@ -6,6 +6,7 @@ backward, step, gather, save."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -88,6 +89,14 @@ class Backend:
             raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes, the launcher {world}")
         self.accelerators[index] = accelerator
         return accelerator
+
+    def update_plugin_config(self, name: str, config: dict) -> None:
+        """A config completed after its plugin was made (bucket sizes measured on the built
+        model): the plugin holds its own copy, which prepare() reads."""
+        if self.accelerators:
+            plugin = self.accelerators[0].state.deepspeed_plugins.get(name)
+            if plugin is not None:
+                plugin.hf_ds_config.config.update(copy.deepcopy(config))
 
     def select_plugin(self, name: str) -> None:
         # Transformers' zero.Init and the next prepare() follow the selected plugin.

@@ -63,6 +63,7 @@ class Executor:
         self.first_step = 0                   # > 0 when resuming
         self.resume_rng: dict | None = None
         self.stopped_early = False
+        self.last_step = 0
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -77,11 +78,6 @@ class Executor:
             self.configs[name] = configs.finalize(m, self.world, self.total_steps, hidden, self.backend.on_cpu)
         if not any(s["op"] == "create_accelerator" for s in self.plan["setup"]):
             self.backend.init_distributed()
-        if self.rank == 0:      # the exact configs handed to DeepSpeed, "auto" resolved
-            out = self.run_dir / "deepspeed_configs"
-            out.mkdir(exist_ok=True)
-            for name, config in self.configs.items():
-                (out / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         built: dict[str, Any] = {}
         for step in self.plan["setup"]:
             where = f"setup step {step['id']} ({step['op']} {step.get('model') or step.get('data') or ''})".rstrip()
@@ -89,6 +85,11 @@ class Executor:
                 self._setup_step(step, built)
             self.executed.append({"id": step["id"], "op": step["op"], "model": step.get("model")})
         self.backend.check_world(self.rank, self.world)
+        if self.rank == 0:      # the exact configs handed to DeepSpeed, "auto" resolved
+            out = self.run_dir / "deepspeed_configs"
+            out.mkdir(exist_ok=True)
+            for name, config in self.configs.items():
+                (out / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         resume = os.environ.get("DSGRAPH_RESUME")
         if resume:
             manifest = json.loads(Path(resume).read_text())
@@ -131,9 +132,10 @@ class Executor:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"the source of `{name}` returned {type(model).__name__}, not a torch.nn.Module")
         if m["stage"] != 3 and configs.hidden_size_of_source(m["source"], self.base_dir) is None:
-            # Sized from the built model now; the config object is the one the plugin holds.
+            # Sized from the built model now, before prepare/initialize read the config.
             self.configs[name].update(configs.finalize(m, self.world, self.total_steps,
                                                        configs.hidden_size_of_model(model), self.backend.on_cpu))
+            self.backend.update_plugin_config(name, self.configs[name])
         return model
 
     def _total_steps(self) -> int:
@@ -191,6 +193,7 @@ class Executor:
                 metrics.log(record)
                 tick, last_logged = now, step
             metrics.advance()
+            self.last_step = step
             self.heartbeat.beat(control.TRAINING, step)      # a memory store, no system call
             stop = control.stop_step(self.run_dir)          # the driver asks for a clean stop
             every = self.settings["checkpoint_every"]

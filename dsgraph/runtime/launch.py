@@ -55,6 +55,7 @@ def launch(run_dir: Path, procs: int, hang_timeout: float, resume: Path | None =
     if resume is not None:
         environment["DSGRAPH_RESUME"] = str(resume)
     process = subprocess.Popen(command, env=environment, start_new_session=True)
+    signal.signal(signal.SIGTERM, _terminate)      # `kill` of the driver: the same clean stop as Ctrl-C
     try:
         code, hung = _watch(process, run_dir, procs, hang_timeout)
     except KeyboardInterrupt:
@@ -89,6 +90,10 @@ def _watch(process: subprocess.Popen, run_dir: Path, procs: int, hang_timeout: f
                       "stopping the run (a rank stuck in a collective)", file=sys.stderr)
                 _kill_all(process, run_dir, procs)
                 return -1, True
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _interrupt(process: subprocess.Popen, run_dir: Path, procs: int) -> int:

@@ -51,7 +51,7 @@ def run(run_dir: Path) -> int:
         exported = [] if executor.stopped_early else executor.export()
         executor.write_rank_report()
         train_time = time.perf_counter() - started - setup_time
-        metrics.close(_summary(plan, metrics.last, exported, setup_time, train_time, run_dir))
+        metrics.close(_summary(plan, executor.last_step, metrics.last, exported, setup_time, train_time, run_dir))
         executor.backend.shutdown()
     except BaseException as error:  # noqa: BLE001 - every failure is reported, then the rank exits
         _report_failure(run_dir, rank, error)
@@ -83,11 +83,13 @@ def _report_failure(run_dir: Path, rank: int, error: BaseException) -> None:
     (run_dir / "failures" / f"rank{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _summary(plan: dict, last: dict, exported: list[Path], setup: float, train: float, run_dir: Path) -> list[str]:
-    lines = [f"done: {plan['pipeline']}, {last.get('step', 0)} steps in {train:.1f} s "
+def _summary(plan: dict, steps: int, last: dict, exported: list[Path], setup: float, train: float,
+             run_dir: Path) -> list[str]:
+    stopped = "" if steps == plan["settings"]["steps"] or plan["settings"]["steps"] is None else " (stopped early)"
+    lines = [f"done: {plan['pipeline']}, {steps} steps{stopped} in {train:.1f} s "
              f"(setup {setup:.1f} s), {last.get('samples_per_s', 0):.0f} samples/s"]
     for name, value in last.get("losses", {}).items():
-        lines.append(f"  loss {name:<12} {value:.6f}")
+        lines.append(f"  loss {name:<12} {value:.6f}   (step {last['step']})")
     for path in exported:
         lines.append(f"  model {path.name:<11} -> {path}")
     lines.append(f"  metrics      -> {run_dir / 'metrics.jsonl'}")
