@@ -169,8 +169,11 @@ class Executor:
         tick, last_logged = time.perf_counter(), self.first_step
         self.heartbeat.beat(control.TRAINING, self.first_step)
         for step in range(self.first_step + 1, self.total_steps + 1):
+            logged = step % log_every == 0 or step == self.total_steps
             # Loss values stay on the device: reading them every step would sync a GPU every step.
-            totals = torch.zeros(len(loss_names) + len(names), dtype=torch.float64, device=device)
+            # They are summed only for the steps that are logged (the others' sums were never read).
+            totals = torch.zeros(len(loss_names) + len(names), dtype=torch.float64, device=device) \
+                if logged else None
             for _ in range(accum):
                 scope = Scope({n: _to_device(b.next(), device) for n, b in self.batches.items()})
                 with self._accumulate():
@@ -183,7 +186,7 @@ class Executor:
                             with torch.no_grad() if f["no_grad"] else contextlib.nullcontext():
                                 scope.calls[f["call"]] = backend.forward(f["model"], args, kwargs)
                     self._group_updates(groups, scope, totals, loss_names, names)
-            if step % log_every == 0 or step == self.total_steps:
+            if logged:
                 mean = backend.all_reduce_mean(totals / accum).tolist()   # sync point: once per logged step
                 now = time.perf_counter()
                 record = {"step": step,
@@ -226,14 +229,16 @@ class Executor:
                     value = None
                     for term in self.plan["losses"][name]["terms"]:
                         term_value = evaluate(term["expr"], scope, self._factory)
-                        totals[len(loss_names) + term_names.index(term["name"])] += _detached(term_value)
+                        if totals is not None:
+                            totals[len(loss_names) + term_names.index(term["name"])] += _detached(term_value)
                         weighted = term["weight"] * term_value
                         value = weighted if value is None else value + weighted
                     if not isinstance(value, torch.Tensor) or value.dim() != 0:
                         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                         raise ValueError(f"loss `{name}` must be a single number (a 0-d tensor), got {shape}")
                     scope.losses[name] = value
-                    totals[loss_names.index(name)] += value.detach()
+                    if totals is not None:
+                        totals[loss_names.index(name)] += value.detach()
             models, engine = backward_step["models"], backward_step["engine"]
             accelerator = self.models[models[0]]["accelerator"]
             with step_context(f"backward of `{backward_step['loss']}`", backward_step["span"]):
