@@ -161,6 +161,9 @@ def summarize(rounds: list[dict]) -> dict:
         "step_mean_s": (statistics.fmean(ds_steps), statistics.fmean(hw_steps)),
         "ratio": statistics.median(ds_steps) / statistics.median(hw_steps),
         "ratio_per_round": per_round,
+        # Launch-to-launch noise: the mean of the per-round ratios and its standard error.
+        "ratio_mean": statistics.fmean(per_round),
+        "ratio_se": statistics.stdev(per_round) / len(per_round) ** 0.5 if len(per_round) > 1 else float("nan"),
         "startup_s": (statistics.median(r["dsgraph"]["startup_s"] for r in rounds),
                       statistics.median(r["hand"]["startup_s"] for r in rounds)),
         "extra_startup_per_round": [r["dsgraph"]["startup_s"] - r["hand"]["startup_s"] for r in rounds],
@@ -191,7 +194,7 @@ def print_report(rounds: list[dict], s: dict, steps: int) -> None:
           f"{s['ratio']:.3f} | <= 1.020 |")
     print(f"| per-step time, mean (ms) | {ms(ds_mean)} | {ms(hw_mean)} | {ms(ds_mean - hw_mean)} | "
           f"{ds_mean / hw_mean:.3f} | |")
-    print(f"| start-up, launch to first step (s) | {ds_up:.2f} | {hw_up:.2f} | {extra:+.2f} | "
+    print(f"| start-up, launch to first step (s) | {ds_up:.2f} | {hw_up:.2f} | {extra:+.2f} (paired) | "
           f"{ds_up / hw_up:.2f} | < +1 s |")
     print(f"| total wall time of the launch (s) | {ds_tot:.2f} | {hw_tot:.2f} | {ds_tot - hw_tot:+.2f} | "
           f"{ds_tot / hw_tot:.2f} | |")
@@ -200,7 +203,16 @@ def print_report(rounds: list[dict], s: dict, steps: int) -> None:
     print(f"\nper-round median ratio: {', '.join(f'{r:.3f}' for r in s['ratio_per_round'])}; "
           f"extra start-up per round (s): {', '.join(f'{e:+.2f}' for e in s['extra_startup_per_round'])}; "
           f"most other load seen during a launch: {s['other_cores_max']:.2f} cores")
-    verdict_step = "met" if s["ratio"] <= 1.02 else f"NOT met ({(s['ratio'] - 1) * 100:+.1f} %)"
+    low, high = s["ratio_mean"] - 2 * s["ratio_se"], s["ratio_mean"] + 2 * s["ratio_se"]
+    print(f"per-round ratios: mean {s['ratio_mean']:.3f}, standard error {s['ratio_se']:.3f} "
+          f"(about 95 %: {low:.3f} to {high:.3f})")
+    if high <= 1.02:
+        verdict_step = "met"
+    elif low > 1.02:
+        verdict_step = f"NOT met ({(s['ratio'] - 1) * 100:+.1f} %)"
+    else:
+        verdict_step = (f"not resolved at this launch-to-launch noise ({(s['ratio'] - 1) * 100:+.1f} %, "
+                        f"interval {low:.3f} to {high:.3f}); benchmarks/loop_overhead.py measures it in one launch")
     verdict_up = "met" if extra < 1.0 else f"NOT met ({extra:+.2f} s)"
     verdict_loss = "agree" if s["loss_max_abs_diff"] <= 1e-5 else "DIFFER"
     print(f"per-step target: {verdict_step}; start-up target: {verdict_up}; losses: {verdict_loss}")
