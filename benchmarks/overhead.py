@@ -204,9 +204,12 @@ def print_report(rounds: list[dict], s: dict, steps: int) -> None:
           f"extra start-up per round (s): {', '.join(f'{e:+.2f}' for e in s['extra_startup_per_round'])}; "
           f"most other load seen during a launch: {s['other_cores_max']:.2f} cores")
     low, high = s["ratio_mean"] - 2 * s["ratio_se"], s["ratio_mean"] + 2 * s["ratio_se"]
-    print(f"per-round ratios: mean {s['ratio_mean']:.3f}, standard error {s['ratio_se']:.3f} "
-          f"(about 95 %: {low:.3f} to {high:.3f})")
-    if high <= 1.02:
+    if len(rounds) > 1:
+        print(f"per-round ratios: mean {s['ratio_mean']:.3f}, standard error {s['ratio_se']:.3f} "
+              f"(about 95 %: {low:.3f} to {high:.3f})")
+    if len(rounds) < 2:
+        verdict_step = f"{(s['ratio'] - 1) * 100:+.1f} % (one round: no estimate of the noise)"
+    elif high <= 1.02:
         verdict_step = "met"
     elif low > 1.02:
         verdict_step = f"NOT met ({(s['ratio'] - 1) * 100:+.1f} %)"
