@@ -76,8 +76,11 @@ def test_executed_setup_order_is_the_printed_order(shipped_run):
     _, run_dir, _ = shipped_run
     plan = json.loads((run_dir / "plan.json").read_text())
     printed = [(s["id"], s["op"], s.get("model")) for s in plan["setup"]]
+    engine_ops = [(op, model) for _, op, model in printed if op != "shard_data"]
     for report in ranks(run_dir):
         assert [(s["id"], s["op"], s["model"]) for s in report["executed"]] == printed
+        # What the backend was actually asked to do, call by call, in that order.
+        assert [tuple(c) for c in report["backend_calls"]] == engine_ops
 
 
 def test_ranks_see_disjoint_samples(shipped_run):

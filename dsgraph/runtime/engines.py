@@ -39,6 +39,7 @@ class Backend:
     models: dict[str, ModelHandle] = field(default_factory=dict)
     plugin_configs: dict[str, dict] = field(default_factory=dict)
     _hf_configs: list = field(default_factory=list)
+    calls: list = field(default_factory=list)     # (operation, model) as executed, for the tests
 
     # -- process group ---------------------------------------------------------------------
 
@@ -73,6 +74,7 @@ class Backend:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+        self.calls.append(("create_accelerator", None))
         if index == 0:
             # The plugins live in the shared AcceleratorState; the first one is the default.
             # gloo must be named on CPU, or Accelerate silently runs single-process.
@@ -101,11 +103,13 @@ class Backend:
     def select_plugin(self, name: str) -> None:
         # Transformers' zero.Init and the next prepare() follow the selected plugin.
         self.accelerators[0].state.select_deepspeed_plugin(name)
+        self.calls.append(("select_plugin", name))
 
     def prepare(self, index: int, name: str, model, loaders: list, stage: int, precision: str,
                 trained: bool) -> list:
         from accelerate.utils import DummyOptim, DummyScheduler
 
+        self.calls.append(("prepare", name))
         accelerator = self.accelerators[index]
         config = self.plugin_configs[name]
         if not trained:
@@ -130,6 +134,7 @@ class Backend:
     # -- native engines --------------------------------------------------------------------
 
     def initialize(self, name: str, model, config: dict, stage: int, precision: str, trained: bool) -> None:
+        self.calls.append(("initialize", name))
         if not trained:
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -142,9 +147,10 @@ class Backend:
 
     # -- building --------------------------------------------------------------------------
 
-    def build_context(self, config: dict, stage: int, is_hf: bool):
+    def build_context(self, name: str, config: dict, stage: int, is_hf: bool):
         """ZeRO-3 models are partitioned as they are built. Transformers does it itself when a
         DeepSpeed config is active (Accelerate's selected plugin, or an HfDeepSpeedConfig)."""
+        self.calls.append(("build_model", name))
         if stage != 3:
             return contextlib.nullcontext()
         if is_hf:

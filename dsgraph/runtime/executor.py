@@ -127,7 +127,7 @@ class Executor:
         m = self.models[name]
         config = self.configs[name]
         torch.manual_seed(model_seed(self.settings["seed"], name))
-        with self.backend.build_context(config, m["stage"], m["source"]["kind"] == "hf"):
+        with self.backend.build_context(name, config, m["stage"], m["source"]["kind"] == "hf"):
             model = sources.build(m["source"], sources.model_table(), self.base_dir)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"the source of `{name}` returned {type(model).__name__}, not a torch.nn.Module")
@@ -265,6 +265,7 @@ class Executor:
                 if state is not None:
                     digests[m["name"]] = state_digest(state)
         report = {"rank": self.rank, "executed": self.executed, "frozen_digests": digests,
+                  "backend_calls": self.backend.calls,
                   "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
                   "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
                   "samples": {name: b.sampler.served for name, b in self.batches.items()}}
