@@ -48,16 +48,43 @@ DATA = {b.name: b for b in (
             fields=("input_ids", "attention_mask", "labels"), summary="random token sequences"),
     Builtin("jsonl", (P("path", "str"), P("fields", "strs", None)), fields=None,
             summary="one JSON object per line"),
+    Builtin("prompt_completion",
+            (P("path", "str"), P("tokenizer", "str", "bytes"), P("max_length", "int", 128)),
+            fields=("input_ids", "attention_mask", "labels"),
+            summary="JSONL {prompt, completion}, tokenized and padded; labels only on the completion"),
+    Builtin("preference_pairs",
+            (P("path", "str"), P("tokenizer", "str", "bytes"), P("max_length", "int", 128)),
+            fields=("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
+                    "rejected_input_ids", "rejected_attention_mask", "rejected_labels"),
+            summary="JSONL {prompt, chosen, rejected}, each answer tokenized after the prompt"),
 )}
 
+# The byte-level tokenizer `tokenizer = "bytes"` names (dsgraph/runtime/tokenizer.py): one id per
+# byte, then padding, start and end of text.
+BYTE_VOCAB = 259
+
+# A "tensor" parameter without a default is a positional argument; one with the default None is an
+# optional keyword (`mask=train.attention_mask`); the others are constant options.
 LOSSES = {b.name: b for b in (
     Builtin("ce", (P("logits", "tensor"), P("target", "tensor"), P("ignore_index", "int", -100),
-                   P("label_smoothing", "float", 0.0)), summary="cross-entropy"),
-    Builtin("kl", (P("student", "tensor"), P("teacher", "tensor"), P("temperature", "float", 1.0)),
-            summary="KL(teacher || student) of softened distributions, scaled by T^2"),
+                   P("label_smoothing", "float", 0.0), P("shift", "bool", False)),
+            summary="cross-entropy; shift=true predicts the next token (causal LMs)"),
+    Builtin("kl", (P("student", "tensor"), P("teacher", "tensor"), P("temperature", "float", 1.0),
+                   P("mask", "tensor", None)),
+            summary="KL(teacher || student) of softened distributions, scaled by T^2, over the mask's tokens"),
     Builtin("mse", (P("input", "tensor"), P("target", "tensor")), summary="mean squared error"),
     Builtin("cosine", (P("input", "tensor"), P("target", "tensor")),
             summary="1 - cosine similarity, averaged"),
+    Builtin("dpo", (P("policy_chosen", "tensor"), P("policy_rejected", "tensor"),
+                    P("reference_chosen", "tensor"), P("reference_rejected", "tensor"),
+                    P("chosen_labels", "tensor"), P("rejected_labels", "tensor"), P("beta", "float", 0.1)),
+            summary="DPO over the sequence log-probabilities of the labelled tokens (logits in, labels -100 elsewhere)"),
+)}
+
+ADAPTERS = {b.name: b for b in (
+    Builtin("lora", (P("r", "int", 8), P("alpha", "float", 16.0), P("dropout", "float", 0.0),
+                     P("targets", "strs", None), P("merge", "bool", False)),
+            summary="a LoRA adapter (PEFT): only the adapter is trained; merge=true also exports merged weights"),
 )}
 
 OPTIMIZERS = {b.name: b for b in (
@@ -84,7 +111,9 @@ SETTINGS = {p.name: p for p in (
     P("checkpoint_every", "int", 0), P("precision", "str", "fp32"),
 )}
 
-MODEL_PROPERTIES = ("zero", "frozen", "optimizer", "scheduler", "clip", "precision")
+MODEL_PROPERTIES = ("zero", "frozen", "optimizer", "scheduler", "clip", "precision", "lora")
+# hf("dir", task=...): the AutoModel class; without it, the class the config names
+HF_TASKS = ("causal_lm", "sequence_classification", "model")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 

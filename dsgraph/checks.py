@@ -157,7 +157,7 @@ def check_frozen_configs(ctx: Context) -> None:
     for name, model in ctx.pipeline.models.items():
         if ctx.analysis.roles[name] is not Role.FROZEN:
             continue
-        for prop in ("optimizer", "scheduler", "clip"):
+        for prop in ("optimizer", "scheduler", "clip", "lora"):
             if prop in model.spans and model.frozen:
                 ctx.diags.add("DSG401", model.spans[prop], f"frozen model `{name}` has `{prop}`",
                               f"remove `{prop}`: a frozen model is never updated")

@@ -17,6 +17,9 @@ class SourceKind(str, Enum):
     HF = "hf"
 
 
+ZERO_AUTO = "auto"          # Model.zero of `zero = auto` until dsgraph.zeroauto picks the stage
+
+
 class Precision(str, Enum):
     FP32 = "fp32"
     BF16 = "bf16"
@@ -76,6 +79,7 @@ class ZeroConfig:
     precision: Precision | None                 # from `precision =` or the file's fp16/bf16
     key_spans: dict[str, Span] = field(compare=False)   # "zero_optimization.stage" -> span
     span: Span = field(compare=False)
+    auto: str | None = field(default=None, compare=False)   # `zero = auto`: why this stage
 
     def stage(self) -> int:
         """The ZeRO stage; 0 also when it is "auto", which nothing fills (DSG412)."""
@@ -101,6 +105,15 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA adapter on a model (PEFT): r, alpha, dropout, targets (None: PEFT's defaults for
+    the architecture), merge (export merged weights too)."""
+
+    params: dict[str, Any]
+    span: Span
+
+
+@dataclass(frozen=True)
 class Model:
     name: str
     source: Source
@@ -112,6 +125,7 @@ class Model:
     precision: Precision | None                 # the model's own `precision =`, if any
     span: Span
     spans: dict[str, Span] = field(compare=False)   # property name -> span
+    lora: Lora | None = None
 
 
 # -- loss expressions --------------------------------------------------------------------------
@@ -184,7 +198,7 @@ def show_expr(expr: LossExpr, parent: int = 0) -> str:
     """The canonical text of an expression; equal calls print equal (the dedup key)."""
     match expr:
         case Const(value=v):
-            return json.dumps(v) if isinstance(v, str) else repr(v)
+            return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
         case FieldRef(data=d, field=f):
             return f"{d}.{f}"
         case ModelCall(model=m, args=a, kwargs=k) | LossFn(fn=m, args=a, kwargs=k):
@@ -305,6 +319,8 @@ class Pipeline:
                 props.append(f"clip={m.clip}")
             if m.precision:
                 props.append(f"precision={m.precision.value}")
+            if m.lora:
+                props.append(f"lora{json.dumps(m.lora.params, sort_keys=True)}")
             out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
         for l in self.losses.values():
             out.append(f"  loss {l.name} = {show_expr(l.expr)}")

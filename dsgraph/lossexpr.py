@@ -43,6 +43,8 @@ class LossLowering:
 
     def _ref(self, name: ast.Name, span) -> ir.LossExpr | None:
         text = name.text
+        if text in ("true", "false") and text not in self.losses | set(self.data) | self.models:
+            return ir.Const(text == "true", span)       # `shift=true`
         if text in self.losses:
             return ir.LossRef(text, span)
         if text in self.data:
@@ -111,8 +113,8 @@ class LossLowering:
         return (tuple(positional), tuple(keywords)) if ok else (None, None)
 
     def _builtin_loss(self, spec: catalogue.Builtin, positional, keywords, span, args) -> ir.LossExpr | None:
-        tensors = [p for p in spec.params if p.type == "tensor"]
-        options = {p.name: p for p in spec.params if p.type != "tensor"}
+        tensors = [p for p in spec.params if p.type == "tensor" and p.default is catalogue.REQUIRED]
+        options = {p.name: p for p in spec.params if p not in tensors}
         ok = True
         if len(positional) != len(tensors):
             self.diags.add("DSG205" if len(positional) < len(tensors) else "DSG204", span,
@@ -128,6 +130,8 @@ class LossLowering:
                                f"{did_you_mean(name, options)}",
                                f"its options are: {', '.join(options) or 'none'}")
                 ok = False
+            elif param.type == "tensor":
+                pass                    # an optional tensor (`mask=train.attention_mask`): any expression
             elif not isinstance(value, ir.Const) or not catalogue.type_matches(param.type, value.value):
                 self.diags.add("DSG203", arg.value.span, f"option `{name}` of `{spec.name}` must be "
                                f"{catalogue.TYPE_WORDS[param.type]}",

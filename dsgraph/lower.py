@@ -180,6 +180,12 @@ class _Lowerer:
                                'write `hf("path/to/model")` or `hf(config="config.json")`')
                 return None
             named = dict(args)
+            if "task" in named and named["task"] not in catalogue.HF_TASKS:
+                arg = next(a for a in node.args if a.name and a.name.text == "task")
+                self.diags.add("DSG209", arg.value.span, f"hf task must be one of {', '.join(catalogue.HF_TASKS)}, "
+                               f"not {describe(named['task'])}", "leave `task` out to use the class the model's "
+                               'config names (its "architectures"), or write e.g. `task="causal_lm"`')
+                return None
             target = named.get("0", named.get("config"))
             return ir.Source(ir.SourceKind.HF, target if isinstance(target, str) else "config", args, node.span)
         if len(path) == 2 and path[0] == "builtin":
@@ -237,11 +243,19 @@ class _Lowerer:
                 continue
             spans[key] = entry.span
             props[key] = self._property(name, key, entry, zeros, builder)
+        lora = props.get("lora")
+        if source is not None and isinstance(lora, ir.Lora) and lora.params["targets"] is None \
+                and source.kind is not ir.SourceKind.HF:
+            self.diags.add("DSG205", lora.span, f"lora on `{name}` needs `targets`: PEFT knows default "
+                           "targets only for Hugging Face architectures",
+                           'name the layers to adapt, e.g. `lora(r=8, targets=["0", "2"])` for an '
+                           "mlp's first two Linear layers")
+            return None
         if source is None or INVALID in props.values():
             return None
         return ir.Model(name, source, props.get("zero"), bool(props.get("frozen", False)),
                         props.get("optimizer"), props.get("scheduler"), props.get("clip"),
-                        props.get("precision"), decl.span, spans)
+                        props.get("precision"), decl.span, spans, props.get("lora"))
 
     def _property(self, model: str, key: str, entry: ast.Entry, zeros, builder: ZeroBuilder) -> Any:
         value = entry.value
@@ -257,8 +271,9 @@ class _Lowerer:
             return INVALID
         if key == "zero":
             return self._zero_ref(model, value, zeros, builder)
-        if key in ("optimizer", "scheduler"):
-            table = catalogue.OPTIMIZERS if key == "optimizer" else catalogue.SCHEDULERS
+        if key in ("optimizer", "scheduler", "lora"):
+            table = {"optimizer": catalogue.OPTIMIZERS, "scheduler": catalogue.SCHEDULERS,
+                     "lora": catalogue.ADAPTERS}[key]
             if not isinstance(value, ast.CallValue):
                 self.diags.add("DSG203", value.span, f"`{key}` is written as a call, e.g. "
                                f"`{key} = {next(iter(table))}(...)`", f"the {key}s are: {', '.join(table)}")
@@ -271,6 +286,8 @@ class _Lowerer:
             bound = bind_args(spec, key, value.args, value.span, self.diags)
             if bound is None:
                 return INVALID
+            if key == "lora":
+                return self._lora(bound, value)
             cls = ir.Optimizer if key == "optimizer" else ir.Scheduler
             return cls(spec.name, bound, value.span)
         python = to_python(value, self.diags)
@@ -290,10 +307,33 @@ class _Lowerer:
             return INVALID
         return ir.Precision(python)
 
+    def _lora(self, bound: dict[str, Any], value: ast.CallValue) -> Any:
+        args = {a.name.text if a.name else catalogue.ADAPTERS["lora"].params[i].name: a
+                for i, a in enumerate(value.args)}
+        for key, ok, words in (("r", bound["r"] >= 1, "at least 1"), ("alpha", bound["alpha"] > 0, "above 0")):
+            if not ok:
+                span = args[key].value.span if key in args else value.span
+                self.diags.add("DSG209", span, f"lora `{key}` must be {words}, not {bound[key]}",
+                               "the usual values are `r=8, alpha=16`")
+                return INVALID
+        if not 0.0 <= bound["dropout"] < 1.0:
+            span = args["dropout"].value.span if "dropout" in args else value.span
+            self.diags.add("DSG209", span, f"lora `dropout` must be in [0, 1), not {bound['dropout']}",
+                           "write e.g. `dropout=0.05`")
+            return INVALID
+        if bound["targets"] is not None and not bound["targets"]:
+            self.diags.add("DSG209", args["targets"].value.span, "lora `targets` is an empty list",
+                           'name the modules to adapt, e.g. `targets=["c_attn"]`, or leave `targets` out '
+                           "for PEFT's defaults of the architecture")
+            return INVALID
+        return ir.Lora({**bound, "alpha": float(bound["alpha"])}, value.span)
+
     def _zero_ref(self, model: str, value: ast.Value, zeros, builder: ZeroBuilder) -> Any:
         if isinstance(value, ast.Ident):
             if value.name in zeros:
                 return value.name
+            if value.name == ir.ZERO_AUTO and value.name not in self.zero_names:
+                return ir.ZERO_AUTO         # the stage is chosen by dsgraph.zeroauto
             if value.name not in self.zero_names:
                 self.diags.add("DSG201", value.span, f"there is no ZeRO config `{value.name}`"
                                f"{did_you_mean(value.name, zeros)}",

@@ -13,7 +13,7 @@ from typing import Any
 from dsgraph import ir
 from dsgraph.analysis import Role
 from dsgraph.checks import Context
-from dsgraph.dsconfig import precision_of, stage_of
+from dsgraph.dsconfig import precision_of, stage_of, zero_of
 from dsgraph.graph import split_terms
 from dsgraph.strategy import Engine
 
@@ -52,9 +52,12 @@ def build_plan(ctx: Context) -> Plan:
             "engine": engine.value, "accelerator": strategy.accelerator_of.get(name),
             "stage": stage_of(p, model), "precision": precision_of(p, model).value,
             "zero_init": stage_of(p, model) == 3, "source": model.source.to_json(),
-            "zero": model.zero, "deepspeed_config": _sorted(resolved.config),
+            "zero": model.zero, "lora": model.lora.params if model.lora else None,
+            "deepspeed_config": _sorted(resolved.config),
             "runtime_auto": dict(sorted(resolved.runtime.items())), "span": model.span.to_json(),
         })
+        if zero_of(p, model) is not None and zero_of(p, model).auto:    # `zero = auto`: why this stage
+            models[-1]["zero_auto"] = zero_of(p, model).auto
     groups = []
     trains = {t.index: t for t in p.trains}
     for group in analysis.groups:

@@ -25,6 +25,13 @@ def _flat(config: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, json.dumps(config))]
 
 
+def _lora_text(lora: dict | None) -> str:
+    if not lora:
+        return ""
+    targets = ",".join(lora["targets"]) if lora["targets"] else "default targets"
+    return f" + lora(r={lora['r']}, alpha={lora['alpha']:g}, {targets})"
+
+
 def to_text(plan: Plan) -> str:
     d = plan.data
     s = d["settings"]
@@ -39,8 +46,9 @@ def to_text(plan: Plan) -> str:
         src = m["source"]
         rows.append([m["name"], m["role"], m["engine"], "-" if m["accelerator"] is None else str(m["accelerator"]),
                      f"stage {m['stage']}", m["precision"], "-" if m["group"] is None else str(m["group"]),
-                     f"{src['kind']}:{src['target']}"])
-    out += _table(rows) + [""]
+                     f"{src['kind']}:{src['target']}" + _lora_text(m.get("lora"))])
+    out += _table(rows)
+    out += [f"  {m['name']}: {m['zero_auto']}" for m in d["models"] if m.get("zero_auto")] + [""]
     out.append("groups")
     for grp in d["groups"]:
         kind = "shared loss" if grp["shared"] else "single"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dsgraph.runtime import builtins, data, sources
+from dsgraph.runtime import adapters, builtins, data, sources
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.executor import model_seed
 
@@ -70,9 +70,12 @@ def replicate(plan: dict, world: int) -> list[dict[str, float]]:
     for m in plan["models"]:
         torch.manual_seed(model_seed(settings["seed"], m["name"]))
         model = sources.build(m["source"], builtins.MODELS, base)
+        if m.get("lora"):
+            model = adapters.apply_lora(model, m["lora"], model_seed(settings["seed"], f"{m['name']}/lora"),
+                                        sources.model_task(m["source"], model))
         if m["role"] == "trained":
             config = m["deepspeed_config"]
-            optimizers[m["name"]] = _optimizer(config, model.parameters())
+            optimizers[m["name"]] = _optimizer(config, [p for p in model.parameters() if p.requires_grad])
             schedulers[m["name"]] = _scheduler(config, optimizers[m["name"]], steps)
             model.train()
         else:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dsgraph.runtime.tokenizer import load_tokenizer
+
 # -- models ------------------------------------------------------------------------------------
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -124,8 +126,75 @@ def jsonl(path: str, fields: list[str] | None = None) -> Dataset:
     return TensorRecords(columns)
 
 
+def _records(path: str, keys: tuple[str, ...]) -> list[dict]:
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON: {error.msg}") from None
+        missing = [k for k in keys if not isinstance(record.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{number}: needs the text field(s) {', '.join(missing)}")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def _encode_pair(tokenizer, prompt: str, answer: str, max_length: int, where: str) -> tuple[list, list]:
+    """Token ids of `prompt + answer` and their labels: -100 on the prompt, the ids on the answer
+    (so losses and log-probabilities count only the answer), cut at max_length."""
+    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    head = start + tokenizer.encode(prompt)
+    tail = tokenizer.encode(answer) + end
+    if len(head) >= max_length:
+        raise ValueError(f"{where}: the prompt alone takes {len(head)} tokens, max_length is {max_length}; "
+                         "raise max_length or shorten the prompt")
+    ids = (head + tail)[:max_length]
+    labels = ([-100] * len(head) + tail)[:max_length]
+    return ids, labels
+
+
+def _padded(rows: list[tuple[list, list]], max_length: int, pad: int) -> dict[str, torch.Tensor]:
+    """Right padding to max_length: every batch has one shape (no recompilation, no ragged sync)."""
+    ids = torch.full((len(rows), max_length), pad, dtype=torch.long)
+    labels = torch.full((len(rows), max_length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, :len(row_ids)] = torch.tensor(row_ids)
+        labels[i, :len(row_labels)] = torch.tensor(row_labels)
+        mask[i, :len(row_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def prompt_completion(path: str, tokenizer: str = "bytes", max_length: int = 128) -> Dataset:
+    """JSONL lines {"prompt": ..., "completion": ...}: input_ids, attention_mask, and labels that
+    are -100 on the prompt and the padding."""
+    tok = load_tokenizer(tokenizer, Path("."))
+    rows = [_encode_pair(tok, r["prompt"], r["completion"], max_length, f"{path}: record {n}")
+            for n, r in enumerate(_records(path, ("prompt", "completion")), 1)]
+    return TensorRecords(_padded(rows, max_length, tok.pad_token_id))
+
+
+def preference_pairs(path: str, tokenizer: str = "bytes", max_length: int = 128) -> Dataset:
+    """JSONL lines {"prompt": ..., "chosen": ..., "rejected": ...}: each answer after its prompt,
+    as chosen_* and rejected_* input_ids, attention_mask and labels (-100 on prompt and padding)."""
+    tok = load_tokenizer(tokenizer, Path("."))
+    records = _records(path, ("prompt", "chosen", "rejected"))
+    columns = {}
+    for side in ("chosen", "rejected"):
+        rows = [_encode_pair(tok, r["prompt"], r[side], max_length, f"{path}: record {n} ({side})")
+                for n, r in enumerate(records, 1)]
+        columns.update({f"{side}_{k}": v for k, v in _padded(rows, max_length, tok.pad_token_id).items()})
+    return TensorRecords(columns)
+
+
 DATA = {"synthetic_classification": synthetic_classification, "synthetic_tokens": synthetic_tokens,
-        "jsonl": jsonl}
+        "jsonl": jsonl, "prompt_completion": prompt_completion, "preference_pairs": preference_pairs}
 
 # -- losses --------------------------------------------------------------------------------------
 
@@ -138,21 +207,52 @@ def _flatten_logits(logits: torch.Tensor, target: torch.Tensor | None = None):
 
 
 def ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-       label_smoothing: float = 0.0) -> torch.Tensor:
+       label_smoothing: float = 0.0, shift: bool = False) -> torch.Tensor:
+    """Cross-entropy, averaged over the targets that are not ignore_index. shift=true: position t
+    predicts token t+1 (a causal LM's logits against its own input labels)."""
+    if shift:
+        logits, target = logits[..., :-1, :], target[..., 1:]
     logits, target = _flatten_logits(logits, target)
     return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
 
 
-def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+       mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et al.)
-    so that gradients keep their scale; averaged over rows (tokens for sequence models)."""
+    so that gradients keep their scale; averaged over rows (tokens for sequence models), or over
+    the rows where `mask` is non-zero (the attention mask: padding does not count)."""
+    t = float(temperature)
     student, _ = _flatten_logits(student)
     teacher, _ = _flatten_logits(teacher)
-    t = float(temperature)
     log_p_student = F.log_softmax(student.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+    if mask is None:
+        return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+    per_token = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    weights = mask.reshape(-1).to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1.0) * t * t
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(answer | prompt) per sequence: the sum over the labelled tokens (labels != -100) of
+    the log-probability the logits at t give the label at t+1."""
+    logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
+    keep = labels != -100
+    picked = torch.gather(F.log_softmax(logits, dim=-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * keep).sum(-1)
+
+
+def dpo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+        reference_rejected: torch.Tensor, chosen_labels: torch.Tensor, rejected_labels: torch.Tensor,
+        beta: float = 0.1) -> torch.Tensor:
+    """Direct Preference Optimization (Rafailov et al., 2023): -log sigmoid(beta * margin), where
+    margin = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)), over the
+    sequence log-probabilities of the answers; averaged over the pairs. The four tensors are logits."""
+    chosen = sequence_logprobs(policy_chosen, chosen_labels) - sequence_logprobs(reference_chosen, chosen_labels)
+    rejected = sequence_logprobs(policy_rejected, rejected_labels) - \
+        sequence_logprobs(reference_rejected, rejected_labels)
+    return -F.logsigmoid(float(beta) * (chosen - rejected)).mean()
 
 
 def mse(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -163,6 +263,6 @@ def cosine(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(input.float(), target.float(), dim=-1)).mean()
 
 
-LOSSES = {"ce": ce, "kl": kl, "mse": mse, "cosine": cosine}
+LOSSES = {"ce": ce, "kl": kl, "mse": mse, "cosine": cosine, "dpo": dpo}
 
 __all__ = ["MODELS", "DATA", "LOSSES"]

@@ -120,7 +120,7 @@ class Backend:
             return loaders
         # The optimizer and scheduler are built by DeepSpeed from the config; Accelerate takes
         # placeholders for them.
-        optimizer = DummyOptim(model.parameters())
+        optimizer = DummyOptim([p for p in model.parameters() if p.requires_grad])   # LoRA: the adapter only
         objects = [model, optimizer]
         if "scheduler" in config:
             objects.append(DummyScheduler(optimizer))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsgraph.runtime import checkpoint, configs, control, data, sources
+from dsgraph.runtime import adapters, checkpoint, configs, control, data, memory, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
@@ -131,6 +131,9 @@ class Executor:
             model = sources.build(m["source"], sources.model_table(), self.base_dir)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"the source of `{name}` returned {type(model).__name__}, not a torch.nn.Module")
+        if m.get("lora"):      # only the adapter is trained; ZeRO-3 partitions it at initialize
+            model = adapters.apply_lora(model, m["lora"], model_seed(self.settings["seed"], f"{name}/lora"),
+                                        sources.model_task(m["source"], model))
         if m["stage"] != 3 and configs.hidden_size_of_source(m["source"], self.base_dir) is None:
             # Sized from the built model now, before prepare/initialize read the config.
             self.configs[name].update(configs.finalize(m, self.world, self.total_steps,
@@ -153,6 +156,7 @@ class Executor:
 
     def train(self) -> Metrics:
         plan, backend, device = self.plan, self.backend, self.backend.device()
+        memory.watch(backend.models)      # measured as each optimizer step begins
         forwards = [s for s in plan["step"] if s["op"] == "forward"]
         groups = [(s, b) for s, b in zip([s for s in plan["step"] if s["op"] == "losses"],
                                            [s for s in plan["step"] if s["op"] == "backward"])]
@@ -267,6 +271,7 @@ class Executor:
         report = {"rank": self.rank, "executed": self.executed, "frozen_digests": digests,
                   "backend_calls": self.backend.calls,
                   "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
+                  "memory": memory.report(self.backend.models),
                   "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
                   "samples": {name: b.sampler.served for name, b in self.batches.items()}}
         (self.run_dir / "ranks").mkdir(exist_ok=True)

@@ -47,8 +47,11 @@ def build(source: dict, table: dict[str, Callable], base_dir: Path) -> Any:
     kind, target = source["kind"], source["target"]
     positional, keywords = _call_args(source["args"])
     if kind == "builtin":
-        if target == "jsonl":
+        # Files a built-in reads are relative to the .dsg file, like everything it names.
+        if "path" in keywords:
             keywords["path"] = str(base_dir / keywords["path"])
+        if keywords.get("tokenizer", "bytes") != "bytes":
+            keywords["tokenizer"] = str(base_dir / keywords["tokenizer"])
         return table[target](*positional, **keywords)
     if kind == "factory":
         return resolve_factory(target)(*positional, **keywords)
@@ -59,27 +62,62 @@ _HF_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "
                "model": "AutoModel"}
 
 
-def build_hf(positional: list, keywords: dict, base_dir: Path) -> Any:
+def hf_task(config, task: str | None) -> str:
+    """The task written in the file, else the one the config's "architectures" names
+    (`GPT2LMHeadModel` -> causal_lm, `BertForSequenceClassification` -> sequence_classification),
+    else causal_lm."""
+    if task is not None:
+        return task
+    for arch in getattr(config, "architectures", None) or ():
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence_classification"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal_lm"
+    return "causal_lm"
+
+
+def model_task(source: dict, model) -> str | None:
+    """The Hugging Face task of a built model (None for other models)."""
+    if source["kind"] != "hf":
+        return None
+    return hf_task(getattr(model, "config", None), dict((k, v) for k, v in source["args"]).get("task"))
+
+
+def hf_config(positional: list, keywords: dict, base_dir: Path):
+    """The model's config: from its directory, a config file, or the block written in the file."""
     import transformers
 
-    task = keywords.pop("task", "causal_lm")
+    trust = bool(keywords.get("trust_remote_code", False))      # only when the file says so
+    config = keywords.get("config")
+    if config is None:
+        path = base_dir / positional[0]
+        if not path.is_dir():
+            raise SourceError(f"hf model directory {path} does not exist (nothing is downloaded)")
+        return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust, local_files_only=True)
+    if isinstance(config, str):
+        return transformers.AutoConfig.from_pretrained(str(base_dir / config), trust_remote_code=trust,
+                                                       local_files_only=True)
+    config = dict(config)
+    return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def build_hf(positional: list, keywords: dict, base_dir: Path, weights: bool = True) -> Any:
+    """An AutoModelFor... from a local directory (with its weights) or from a config (fresh
+    weights). weights=False builds a directory's model from its config alone (the memory estimate
+    builds on the meta device)."""
+    import transformers
+
+    config = hf_config(positional, keywords, base_dir)
+    task = hf_task(config, keywords.pop("task", None))
     if task not in _HF_CLASSES:
         raise SourceError(f"hf task must be one of {', '.join(_HF_CLASSES)}, not {task!r}")
     auto = getattr(transformers, _HF_CLASSES[task])
-    trust = bool(keywords.pop("trust_remote_code", False))      # only when the file says so
-    if "config" in keywords:
-        config = keywords.pop("config")
-        if isinstance(config, str):
-            config = transformers.AutoConfig.from_pretrained(str(base_dir / config), trust_remote_code=trust,
-                                                             local_files_only=True)
-        else:
-            config = dict(config)
-            config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    trust = bool(keywords.pop("trust_remote_code", False))
+    if "config" in keywords or not weights:
+        keywords.pop("config", None)
         return auto.from_config(config, trust_remote_code=trust, **keywords)
-    path = base_dir / positional[0]
-    if not path.is_dir():
-        raise SourceError(f"hf model directory {path} does not exist (nothing is downloaded)")
-    return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust, **keywords)
+    return auto.from_pretrained(str(base_dir / positional[0]), local_files_only=True, trust_remote_code=trust,
+                                **keywords)
 
 
 def model_table() -> dict[str, Callable]:
