@@ -25,8 +25,10 @@ def build(name: str, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, bos_token_id=257, eos_token_id=258,
-                        pad_token_id=256, **SIZES[name])
+    # No dropout, as TRL's DPO does by default: the policy and its frozen reference then agree
+    # exactly before training (margin 0, loss log 2).
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, bos_token_id=257, eos_token_id=258, pad_token_id=256,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SIZES[name])
     return GPT2LMHeadModel(config)
 
 

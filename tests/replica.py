@@ -1,5 +1,5 @@
-"""A plain single-process PyTorch replica of a plan: the same models (same seeds), the same global
-batches (every rank's shard, concatenated in rank order), torch optimizers with the plan's
+"""A plain single-process PyTorch replica of a plan: the same models (same seeds), the same
+batches (every rank's shard, each evaluated as that rank does), torch optimizers with the plan's
 hyper-parameters, gradient clipping per model, DeepSpeed's own (pure Python) LR schedules. No
 DeepSpeed engine, no Accelerator, no process group: if dsgraph's orchestration of the engines
 changed the arithmetic, the losses would differ."""
@@ -45,7 +45,7 @@ class _Shards:
         self.loaders = [data.sharded_loader(dataset, micro, seed, r, world) for r in range(world)]
         self.iters = [iter(loader) for loader in self.loaders]
 
-    def next_global(self) -> dict:
+    def next_per_rank(self) -> list[dict]:
         batches = []
         for r, it in enumerate(self.iters):
             try:
@@ -53,7 +53,7 @@ class _Shards:
             except StopIteration:
                 self.iters[r] = iter(self.loaders[r])
                 batches.append(next(self.iters[r]))
-        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        return batches
 
 
 def replicate(plan: dict, world: int) -> list[dict[str, float]]:
@@ -85,27 +85,39 @@ def replicate(plan: dict, world: int) -> list[dict[str, float]]:
     forwards = [s for s in plan["step"] if s["op"] == "forward"]
     groups = list(zip([s for s in plan["step"] if s["op"] == "losses"],
                       [s for s in plan["step"] if s["op"] == "backward"]))
+    # Each rank's loss is computed on its own micro batch, with its own RNG stream (dropout), and
+    # DeepSpeed averages the ranks' gradients: so the replica back-propagates the mean of the
+    # ranks' losses. (Concatenating the ranks' batches would differ for losses averaged over a
+    # varying number of tokens, such as masked or shifted ones.)
+    rng = []
+    for r in range(world):
+        torch.manual_seed(settings["seed"] * 7919 + r)
+        rng.append(torch.get_rng_state())
     history = []
     for _ in range(steps):
         sums: dict[str, float] = {}
         for _ in range(accum):
-            scope = Scope({name: s.next_global() for name, s in shards.items()})
-            for f in forwards:
-                scope.detach = frozenset(f["detach"])
-                args = [evaluate(a, scope, sources.resolve_factory) for a in f["args"]]
-                kwargs = {k: evaluate(v, scope, sources.resolve_factory) for k, v in f["kwargs"].items()}
-                with torch.no_grad() if f["no_grad"] else contextlib.nullcontext():
-                    scope.calls[f["call"]] = models[f["model"]](*args, **kwargs)
-            for losses, backward in groups:
-                scope.detach, scope.losses = frozenset(losses["detach"]), {}
-                for name in losses["losses"]:
-                    value = None
-                    for term in plan["losses"][name]["terms"]:
-                        weighted = term["weight"] * evaluate(term["expr"], scope, sources.resolve_factory)
-                        value = weighted if value is None else value + weighted
-                    scope.losses[name] = value
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-                (scope.losses[backward["loss"]] / accum).backward()
+            per_rank = {name: s.next_per_rank() for name, s in shards.items()}
+            for r in range(world):
+                torch.set_rng_state(rng[r])
+                scope = Scope({name: batches[r] for name, batches in per_rank.items()})
+                for f in forwards:
+                    scope.detach = frozenset(f["detach"])
+                    args = [evaluate(a, scope, sources.resolve_factory) for a in f["args"]]
+                    kwargs = {k: evaluate(v, scope, sources.resolve_factory) for k, v in f["kwargs"].items()}
+                    with torch.no_grad() if f["no_grad"] else contextlib.nullcontext():
+                        scope.calls[f["call"]] = models[f["model"]](*args, **kwargs)
+                for losses, backward in groups:
+                    scope.detach, scope.losses = frozenset(losses["detach"]), {}
+                    for name in losses["losses"]:
+                        value = None
+                        for term in plan["losses"][name]["terms"]:
+                            weighted = term["weight"] * evaluate(term["expr"], scope, sources.resolve_factory)
+                            value = weighted if value is None else value + weighted
+                        scope.losses[name] = value
+                        sums[name] = sums.get(name, 0.0) + float(value.detach()) / world
+                    (scope.losses[backward["loss"]] / (accum * world)).backward()
+                rng[r] = torch.get_rng_state()
         for name, optimizer in optimizers.items():
             clip = configs[name].get("gradient_clipping", 0.0)
             if clip > 0:

@@ -1,0 +1,181 @@
+"""Language-model post-training on real 2-process DeepSpeed runs (CPU, no mocks): the shipped
+distill_lm, dpo and lora_distill pipelines on tiny GPT-2 models that the test writes with
+`from_config` + `save_pretrained` (pipelines/make_tiny_models.py), loaded back from disk."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from replica import replicate
+from test_runtime import dsgraph_run, metrics, ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+pytestmark = pytest.mark.runtime
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory) -> Path:
+    """A copy of pipelines/ with tiny/{teacher,student,policy} written beside it."""
+    here = tmp_path_factory.mktemp("pipelines")
+    for item in (ROOT / "pipelines").iterdir():
+        if item.name != "tiny":
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, here / item.name)
+    sys.path.insert(0, str(here))
+    try:
+        import make_tiny_models
+        make_tiny_models.main([str(here / "tiny")])
+    finally:
+        sys.path.remove(str(here))
+    return here
+
+
+def _assert_matches_replica(run_dir: Path, tolerance: float = 1e-5) -> list[dict]:
+    plan = json.loads((run_dir / "plan.json").read_text())
+    expected = replicate(plan, world=2)
+    actual = [m["losses"] for m in metrics(run_dir)]
+    assert len(actual) == len(expected) == plan["settings"]["steps"]
+    for step, (a, e) in enumerate(zip(actual, expected), 1):
+        for loss in a:
+            assert abs(a[loss] - e[loss]) < tolerance, (step, loss, a[loss], e[loss])
+    return actual
+
+
+def test_distill_lm_trains_a_student_from_a_zero3_teacher(pipelines, tmp_path):
+    run_dir = tmp_path / "run"
+    done = dsgraph_run(pipelines / "distill_lm.dsg", run_dir, f"steps={STEPS}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = _assert_matches_replica(run_dir)
+    assert losses[-1]["kd"] < losses[0]["kd"]
+    local, total = ranks(run_dir)[0]["shards"]["teacher"]
+    assert 0 < local < total                                   # partitioned as it loaded
+    assert (run_dir / "models" / "student" / "config.json").is_file()
+    from transformers import AutoModelForCausalLM
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "student")
+    assert student.config.n_layer == 1                         # the student, saved with save_pretrained
+
+
+def _margins(policy, reference, pairs) -> torch.Tensor:
+    """beta-free DPO margins of every pair: (policy - reference) on chosen minus on rejected."""
+    from dsgraph.runtime.builtins import sequence_logprobs
+
+    def logps(model, side):
+        with torch.no_grad():
+            logits = model(pairs[f"{side}_input_ids"], attention_mask=pairs[f"{side}_attention_mask"]).logits
+        return sequence_logprobs(logits, pairs[f"{side}_labels"])
+    return (logps(policy, "chosen") - logps(reference, "chosen")) - \
+        (logps(policy, "rejected") - logps(reference, "rejected"))
+
+
+def test_dpo_grows_the_reward_margin_and_starts_at_log_2(pipelines, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from dsgraph.runtime.builtins import preference_pairs
+    from dsgraph.runtime.executor import state_digest
+
+    run_dir = tmp_path / "run"
+    done = dsgraph_run(pipelines / "dpo.dsg", run_dir, "steps=30")
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = _assert_matches_replica(run_dir)
+    # Policy and reference start from the same weights: every margin is 0, the loss is log 2.
+    assert abs(losses[0]["preference"] - math.log(2)) < 1e-6
+    reference = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy").eval()
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "policy").eval()
+    pairs = preference_pairs(str(pipelines / "data" / "sum_pairs.jsonl"), max_length=16).columns
+    before = _margins(reference, reference, pairs).mean()
+    after = _margins(policy, reference, pairs).mean()
+    assert before == 0 and after > 0.05, (float(before), float(after))
+    # The frozen ZeRO-3 reference ends bit-identical to the checkpoint it was loaded from.
+    assert ranks(run_dir)[0]["frozen_digests"]["reference"] == state_digest(reference.state_dict())
+
+
+def test_dpo_loss_matches_a_hand_computed_one():
+    """Two pairs, vocabulary 3, written out: log-softmax by hand, the labelled tokens summed."""
+    from dsgraph.runtime.builtins import dpo
+
+    torch.manual_seed(0)
+    logits = {k: torch.randn(2, 4, 3) for k in ("pc", "pr", "rc", "rr")}
+    chosen = torch.tensor([[-100, 2, 1, -100], [-100, -100, 0, 2]])
+    rejected = torch.tensor([[-100, 0, -100, -100], [-100, 1, 1, 1]])
+
+    def seq_logp(lg, labels, row):
+        total = 0.0
+        for t in range(1, labels.shape[1]):          # the logits at t-1 predict the label at t
+            if labels[row, t] == -100:
+                continue
+            scores = [float(x) for x in lg[row, t - 1]]
+            total += scores[int(labels[row, t])] - math.log(sum(math.exp(s) for s in scores))
+        return total
+
+    beta, expected = 0.3, 0.0
+    for row in range(2):
+        margin = (seq_logp(logits["pc"], chosen, row) - seq_logp(logits["rc"], chosen, row)) - \
+                 (seq_logp(logits["pr"], rejected, row) - seq_logp(logits["rr"], rejected, row))
+        expected += -math.log(1.0 / (1.0 + math.exp(-beta * margin))) / 2
+    actual = dpo(logits["pc"], logits["pr"], logits["rc"], logits["rr"], chosen, rejected, beta=beta)
+    assert abs(float(actual) - expected) < 1e-6
+
+
+def test_masked_kl_ignores_padding():
+    from dsgraph.runtime.builtins import kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    changed = student.clone()
+    changed[0, 3:] = 100.0                                # padding positions: anything at all
+    assert torch.allclose(kl(student, teacher, 2.0, mask), kl(changed, teacher, 2.0, mask))
+    kept = mask.reshape(-1).bool()
+    by_rows = kl(student.reshape(-1, 7)[kept], teacher.reshape(-1, 7)[kept], 2.0)
+    assert torch.allclose(kl(student, teacher, 2.0, mask), by_rows)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(pipelines, tmp_path_factory):
+    """lora_distill with its ZeRO-2 student, and again with the student on ZeRO-3."""
+    out = {}
+    for stage, sets in ((2, ()), (3, ("student.zero={ stage = 3  stage3_param_persistence_threshold = 0 }",))):
+        run_dir = tmp_path_factory.mktemp(f"lora{stage}") / "run"
+        done = dsgraph_run(pipelines / "lora_distill.dsg", run_dir, f"steps={STEPS}", *sets)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[stage] = run_dir
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_student_matches_its_replica(lora_runs, stage):
+    losses = _assert_matches_replica(lora_runs[stage])
+    assert losses[-1]["kd"] < losses[0]["kd"]
+
+
+def test_lora_trains_only_the_adapter_and_exports_it_and_the_merged_model(pipelines, lora_runs):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    for stage, run_dir in lora_runs.items():
+        student = run_dir / "models" / "student"
+        adapter = load_file(str(student / "adapter" / "adapter_model.safetensors"))
+        assert adapter and all("lora_" in key for key in adapter), sorted(adapter)[:3]
+        assert any(key.endswith("lora_B.weight") and t.abs().sum() > 0 for key, t in adapter.items())
+        # The original base weights + the adapter == the merged export: so the base was not
+        # trained, and the merge folded the adapter in correctly.
+        base = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy")
+        with_adapter = PeftModel.from_pretrained(base, student / "adapter").eval()
+        merged = AutoModelForCausalLM.from_pretrained(student / "merged").eval()
+        ids = torch.randint(0, 259, (3, 12), generator=torch.Generator().manual_seed(stage))
+        with torch.no_grad():
+            a, b = with_adapter(ids).logits, merged(ids).logits
+            plain = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy")(ids).logits
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+        assert not torch.allclose(a, plain, atol=1e-4)        # the adapter learned something
+    # ZeRO-2 and ZeRO-3 train the same adapter (fp32: the same arithmetic).
+    two, three = (metrics(lora_runs[s]) for s in (2, 3))
+    assert all(abs(x["losses"]["kd"] - y["losses"]["kd"]) < 1e-5 for x, y in zip(two, three))
+    local, total = ranks(lora_runs[3])[0]["shards"]["student"]
+    assert 0 < local < total                                   # base and adapter partitioned
