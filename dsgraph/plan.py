@@ -113,15 +113,15 @@ def _setup(ctx: Context, models: list[dict]) -> list[dict]:
         if index > 0:
             steps.append(_step("create_accelerator", span(m), accelerator=m["accelerator"], plugins=[]))
         steps.append(_step("select_plugin", span(m), model=m["name"]))
-        steps.append(_step("build_model", span(m), model=m["name"], zero_init=m["zero_init"]))
+        steps.append(_build_step(m, span(m)))
         prepare = ["model", "optimizer"] + (["scheduler"] if "scheduler" in m["deepspeed_config"] else [])
         steps.append(_step("prepare", span(m), model=m["name"], accelerator=m["accelerator"], objects=prepare))
     for m in accel_frozen:
         steps.append(_step("select_plugin", span(m), model=m["name"]))
-        steps.append(_step("build_model", span(m), model=m["name"], zero_init=m["zero_init"]))
+        steps.append(_build_step(m, span(m)))
         steps.append(_step("prepare", span(m), model=m["name"], accelerator=0, objects=["model"], eval=True))
     for m in sorted(native, key=lambda m: (m["role"] != "frozen", m["group"] or 0, m["name"])):
-        steps.append(_step("build_model", span(m), model=m["name"], zero_init=m["zero_init"]))
+        steps.append(_build_step(m, span(m)))
         steps.append(_step("initialize", span(m), model=m["name"], eval=m["role"] == "frozen",
                            objects=["model"] if m["role"] == "frozen" else ["model", "optimizer"]
                            + (["scheduler"] if "scheduler" in m["deepspeed_config"] else [])))
@@ -135,6 +135,12 @@ def _setup(ctx: Context, models: list[dict]) -> list[dict]:
     for number, step in enumerate(steps, 1):
         step["id"] = number
     return steps
+
+
+def _build_step(m: dict, span) -> dict:
+    # A LoRA model is wrapped in its adapter right after it is built, before prepare/initialize.
+    lora = {"lora": True} if m["lora"] else {}
+    return _step("build_model", span, model=m["name"], zero_init=m["zero_init"], **lora)
 
 
 def _training_step(ctx: Context) -> list[dict]:

@@ -84,7 +84,8 @@ def _setup_detail(st: dict) -> str:
         case "select_plugin":
             return st["model"] + (f"  ({st['why']})" if "why" in st else "")
         case "build_model":
-            return st["model"] + ("  under zero.Init" if st["zero_init"] else "")
+            return st["model"] + ("  under zero.Init" if st["zero_init"] else "") + \
+                ("  + LoRA adapter (base weights frozen)" if st.get("lora") else "")
         case "prepare":
             return f"{st['model']} on acc{st['accelerator']}: {', '.join(st['objects'])}" \
                    + ("  (eval)" if st.get("eval") else "")
