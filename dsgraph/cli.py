@@ -18,6 +18,7 @@ EPILOG = """examples:
   dsgraph compile pipelines/distill.dsg               the plan, as text
   dsgraph compile pipelines/distill.dsg --format json --world-size 2
   dsgraph compile pipelines/distill.dsg --emit graph  an earlier stage: ast, ir or graph
+  dsgraph compile pipelines/distill.dsg --memory --world-size 2   bytes per model and rank
   dsgraph check pipelines/*.dsg                       diagnostics only
   dsgraph dot pipelines/distill.dsg -o distill.svg    the graph, drawn by Graphviz
 """
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="print this stage instead of the plan")
     p.add_argument("--world-size", type=_positive, default=None,
                    help="plan for this many processes (resolves train_batch_size)")
+    p.add_argument("--memory", action="store_true",
+                   help="print the memory estimate per model and rank (builds the models on the meta device)")
+    p.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
+                   help="memory of one device, e.g. 16GiB or 24e9: what `zero = auto` and --memory plan for")
 
     p = sub.add_parser("check", help="report the diagnostics of .dsg files")
     p.add_argument("files", nargs="+")
@@ -52,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a setting (steps=40) or a model property (student.optimizer.lr=1e-4)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR from its newest complete checkpoint")
+    p.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
+                   help="memory of one device, e.g. 16GiB: what `zero = auto` plans for (default: the device's)")
     p.add_argument("--hang-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="stop the run when a rank makes no progress for this long (default 600)")
 
@@ -70,6 +77,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _size(text: str) -> int:
+    from dsgraph.memory import parse_size     # no torch: only the estimate itself imports it
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def _load(path: str, world_size: int | None, overrides: tuple[str, ...] = ()):
+def _load(path: str, world_size: int | None, overrides: tuple[str, ...] = (), device_memory: int | None = None):
     from dsgraph.compiler import compile_file
 
     if not Path(path).is_file():
         print(f"dsgraph: no such file: {path}", file=sys.stderr)
         return None
-    return compile_file(path, world_size, overrides)
+    return compile_file(path, world_size, overrides, device_memory)
 
 
 def _print_diagnostics(result, stream=sys.stderr) -> None:
@@ -112,7 +128,7 @@ def _print_diagnostics(result, stream=sys.stderr) -> None:
 
 
 def cmd_compile(args) -> int:
-    result = _load(args.file, args.world_size)
+    result = _load(args.file, args.world_size, (), args.device_memory)
     if result is None:
         return EXIT_USAGE
     if args.emit == "ast" and result.ast is not None:
@@ -125,6 +141,8 @@ def cmd_compile(args) -> int:
     _print_diagnostics(result)
     if not result.ok:
         return EXIT_USER
+    if args.memory:
+        return _print_memory(result, args)
     if args.emit == "ir":
         sys.stdout.write(result.ir.show())
     elif args.emit == "graph":
@@ -135,6 +153,22 @@ def cmd_compile(args) -> int:
     else:
         from dsgraph.render import to_text
         sys.stdout.write(to_text(result.plan))
+    return EXIT_OK
+
+
+def _print_memory(result, args) -> int:
+    """`compile --memory`: the estimate per model and rank (torch is imported here only)."""
+    from dsgraph import memory
+
+    try:
+        est = memory.estimate(result.plan.data, args.world_size)
+    except Exception as error:  # noqa: BLE001 - a model's builder failed on the meta device
+        print(f"dsgraph: cannot build the models on the meta device: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        return EXIT_USER
+    if args.device_memory is not None:
+        memory.attach_budget(est, args.device_memory)
+    sys.stdout.write(json.dumps(est.to_json(), indent=2) + "\n" if args.format == "json" else est.to_text())
     return EXIT_OK
 
 
@@ -200,7 +234,7 @@ def cmd_run(args) -> int:
     inside = env.inside_launcher()
     procs = int(os.environ["WORLD_SIZE"]) if inside else (args.procs or env.gpu_count() or 2)
     # Compile first: a wrong file stops here, before any worker starts.
-    result = _load(args.file, procs, tuple(args.overrides))
+    result = _load(args.file, procs, tuple(args.overrides), args.device_memory)
     if result is None:
         return EXIT_USAGE
     _print_diagnostics(result)

@@ -58,7 +58,7 @@ _ALL = (
     Code("DSG310", "unused-declaration", W, "a data set or ZeRO config declared but never used"),
     Code("DSG311", "loss-trained-twice", E, "one loss used by two `train` statements"),
     # 4xx: DeepSpeed configuration and engines.
-    Code("DSG401", "frozen-with-optimizer", E, "a frozen model with an optimizer, scheduler or clipping"),
+    Code("DSG401", "frozen-with-optimizer", E, "a frozen model with an optimizer, scheduler, clipping or LoRA adapter"),
     Code("DSG402", "frozen-zero-no-sharding", W, "ZeRO-1/2 on a frozen model: only stage 3 shards parameters"),
     Code("DSG403", "shared-loss-zero0", E, "a shared-loss group with a ZeRO-0 model"),
     Code("DSG404", "shared-loss-fp16", E, "a shared-loss group with an fp16 model"),
@@ -72,6 +72,9 @@ _ALL = (
     Code("DSG412", "unresolvable-auto", E, "an \"auto\" value that nothing in the pipeline can fill"),
     Code("DSG413", "no-optimizer", E, "a trained model without an optimizer"),
     Code("DSG414", "conflicting-precision", E, "a model asked to be fp16 and bf16 at once"),
+    Code("DSG415", "zero-auto-nothing-fits", E, "`zero = auto`: no stage fits, not even ZeRO-3 with offload"),
+    Code("DSG416", "zero-auto-unsized", E, "`zero = auto`: a model could not be built on the meta device to size it"),
+    Code("DSG417", "zero-auto-no-world-size", W, "`zero = auto` planned without a world size (for 1 process)"),
     # 5xx: run time (`dsgraph run`), checked by the driver before any worker starts.
     Code("DSG501", "checkpoint-mismatch", E, "a checkpoint saved by a different plan or world size"),
     Code("DSG502", "no-complete-checkpoint", E, "a run directory without a complete dsgraph checkpoint"),

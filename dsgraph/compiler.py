@@ -1,6 +1,7 @@
 """The stages in order: parse -> AST -> IR -> graph -> checks -> plan.
 
-Imports no torch, deepspeed, accelerate and no user code (a test holds this)."""
+Imports no torch, deepspeed, accelerate and no user code (a test holds this), unless the file
+says `zero = auto`: then its models are sized on the meta device (dsgraph.zeroauto)."""
 from __future__ import annotations
 
 import gc
@@ -54,13 +55,15 @@ def _no_gc():
 
 
 def compile_source(source: SourceFile, world_size: int | None = None,
-                   overrides: tuple[str, ...] = ()) -> Compilation:
-    """`overrides` are `--set key=value` strings, applied to the AST before lowering."""
+                   overrides: tuple[str, ...] = (), device_memory: int | None = None) -> Compilation:
+    """`overrides` are `--set key=value` strings, applied to the AST before lowering;
+    `device_memory` (bytes per device) is what `zero = auto` plans for."""
     with _no_gc():
-        return _compile(source, world_size, overrides)
+        return _compile(source, world_size, overrides, device_memory)
 
 
-def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, ...]) -> Compilation:
+def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, ...],
+             device_memory: int | None = None) -> Compilation:
     diags = Diagnostics()
     sources = {source.name: source}
     result = Compilation(source, sources, [])
@@ -69,6 +72,10 @@ def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, .
         result.ast = apply_overrides(result.ast, list(overrides), diags, sources)
     if result.ast is not None:
         result.ir = lower(result.ast, source, diags, sources)
+    if result.ir is not None and any(m.zero == ir_mod.ZERO_AUTO for m in result.ir.models.values()):
+        from dsgraph.zeroauto import resolve_auto   # sizes the models on the meta device: torch
+
+        result.ir = resolve_auto(result.ir, diags, world_size, device_memory)
     if result.ir is not None:
         result.graph = graph_mod.build(result.ir)
         result.context = Context(result.ir, result.graph, diags, world_size)
@@ -80,5 +87,5 @@ def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, .
 
 
 def compile_file(path: str | Path, world_size: int | None = None,
-                 overrides: tuple[str, ...] = ()) -> Compilation:
-    return compile_source(SourceFile.read(path), world_size, overrides)
+                 overrides: tuple[str, ...] = (), device_memory: int | None = None) -> Compilation:
+    return compile_source(SourceFile.read(path), world_size, overrides, device_memory)

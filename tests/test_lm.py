@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from replica import replicate
+from test_memory import assert_estimate_holds
 from test_runtime import dsgraph_run, metrics, ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,7 @@ def test_distill_lm_trains_a_student_from_a_zero3_teacher(pipelines, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     losses = _assert_matches_replica(run_dir)
     assert losses[-1]["kd"] < losses[0]["kd"]
+    assert_estimate_holds(run_dir)          # `dsgraph compile --memory` vs what each rank held
     local, total = ranks(run_dir)[0]["shards"]["teacher"]
     assert 0 < local < total                                   # partitioned as it loaded
     assert (run_dir / "models" / "student" / "config.json").is_file()
@@ -82,6 +84,7 @@ def test_dpo_grows_the_reward_margin_and_starts_at_log_2(pipelines, tmp_path):
     done = dsgraph_run(pipelines / "dpo.dsg", run_dir, "steps=30")
     assert done.returncode == 0, done.stderr[-3000:]
     losses = _assert_matches_replica(run_dir)
+    assert_estimate_holds(run_dir)
     # Policy and reference start from the same weights: every margin is 0, the loss is log 2.
     assert abs(losses[0]["preference"] - math.log(2)) < 1e-6
     reference = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy").eval()
@@ -148,9 +151,10 @@ def lora_runs(pipelines, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_lora_student_matches_its_replica(lora_runs, stage):
+def test_lora_student_matches_its_replica_and_its_memory_estimate(lora_runs, stage):
     losses = _assert_matches_replica(lora_runs[stage])
     assert losses[-1]["kd"] < losses[0]["kd"]
+    assert_estimate_holds(lora_runs[stage])     # only the adapter has gradients and Adam state
 
 
 def test_lora_trains_only_the_adapter_and_exports_it_and_the_merged_model(pipelines, lora_runs):

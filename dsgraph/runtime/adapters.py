@@ -2,6 +2,7 @@
 export of the adapter and, on request, of the merged weights."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,9 @@ def apply_lora(model: torch.nn.Module, lora: dict, seed: int, task: str | None) 
                         target_modules=lora["targets"], task_type=_PEFT_TASKS.get(task) if task else None)
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():     # PEFT sets fan_in_fan_out for GPT-2's Conv1D itself, and says so
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            return get_peft_model(model, config)
     except ValueError as error:          # e.g. no module matches `targets`
         raise sources.SourceError(f"lora: {error}") from error
 

@@ -156,7 +156,7 @@ class Executor:
 
     def train(self) -> Metrics:
         plan, backend, device = self.plan, self.backend, self.backend.device()
-        memory.watch(backend.models)      # measured as each optimizer step begins
+        memory.watch(backend.models)      # measured once, as the second optimizer step begins
         forwards = [s for s in plan["step"] if s["op"] == "forward"]
         groups = [(s, b) for s, b in zip([s for s in plan["step"] if s["op"] == "losses"],
                                            [s for s in plan["step"] if s["op"] == "backward"])]

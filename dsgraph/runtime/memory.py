@@ -1,0 +1,149 @@
+"""What one rank holds for each model, measured: the bytes of the local tensors of parameters,
+gradients and optimizer states, the three categories `dsgraph compile --memory` estimates.
+
+Each tensor is counted once, by its storage (ZeRO's flat buffers and the views into them are one
+allocation), in the order parameters, gradients, optimizer states: a buffer that is both the
+parameter partition and the fp32 master copy (ZeRO-3 in fp32) counts as parameters only.
+Activations, communication buckets (`ipg` buffers), temporary copies and allocator caches are not
+counted; nor are tensors on the meta device.
+
+When: a trained model is measured once, as its second optimizer step begins (`watch`), when the
+gradients of the step are reduced and the optimizer states exist (a run of one step is measured
+at its end, after the step has freed its gradients); a frozen model at the report."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+CATEGORIES = ("params", "grads", "optimizer_states")
+
+# The ZeRO optimizers' own buffers (DeepSpeed 0.19: stage_1_and_2.py, stage3.py, bf16_optimizer.py).
+_GRAD_BUFFERS = ("grads_in_partition", "grad_partitions_flat_buffer", "averaged_gradients",
+                 "fp32_groups_gradients_flat")
+_MASTER_WEIGHTS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                   "fp32_groups_flat")
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in a tensor, list, tuple or dict (nested)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+class _Counter:
+    """Bytes by category, each byte of a storage counted once: a view counts its own bytes, not
+    the rest of the buffer it lies in (ZeRO slices partitions out of larger flat buffers)."""
+
+    def __init__(self):
+        self.spans: dict[tuple[str, int], list[tuple[int, int]]] = {}    # storage -> byte ranges taken
+        self.bytes = dict.fromkeys(CATEGORIES, 0)
+        self.host = 0               # of the above, bytes on the CPU while the model is not
+
+    def add(self, category: str, tensors: Iterable[torch.Tensor], device_type: str) -> None:
+        for t in tensors:
+            if t is None or t.device.type == "meta" or t.numel() == 0:
+                continue
+            size = t.element_size()
+            start = t.storage_offset() * size
+            extent = (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * size
+            taken = self.spans.setdefault((str(t.device), t.untyped_storage().data_ptr()), [])
+            new = _uncovered(start, start + extent, taken)
+            if not new:
+                continue
+            self.bytes[category] += new
+            if t.device.type == "cpu" and device_type != "cpu":
+                self.host += new
+
+
+def _uncovered(start: int, end: int, taken: list[tuple[int, int]]) -> int:
+    """Bytes of [start, end) not yet in `taken`; adds them."""
+    new, cursor = 0, start
+    for a, b in sorted(taken):
+        if b <= cursor or a >= end:
+            continue
+        new += max(0, a - cursor)
+        cursor = max(cursor, b)
+    new += max(0, end - cursor)
+    if new:
+        taken.append((start, end))
+    return new
+
+
+def _zero_optimizer(engine) -> Any:
+    """The ZeRO (or BF16/FP16) optimizer wrapper of an engine, or None."""
+    optimizer = getattr(engine, "optimizer", None)
+    return optimizer if optimizer is not None and hasattr(optimizer, "optimizer") else None
+
+
+def _inner_optimizer(engine) -> Any:
+    optimizer = getattr(engine, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, torch.optim.Optimizer) else None
+
+
+def measure(engine, device_type: str | None = None) -> dict[str, int]:
+    """Bytes of this rank's local tensors of one engine, by category, and `host` (the part of
+    them on the CPU when the model runs on an accelerator: offloaded states)."""
+    params = list(engine.module.parameters())
+    device_type = device_type or (params[0].device.type if params else "cpu")
+    count = _Counter()
+    count.add("params", (p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in params), device_type)
+    count.add("params", (p.data for p in params if getattr(p, "ds_persist", False)), device_type)
+    wrapper = _zero_optimizer(engine)
+    count.add("grads", (p.grad for p in params if p.grad is not None), device_type)
+    inner = _inner_optimizer(engine)
+    masters = []
+    if wrapper is not None:
+        for name in _GRAD_BUFFERS:
+            count.add("grads", _tensors(getattr(wrapper, name, None)), device_type)
+        for name in _MASTER_WEIGHTS:
+            masters += list(_tensors(getattr(wrapper, name, None)))
+    if inner is not None:
+        group_params = [p for group in inner.param_groups for p in group["params"]]
+        count.add("grads", (p.grad for p in group_params if p.grad is not None), device_type)
+        masters += [p for p in group_params if p.dtype == torch.float32]
+        count.add("optimizer_states", masters, device_type)
+        count.add("optimizer_states", _tensors(list(inner.state.values())), device_type)
+    out = dict(count.bytes)
+    out["total"] = sum(count.bytes.values())
+    out["host"] = count.host
+    return out
+
+
+MEASURED_STEP = 2      # ZeRO-3 creates Adam's state in the first step: the second sees it all
+
+
+def watch(handles: dict) -> None:
+    """Measure each trained engine once, as its second optimizer step begins (the gradients of
+    the step are reduced, the optimizer states exist), into `engine.dsgraph_memory`; then put
+    the engine's own `step` back, so that no later step pays for it. Wraps the instance's `step`,
+    which Accelerate's backward calls too."""
+    for handle in handles.values():
+        engine = handle.engine
+        if not handle.trained or hasattr(engine, "dsgraph_memory"):
+            continue
+        step = engine.step
+        boundaries = [0]
+
+        def measured_step(*args, _engine=engine, _step=step, _seen=boundaries, **kwargs):
+            if _engine.is_gradient_accumulation_boundary():
+                _seen[0] += 1
+                if _seen[0] == MEASURED_STEP:
+                    _engine.dsgraph_memory = measure(_engine)     # walks every tensor: once per run
+                    _engine.step = _step
+            return _step(*args, **kwargs)
+
+        engine.dsgraph_memory = None
+        engine.step = measured_step
+
+
+def report(handles: dict) -> dict[str, dict[str, int]]:
+    """The measurement of every model: a trained one's at its second step, a frozen one's now."""
+    return {name: getattr(h.engine, "dsgraph_memory", None) or measure(h.engine) for name, h in handles.items()}

@@ -1,0 +1,115 @@
+"""`zero = auto`: the least-sharded ZeRO stage whose memory estimate fits the device (DSG415-417).
+
+Runs between lowering and the graph, only for a file that says `zero = auto` somewhere: it sizes
+every model of the file on the meta device (dsgraph.memory, which imports torch and calls the
+models' builders, factories included), so that only such files pay for torch. Each auto model
+gets an inline ZeRO config `<model>.zero` with the chosen stage (and offload) and the reason,
+which the plan carries as `zero_auto`. Checks, configs and the plan then see an ordinary stage."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dsgraph import dsconfig, ir, memory
+from dsgraph.diagnostics import Diagnostics, Note
+from dsgraph.zeroconf import _INLINE_DEFAULTS
+
+
+def has_auto(pipeline: ir.Pipeline) -> bool:
+    return any(m.zero == ir.ZERO_AUTO for m in pipeline.models.values())
+
+
+def _offload_words(candidate) -> str:
+    _, opt, param = candidate
+    words = [w for w, on in (("optimizer", opt), ("parameters", param)) if on]
+    return f" with {' and '.join(words)} offloaded to the CPU" if words else ""
+
+
+def _name(candidate) -> str:
+    return f"ZeRO-{candidate[0]}{_offload_words(candidate)}"
+
+
+def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
+                 device_memory: int | None) -> ir.Pipeline:
+    auto = [m for m in p.models.values() if m.zero == ir.ZERO_AUTO]
+    world = world_size or 1
+    if world_size is None:
+        for m in auto:
+            diags.add("DSG417", m.spans["zero"], f"`zero = auto` on `{m.name}` is planned for 1 process: "
+                      "the world size is not known", "pass `--world-size N` to `dsgraph compile` "
+                      "(`dsgraph run` plans for its --procs)")
+    trained = {name for t in p.trains for name in t.models}
+    shared = {name for t in p.trains if len(t.models) > 1 for name in t.models}
+    base = Path(p.file).parent
+    counts: dict[str, memory.Counts] = {}
+    for m in p.models.values():
+        try:
+            counts[m.name] = memory.count_elements(m.source.to_json(), base, m.lora.params if m.lora else None)
+        except Exception as error:  # noqa: BLE001 - any failure of the model's builder is the user's to see
+            for a in auto:
+                notes = () if a is m else (Note(f"`{m.name}` is declared here", m.span),)
+                diags.add("DSG416", a.spans["zero"], f"`zero = auto` needs the size of `{m.name}`, which could "
+                          f"not be built on the meta device: {type(error).__name__}: {error}",
+                          "fix the model's source, or give the stage: `zero = { stage = 3 }`", *notes)
+            return _assign(p, {a.name: (memory.CANDIDATES[-1], None) for a in auto})
+    budget = memory.budget(device_memory, world)
+
+    def estimate(m: ir.Model, candidate=None) -> memory.ModelEstimate:
+        role = "trained" if m.name in trained else "frozen"
+        config = dsconfig.resolve(p, m, role == "trained", world_size).config
+        if candidate is not None:
+            config["zero_optimization"] = memory.candidate_config(*candidate)
+        stage = candidate[0] if candidate is not None else dsconfig.stage_of(p, m)
+        return memory.estimate_model(m.name, role, stage, dsconfig.precision_of(p, m).value, config,
+                                     counts[m.name], world)
+
+    fixed = [estimate(m) for m in p.models.values() if m.zero != ir.ZERO_AUTO]
+    options = {m.name: memory.candidates(m.name in trained, m.name in shared) for m in auto}
+    at = dict.fromkeys(options, 0)
+    current = {m.name: estimate(m, options[m.name][0]) for m in auto}
+    tried: dict[str, list[str]] = {m.name: [] for m in auto}
+
+    def totals() -> tuple[int, int]:
+        every = fixed + list(current.values())
+        return sum(e.total for e in every), sum(e.host_total for e in every)
+
+    while not budget.fits(*totals()):
+        movable = [n for n in sorted(at) if at[n] + 1 < len(options[n])]
+        if not movable:
+            device, host = totals()
+            for m in auto:
+                diags.add("DSG415", m.spans["zero"], f"`zero = auto`: nothing fits, not even ZeRO-3 with "
+                          f"optimizer and parameters offloaded: {memory.human(device)} per rank on the device"
+                          f" and {memory.human(host)} in host RAM, for {memory.human(budget.device)} "
+                          f"({budget.source}) and {memory.human(budget.host)} of host RAM per rank",
+                          "use more processes (--world-size), a smaller model or bf16, or a device with "
+                          "more memory (--device-memory)")
+            return _assign(p, {m.name: (options[m.name][-1], None) for m in auto})
+        name = max(movable, key=lambda n: current[n].total)      # the largest moves first
+        tried[name].append(f"{memory.human(current[name].total)} with {_name(options[name][at[name]])}")
+        at[name] += 1
+        current[name] = estimate(p.models[name], options[name][at[name]])
+    device, host = totals()
+    reasons = {}
+    for m in auto:
+        choice = options[m.name][at[m.name]]
+        why = f"the least-sharded stage that fits: {memory.human(device)} per rank for all models"
+        why += f" (+{memory.human(host)} in host RAM)" if host else ""
+        why += f" within {memory.human(budget.device)} ({budget.source}), world size {world}"
+        if tried[m.name]:
+            why += f"; this model alone would need {', '.join(tried[m.name])}"
+        reasons[m.name] = (choice, f"zero = auto chose {_name(choice)}: {why}")
+    return _assign(p, reasons)
+
+
+def _assign(p: ir.Pipeline, chosen: dict) -> ir.Pipeline:
+    """The pipeline with each auto model on an inline config `<model>.zero` of its stage."""
+    zeros, models = dict(p.zeros), dict(p.models)
+    for name, ((stage, opt, param), reason) in chosen.items():
+        m = p.models[name]
+        zero = {**_INLINE_DEFAULTS.get(stage, {}), **memory.candidate_config(stage, opt, param)}
+        span = m.spans["zero"]
+        zeros[f"{name}.zero"] = ir.ZeroConfig(f"{name}.zero", {"zero_optimization": zero}, None, None,
+                                              {"zero_optimization.stage": span}, span, auto=reason)
+        models[name] = dataclasses.replace(m, zero=f"{name}.zero")
+    return dataclasses.replace(p, zeros=zeros, models=models)
