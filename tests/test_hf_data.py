@@ -70,7 +70,7 @@ def test_a_tokenizer_from_a_local_directory(tmp_path):
     _save_word_tokenizer(tmp_path / "tok")
     tok = load_tokenizer("tok", tmp_path)
     assert tok.encode("what is two ?") == [4, 5, 6, 8] and tok.pad_token_id == 0
-    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "what is two", "completion": "four"}])
+    _jsonl(tmp_path / "d.jsonl", [{"prompt": "what is two", "completion": "four"}])
     # As a pipeline names it: relative to the .dsg file's directory.
     dataset = sources.build({"kind": "builtin", "target": "prompt_completion",
                              "args": [["path", "d.jsonl"], ["tokenizer", "tok"], ["max_length", 8]]},

@@ -14,6 +14,7 @@ import torch
 
 from dsgraph.runtime.launch import _free_port
 from replica import replicate
+from test_memory import assert_estimate_holds
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -70,6 +71,11 @@ def test_losses_equal_a_single_process_pytorch_replica(shipped_run):
             assert abs(a[loss] - e[loss]) < 1e-5, (step, loss, a[loss], e[loss])
     first, last = actual[0], actual[-1]
     assert any(last[k] < first[k] for k in first), "training moved the losses"
+
+
+def test_memory_estimate_is_within_10_percent_of_what_each_rank_holds(shipped_run):
+    _, run_dir, _ = shipped_run
+    assert_estimate_holds(run_dir)
 
 
 def test_executed_setup_order_is_the_printed_order(shipped_run):
