@@ -186,6 +186,11 @@ class _Lowerer:
                                f"not {describe(named['task'])}", "leave `task` out to use the class the model's "
                                'config names (its "architectures"), or write e.g. `task="causal_lm"`')
                 return None
+            if isinstance(named.get("config"), dict) and "model_type" not in named["config"]:
+                arg = next(a for a in node.args if a.name and a.name.text == "config")
+                self.diags.add("DSG205", arg.value.span, "`hf(config={...})` needs a `model_type`",
+                               'add e.g. `model_type = "gpt2"`: Transformers picks the config class from it')
+                return None
             target = named.get("0", named.get("config"))
             return ir.Source(ir.SourceKind.HF, target if isinstance(target, str) else "config", args, node.span)
         if len(path) == 2 and path[0] == "builtin":

@@ -1,5 +1,6 @@
 """Exporting trained models: full weights gathered from the ZeRO shards, as safetensors, or with
-`save_pretrained` for Hugging Face models; a LoRA model's adapter (and merged weights on request). Rank 0 writes; every rank takes part in the gather."""
+`save_pretrained` for Hugging Face models; a LoRA model's adapter (and merged weights on request).
+Rank 0 writes; every rank takes part in the gather."""
 from __future__ import annotations
 
 import json

@@ -98,6 +98,8 @@ def hf_config(positional: list, keywords: dict, base_dir: Path):
         return transformers.AutoConfig.from_pretrained(str(base_dir / config), trust_remote_code=trust,
                                                        local_files_only=True)
     config = dict(config)
+    if "model_type" not in config:
+        raise SourceError('hf(config={...}) needs a `model_type`, e.g. `model_type = "gpt2"`')
     return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
 
 
