@@ -23,6 +23,7 @@ class Builtin:
     params: tuple[Param, ...]
     fields: tuple[str, ...] | None = None      # data sets only
     summary: str = ""
+    stats: tuple[str, ...] = ()                 # losses only: what the run logs beside the loss
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -78,7 +79,8 @@ LOSSES = {b.name: b for b in (
     Builtin("dpo", (P("policy_chosen", "tensor"), P("policy_rejected", "tensor"),
                     P("reference_chosen", "tensor"), P("reference_rejected", "tensor"),
                     P("chosen_labels", "tensor"), P("rejected_labels", "tensor"), P("beta", "float", 0.1)),
-            summary="DPO over the sequence log-probabilities of the labelled tokens (logits in, labels -100 elsewhere)"),
+            summary="DPO over the sequence log-probabilities of the labelled tokens (logits in, labels -100 elsewhere)",
+            stats=("reward_margin", "reward_accuracy")),
 )}
 
 ADAPTERS = {b.name: b for b in (

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from dsgraph import ir
+from dsgraph import catalogue, ir
 from dsgraph.analysis import Role
 from dsgraph.checks import Context
 from dsgraph.dsconfig import precision_of, stage_of, zero_of
@@ -184,8 +184,11 @@ def _terms(loss: ir.Loss) -> list[dict]:
                 short = "term"
         seen[short] = seen.get(short, 0) + 1
         name = short if seen[short] == 1 else f"{short}#{seen[short]}"
-        terms.append({"name": f"{loss.name}/{name}", "weight": term.weight, "expr": ir.expr_to_json(term.expr),
-                      "text": ir.show_expr(term.expr)})
+        entry = {"name": f"{loss.name}/{name}", "weight": term.weight, "expr": ir.expr_to_json(term.expr),
+                 "text": ir.show_expr(term.expr)}
+        if isinstance(term.expr, ir.LossFn) and term.expr.builtin and catalogue.LOSSES[term.expr.fn].stats:
+            entry["stats"] = list(catalogue.LOSSES[term.expr.fn].stats)     # logged as `kd/dpo.reward_margin`
+        terms.append(entry)
     return terms
 
 

@@ -88,6 +88,10 @@ def test_dpo_grows_the_reward_margin_and_starts_at_log_2(pipelines, tmp_path):
     assert_estimate_holds(run_dir)
     # Policy and reference start from the same weights: every margin is 0, the loss is log 2.
     assert abs(losses[0]["preference"] - math.log(2)) < 1e-6
+    logged = [m["stats"] for m in metrics(run_dir)]
+    assert logged[0] == {"preference/dpo.reward_margin": 0.0, "preference/dpo.reward_accuracy": 0.0}
+    late = [s["preference/dpo.reward_margin"] for s in logged[-10:]]
+    assert sum(late) / len(late) > 0, late                # the batches' margins grew too
     reference = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy").eval()
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "policy").eval()
     pairs = preference_pairs(str(pipelines / "data" / "sum_pairs.jsonl"), max_length=16).columns

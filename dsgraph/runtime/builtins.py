@@ -2,8 +2,8 @@
 declared in dsgraph/catalogue.py; a test holds the two in step)."""
 from __future__ import annotations
 
+import contextlib
 import json
-
 from pathlib import Path
 
 import torch
@@ -234,6 +234,27 @@ def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
     return (per_token * weights).sum() / weights.sum().clamp(min=1.0) * t * t
 
 
+# -- statistics a loss reports beside its value (catalogue: `stats`), logged by the run -----------
+
+_recording: dict[str, torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def recording_stats():
+    """Collects what the losses evaluated inside report (`dpo`: reward_margin, reward_accuracy)."""
+    global _recording
+    previous, _recording = _recording, {}
+    try:
+        yield _recording
+    finally:
+        _recording = previous
+
+
+def _report(**values: torch.Tensor) -> None:
+    if _recording is not None:          # only on the steps that are logged
+        _recording.update({k: v.detach() for k, v in values.items()})
+
+
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(answer | prompt) per sequence: the sum over the labelled tokens (labels != -100) of
     the log-probability the logits at t give the label at t+1."""
@@ -252,7 +273,9 @@ def dpo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_ch
     chosen = sequence_logprobs(policy_chosen, chosen_labels) - sequence_logprobs(reference_chosen, chosen_labels)
     rejected = sequence_logprobs(policy_rejected, rejected_labels) - \
         sequence_logprobs(reference_rejected, rejected_labels)
-    return -F.logsigmoid(float(beta) * (chosen - rejected)).mean()
+    margin = float(beta) * (chosen - rejected)      # the implicit rewards' difference, as TRL logs it
+    _report(reward_margin=margin.mean(), reward_accuracy=(margin > 0).float().mean())
+    return -F.logsigmoid(margin).mean()
 
 
 def mse(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

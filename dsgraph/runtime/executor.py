@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsgraph.runtime import adapters, checkpoint, configs, control, data, memory, sources
+from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, memory, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
@@ -167,6 +167,9 @@ class Executor:
         names = [t["name"] for losses, _ in groups for name in losses["losses"]
                  for t in plan["losses"][name]["terms"]]
         loss_names = [name for losses, _ in groups for name in losses["losses"]]
+        stat_names = [f"{t['name']}.{stat}" for losses, _ in groups for name in losses["losses"]
+                      for t in plan["losses"][name]["terms"] for stat in t.get("stats", ())]
+        size = len(loss_names) + len(names) + len(stat_names)     # the sums kept on logged steps
         torch.manual_seed(self.settings["seed"] * 7919 + self.rank)   # dropout differs per rank
         if self.resume_rng is not None:
             checkpoint.set_rng_state(self.resume_rng)
@@ -176,8 +179,7 @@ class Executor:
             logged = step % log_every == 0 or step == self.total_steps
             # Loss values stay on the device: reading them every step would sync a GPU every step.
             # They are summed only for the steps that are logged (the others' sums were never read).
-            totals = torch.zeros(len(loss_names) + len(names), dtype=torch.float64, device=device) \
-                if logged else None
+            totals = torch.zeros(size, dtype=torch.float64, device=device) if logged else None
             for _ in range(accum):
                 scope = Scope({n: _to_device(b.next(), device) for n, b in self.batches.items()})
                 with self._accumulate():
@@ -189,13 +191,14 @@ class Executor:
                             # Frozen models: no autograd graph, no activations kept.
                             with torch.no_grad() if f["no_grad"] else contextlib.nullcontext():
                                 scope.calls[f["call"]] = backend.forward(f["model"], args, kwargs)
-                    self._group_updates(groups, scope, totals, loss_names, names)
+                    self._group_updates(groups, scope, totals, loss_names, names, stat_names)
             if logged:
                 mean = backend.all_reduce_mean(totals / accum).tolist()   # sync point: once per logged step
                 now = time.perf_counter()
                 record = {"step": step,
                           "losses": {n: float(mean[i]) for i, n in enumerate(loss_names)},
                           "terms": {n: float(mean[len(loss_names) + i]) for i, n in enumerate(names)},
+                          "stats": {n: float(mean[size - len(stat_names) + i]) for i, n in enumerate(stat_names)},
                           "lr": {m["name"]: backend.learning_rate(m["name"]) for m in trained},
                           "samples_per_s": round(global_batch * (step - last_logged) / max(now - tick, 1e-9), 2)}
                 metrics.log(record)
@@ -224,7 +227,7 @@ class Executor:
                 stack.enter_context(accelerator.accumulate(self.backend.models[m["name"]].engine))
         return stack
 
-    def _group_updates(self, groups, scope: Scope, totals, loss_names, term_names) -> None:
+    def _group_updates(self, groups, scope: Scope, totals, loss_names, term_names, stat_names) -> None:
         for losses_step, backward_step in groups:
             scope.detach = frozenset(losses_step["detach"])
             scope.losses = {}
@@ -232,7 +235,14 @@ class Executor:
                 with step_context(f"loss `{name}`", self.plan["losses"][name]["span"]):
                     value = None
                     for term in self.plan["losses"][name]["terms"]:
-                        term_value = evaluate(term["expr"], scope, self._factory)
+                        if totals is not None and term.get("stats"):     # a logged step: keep what it reports
+                            with builtins.recording_stats() as stats:
+                                term_value = evaluate(term["expr"], scope, self._factory)
+                            first = len(loss_names) + len(term_names)
+                            for stat in term["stats"]:
+                                totals[first + stat_names.index(f"{term['name']}.{stat}")] += stats[stat]
+                        else:
+                            term_value = evaluate(term["expr"], scope, self._factory)
                         if totals is not None:
                             totals[len(loss_names) + term_names.index(term["name"])] += _detached(term_value)
                         weighted = term["weight"] * term_value

@@ -46,6 +46,7 @@ class Metrics:
             self.file.flush()
         if self.bar is not None:
             shown = {k: f"{v:.4f}" for k, v in record["losses"].items()}
+            shown.update({k.rpartition(".")[2]: f"{v:.4f}" for k, v in record.get("stats", {}).items()})
             shown["samples/s"] = f"{record['samples_per_s']:.0f}"
             self.bar.set_postfix(shown, refresh=False)
 

@@ -90,6 +90,8 @@ def _summary(plan: dict, steps: int, last: dict, exported: list[Path], setup: fl
              f"(setup {setup:.1f} s), {last.get('samples_per_s', 0):.0f} samples/s"]
     for name, value in last.get("losses", {}).items():
         lines.append(f"  loss {name:<12} {value:.6f}   (step {last['step']})")
+    for name, value in last.get("stats", {}).items():       # e.g. dpo's reward margin and accuracy
+        lines.append(f"  stat {name}  {value:.6f}   (step {last['step']})")
     for path in exported:
         lines.append(f"  model {path.name:<11} -> {path}")
     lines.append(f"  metrics      -> {run_dir / 'metrics.jsonl'}")
