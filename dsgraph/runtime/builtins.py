@@ -273,9 +273,9 @@ def dpo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_ch
     chosen = sequence_logprobs(policy_chosen, chosen_labels) - sequence_logprobs(reference_chosen, chosen_labels)
     rejected = sequence_logprobs(policy_rejected, rejected_labels) - \
         sequence_logprobs(reference_rejected, rejected_labels)
-    margin = float(beta) * (chosen - rejected)      # the implicit rewards' difference, as TRL logs it
-    _report(reward_margin=margin.mean(), reward_accuracy=(margin > 0).float().mean())
-    return -F.logsigmoid(margin).mean()
+    rewards = float(beta) * (chosen - rejected)     # the implicit rewards' difference, as TRL logs it
+    _report(reward_margin=rewards.mean(), reward_accuracy=(rewards > 0).float().mean())
+    return -F.logsigmoid(rewards).mean()
 
 
 def mse(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
