@@ -58,6 +58,10 @@ def _included_zeros(tree: ast.File, source: SourceFile, diags: Diagnostics,
     return found
 
 
+def _keyword_span(node: ast.Source, name: str) -> Span:
+    return next(a.value.span for a in node.args if a.name and a.name.text == name)
+
+
 class _Lowerer:
     def __init__(self, filename: str, diags: Diagnostics, sources: dict[str, SourceFile]):
         self.filename = filename
@@ -181,14 +185,12 @@ class _Lowerer:
                 return None
             named = dict(args)
             if "task" in named and named["task"] not in catalogue.HF_TASKS:
-                arg = next(a for a in node.args if a.name and a.name.text == "task")
-                self.diags.add("DSG209", arg.value.span, f"hf task must be one of {', '.join(catalogue.HF_TASKS)}, "
+                self.diags.add("DSG209", _keyword_span(node, "task"), f"hf task must be one of {', '.join(catalogue.HF_TASKS)}, "
                                f"not {describe(named['task'])}", "leave `task` out to use the class the model's "
                                'config names (its "architectures"), or write e.g. `task="causal_lm"`')
                 return None
             if isinstance(named.get("config"), dict) and "model_type" not in named["config"]:
-                arg = next(a for a in node.args if a.name and a.name.text == "config")
-                self.diags.add("DSG205", arg.value.span, "`hf(config={...})` needs a `model_type`",
+                self.diags.add("DSG205", _keyword_span(node, "config"), "`hf(config={...})` needs a `model_type`",
                                'add e.g. `model_type = "gpt2"`: Transformers picks the config class from it')
                 return None
             target = named.get("0", named.get("config"))

@@ -58,11 +58,10 @@ def human(n: int | float) -> str:
 @dataclass(frozen=True)
 class Counts:
     """Elements of each parameter tensor of a built model, all and trainable ones (LoRA: the
-    adapter's), and its width (which sizes the "auto" persistence threshold)."""
+    adapter's)."""
 
     sizes: tuple[int, ...]
     trainable: tuple[int, ...]
-    hidden: int
 
     @property
     def total(self) -> int:
@@ -74,33 +73,26 @@ def count_elements(source: dict, base_dir: Path, lora: dict | None = None) -> Co
     config.json, never its weights) and counts its parameters."""
     import torch
 
-    from dsgraph.runtime import configs, sources
+    from dsgraph.runtime import sources
 
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)      # library deprecations are not the user's
-        if source["kind"] == "hf":
-            positional, keywords = sources._call_args(source["args"])
-            model = sources.build_hf(positional, keywords, base_dir, weights=False)
-        elif source["kind"] == "factory":       # imported from the .dsg file's directory, as at run time
-            sys.path.insert(0, str(Path(base_dir).resolve()))
-            try:
-                model = sources.build(source, sources.model_table(), base_dir)
-            finally:
-                sys.path.pop(0)
-        else:
-            model = sources.build(source, sources.model_table(), base_dir)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"the source returned {type(model).__name__}, not a torch.nn.Module")
-        hidden = configs.hidden_size_of_source(source, base_dir) or configs.hidden_size_of_model(model)
-        if lora:
-            from dsgraph.runtime import adapters
+    # A factory is imported from the .dsg file's directory, as at run time.
+    sys.path.insert(0, str(Path(base_dir).resolve()))
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)      # library deprecations are not the user's
+            model = sources.build(source, sources.model_table(), base_dir, weights=False)
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"the source returned {type(model).__name__}, not a torch.nn.Module")
+            if lora:
+                from dsgraph.runtime import adapters
 
-            model = adapters.apply_lora(model, lora, 0, sources.model_task(source, model))
-        else:
-            model.requires_grad_(True)
+                model = adapters.apply_lora(model, lora, 0, sources.model_task(source, model))
+            else:
+                model.requires_grad_(True)
+    finally:
+        sys.path.pop(0)
     params = list(model.parameters())
-    return Counts(tuple(p.numel() for p in params), tuple(p.numel() for p in params if p.requires_grad),
-                  int(hidden))
+    return Counts(tuple(p.numel() for p in params), tuple(p.numel() for p in params if p.requires_grad))
 
 
 # -- the rules ----------------------------------------------------------------------------------

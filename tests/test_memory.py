@@ -69,7 +69,7 @@ def test_shared_loss_and_stage3_divides_parameters_by_world_size():
 
 
 def test_rules_for_precision_offload_and_stage0():
-    counts = memory.Counts((1000, 24), (1000, 24), 24)
+    counts = memory.Counts((1000, 24), (1000, 24))
     adam = {"optimizer": {"type": "AdamW"}}
     z0 = memory.estimate_model("m", "trained", 0, "fp32", adam, counts, 2)
     assert (z0.params, z0.grads, z0.optimizer_states) == (4096, 4096, 8192)   # no master in fp32 ZeRO-0

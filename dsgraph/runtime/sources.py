@@ -43,7 +43,8 @@ def _call_args(args: list[list]) -> tuple[list, dict]:
     return positional, keywords
 
 
-def build(source: dict, table: dict[str, Callable], base_dir: Path) -> Any:
+def build(source: dict, table: dict[str, Callable], base_dir: Path, weights: bool = True) -> Any:
+    """weights=False: an hf directory's model from its config alone (the meta-device estimate)."""
     kind, target = source["kind"], source["target"]
     positional, keywords = _call_args(source["args"])
     if kind == "builtin":
@@ -55,7 +56,7 @@ def build(source: dict, table: dict[str, Callable], base_dir: Path) -> Any:
         return table[target](*positional, **keywords)
     if kind == "factory":
         return resolve_factory(target)(*positional, **keywords)
-    return build_hf(positional, keywords, base_dir)
+    return build_hf(positional, keywords, base_dir, weights)
 
 
 _HF_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
