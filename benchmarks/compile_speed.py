@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
-    baseline = min(subprocess.run([sys.executable, "-c", "pass"]) and 0 or 0 for _ in range(1))
+    baseline = min((subprocess.run([sys.executable, "-c", "pass"]) and 0) or 0 for _ in range(1))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     bare = time.perf_counter() - start + baseline

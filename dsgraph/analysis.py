@@ -39,6 +39,7 @@ class Analysis:
     groups: tuple[Group, ...]
     call_groups: dict[str, frozenset[int]]     # call id -> the groups whose gradients pass through it
     group_of_model: dict[str, int]
+    reached: frozenset[str]                    # the dataflow nodes some train group depends on
 
     def group(self, index: int) -> Group | None:
         return next((grp for grp in self.groups if grp.index == index), None)
@@ -60,8 +61,12 @@ class Analysis:
         return out
 
 
-def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis:
+def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis | None:
+    """The analysis stage; None when losses refer to each other in a cycle (DSG305): nothing is
+    computed before anything else then."""
     flow = g.dataflow(graph)
+    if not nx.is_directed_acyclic_graph(flow):
+        return None
     order = tuple(nx.lexicographical_topological_sort(flow))
     trains = [t for t in pipeline.trains
               if t.loss in pipeline.losses and any(m in pipeline.models for m in t.models)]
@@ -93,4 +98,5 @@ def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis:
             if trains_model or any(group.index in call_groups.get(p, ()) for p in flow.predecessors(node)):
                 owners.add(group.index)
         call_groups[node] = frozenset(owners)
-    return Analysis(order, {n: i for i, n in enumerate(order)}, roles, groups, call_groups, group_of_model)
+    reached = frozenset().union(*(group.reach for group in groups))
+    return Analysis(order, {n: i for i, n in enumerate(order)}, roles, groups, call_groups, group_of_model, reached)

@@ -1,79 +1,85 @@
-"""The checks: one function per rule, run in the order of CHECKS. Each reads the pipeline, its
-graph and (once the graph is known to be acyclic) its analysis, and adds diagnostics."""
+"""The checks: one pure function per rule, listed in CHECKS. Each reads the `Context` (the
+pipeline, its graph and what the earlier stages decided from them) and yields diagnostics; none
+computes or changes anything another check reads, so their order does not matter."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import networkx as nx
 
-from dsgraph import dsconfig, ir
 from dsgraph import graph as g
-from dsgraph.analysis import Analysis, Role, analyse
-from dsgraph.diagnostics import Diagnostics, Note
-from dsgraph.strategy import Engine, Strategy, decide
+from dsgraph import ir
+from dsgraph.analysis import Analysis, Role
+from dsgraph.diagnostics import Diagnostic, Note, diagnostic
+from dsgraph.dsconfig.keys import zero_stage
+from dsgraph.dsconfig.resolve import Resolved, precision_of, zero_of
+from dsgraph.plan import Engine, Precision
+from dsgraph.source import Span
+from dsgraph.strategy import Strategy
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
+    """What the checks read. `analysis`, `strategy` and `configs` are None when the losses form a
+    cycle (DSG305): the checks that need them say nothing then."""
+
     pipeline: ir.Pipeline
     graph: nx.DiGraph
-    diags: Diagnostics
-    world_size: int | None
-    analysis: Analysis | None = None
-    strategy: Strategy | None = None
-    resolved: dict[str, dsconfig.Resolved] = field(default_factory=dict)
+    analysis: Analysis | None
+    strategy: Strategy | None
+    configs: Mapping[str, Resolved] | None
 
 
-def check_loss_cycles(ctx: Context) -> None:
-    """DSG305; on success, computes the analysis the later checks read."""
-    flow = g.dataflow(ctx.graph)
-    losses = ctx.pipeline.losses
-    seen: set[frozenset] = set()
-    refs = flow.subgraph(n for n in flow if n.startswith(("loss:", "term:")))
-    cycles = [] if nx.is_directed_acyclic_graph(refs) else nx.simple_cycles(refs)   # the common case is cheap
-    for cycle in cycles:
+Check = Callable[[Context], Iterator[Diagnostic]]
+
+
+def check_loss_cycles(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG305: losses that refer to each other, directly or through a model call's argument."""
+    if ctx.analysis is not None:        # the analysis exists exactly when the dataflow is acyclic
+        return
+    losses, seen = ctx.pipeline.losses, set()
+    for cycle in nx.simple_cycles(g.dataflow(ctx.graph)):
         names = sorted(ctx.graph.nodes[n]["name"] for n in cycle if n.startswith("loss:"))
-        if frozenset(names) in seen:
+        if not names or frozenset(names) in seen:
             continue
         seen.add(frozenset(names))
-        first = losses[names[0]]
-        ctx.diags.add("DSG305", first.span, f"losses refer to each other in a cycle: "
-                      f"{' -> '.join(names + [names[0]])}", "break the cycle: a loss cannot depend on itself",
-                      *(Note(f"`{n}` is declared here", losses[n].span) for n in names[1:]))
-    if not seen:
-        ctx.analysis = analyse(ctx.pipeline, ctx.graph)
-        ctx.strategy = decide(ctx.pipeline, ctx.analysis)
+        yield diagnostic("DSG305", losses[names[0]].span, "losses refer to each other in a cycle: "
+                         f"{' -> '.join([*names, names[0]])}", "break the cycle: a loss cannot depend on itself",
+                         *(Note(f"`{n}` is declared here", losses[n].span) for n in names[1:]))
 
 
-def check_something_trained(ctx: Context) -> None:
+def check_something_trained(ctx: Context) -> Iterator[Diagnostic]:
     if not ctx.pipeline.trains and ctx.pipeline.complete:
-        ctx.diags.add("DSG308", ctx.pipeline.span, f"pipeline `{ctx.pipeline.name}` trains nothing",
-                      "add `train MODEL on LOSS`")
+        yield diagnostic("DSG308", ctx.pipeline.span, f"pipeline `{ctx.pipeline.name}` trains nothing",
+                         "add `train MODEL on LOSS`")
 
 
-def check_train_statements(ctx: Context) -> None:
+def check_train_statements(ctx: Context) -> Iterator[Diagnostic]:
     """DSG301 frozen model trained, DSG306 model in two trains, DSG311 loss in two trains."""
-    models, first_model, first_loss = ctx.pipeline.models, {}, {}
+    models = ctx.pipeline.models
+    first_model: dict[str, Span] = {}
+    first_loss: dict[str, Span] = {}
     for train in ctx.pipeline.trains:
-        for name, span in zip(train.models, train.model_spans):
+        for name, span in zip(train.models, train.model_spans, strict=True):
             model = models.get(name)
             if model is not None and model.frozen:
-                ctx.diags.add("DSG301", span, f"model `{name}` is frozen but `train` asks to update it",
-                              f"remove `{name}` from `train`, or drop `frozen` from its declaration",
-                              Note(f"`{name}` is declared frozen here", model.spans.get("frozen", model.span)))
+                yield diagnostic("DSG301", span, f"model `{name}` is frozen but `train` asks to update it",
+                                 f"remove `{name}` from `train`, or drop `frozen` from its declaration",
+                                 Note(f"`{name}` is declared frozen here", model.spans.get("frozen", model.span)))
             if name in first_model:
-                ctx.diags.add("DSG306", span, f"model `{name}` is trained by two `train` statements",
-                              f"train it once on a combined loss: `loss both = a + b` then `train {name} on both`",
-                              Note("first trained here", first_model[name]))
+                yield diagnostic("DSG306", span, f"model `{name}` is trained by two `train` statements",
+                                 f"train it once on a combined loss: `loss both = a + b` then `train {name} on both`",
+                                 Note("first trained here", first_model[name]))
             first_model.setdefault(name, span)
         if train.loss in first_loss:
-            ctx.diags.add("DSG311", train.loss_span, f"loss `{train.loss}` is used by two `train` statements",
-                          f"list every model it trains in one statement: `train a, b on {train.loss}`",
-                          Note("first used here", first_loss[train.loss]))
+            yield diagnostic("DSG311", train.loss_span, f"loss `{train.loss}` is used by two `train` statements",
+                             f"list every model it trains in one statement: `train a, b on {train.loss}`",
+                             Note("first used here", first_loss[train.loss]))
         first_loss.setdefault(train.loss, train.loss_span)
 
 
-def check_unused(ctx: Context) -> None:
+def check_unused(ctx: Context) -> Iterator[Diagnostic]:
     """DSG303 unused model, DSG309 implicitly frozen, DSG304 unused loss, DSG310 unused data/zero."""
     if ctx.analysis is None or not ctx.pipeline.complete:
         return
@@ -82,44 +88,46 @@ def check_unused(ctx: Context) -> None:
     for name, model in p.models.items():
         called = any(True for _ in ctx.graph.successors(g.model_id(name)))
         if not called and name not in trained_models:      # frozen or not, nothing runs it
-            ctx.diags.add("DSG303", model.span, f"model `{name}` is declared but no loss uses it",
-                          f"use it in a loss (`{name}(data.field)`) or remove it")
+            yield diagnostic("DSG303", model.span, f"model `{name}` is declared but no loss uses it",
+                             f"use it in a loss (`{name}(data.field)`) or remove it")
         elif roles[name] is Role.FROZEN and not model.frozen and name not in trained_models:
-            ctx.diags.add("DSG309", model.span, f"model `{name}` is used but never trained; it runs frozen",
-                          "say so with `frozen` in its block, or add it to a `train` statement")
-    reached = set().union(*(grp.reach for grp in ctx.analysis.groups)) if ctx.analysis.groups else set()
+            yield diagnostic("DSG309", model.span, f"model `{name}` is used but never trained; it runs frozen",
+                             "say so with `frozen` in its block, or add it to a `train` statement")
+    reached = ctx.analysis.reached
     for name, loss in p.losses.items():
         if g.loss_id(name) not in reached:
-            ctx.diags.add("DSG304", loss.span, f"loss `{name}` is computed by no `train` statement",
-                          f"train a model on it (`train MODEL on {name}`) or remove it")
+            yield diagnostic("DSG304", loss.span, f"loss `{name}` is computed by no `train` statement",
+                             f"train a model on it (`train MODEL on {name}`) or remove it")
     for name, data in p.data.items():
         if not any(True for _ in ctx.graph.successors(g.data_id(name))):
-            ctx.diags.add("DSG310", data.span, f"data set `{name}` is declared but no loss or model reads it",
-                          f"read a field of it (`{name}.FIELD`) or remove it")
+            yield diagnostic("DSG310", data.span, f"data set `{name}` is declared but no loss or model reads it",
+                             f"read a field of it (`{name}.FIELD`) or remove it")
     used_zeros = {m.zero for m in p.models.values()}
     for name, zero in p.zeros.items():
         if name not in used_zeros and "." not in name and zero.span.file == p.file:
-            ctx.diags.add("DSG310", zero.span, f"ZeRO config `{name}` is declared but no model uses it",
-                          f"use it with `zero = {name}` in a model block, or remove it")
+            yield diagnostic("DSG310", zero.span, f"ZeRO config `{name}` is declared but no model uses it",
+                             f"use it with `zero = {name}` in a model block, or remove it")
 
 
-def check_trained_models_reached(ctx: Context) -> None:
+def check_trained_models_reached(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG302: a model in `train` that its loss does not depend on."""
     if ctx.analysis is None or not ctx.pipeline.complete:
         return
-    groups = {grp.index: grp for grp in ctx.analysis.groups}
-    for train in ctx.pipeline.trains:
-        group = groups.get(train.index)
+    p = ctx.pipeline
+    for train in p.trains:
+        group = ctx.analysis.group(train.index)
         if group is None:
             continue
-        for name, span in zip(train.models, train.model_spans):
-            calls = [n for n in ctx.graph.successors(g.model_id(name))] if name in ctx.pipeline.models else []
-            if name in ctx.pipeline.models and not any(c in group.reach for c in calls):
-                ctx.diags.add("DSG302", span, f"loss `{train.loss}` does not depend on model `{name}`",
-                              f"use `{name}(...)` in `{train.loss}`, or train `{name}` on a loss that does",
-                              Note(f"`{train.loss}` is declared here", ctx.pipeline.losses[train.loss].span))
+        for name, span in zip(train.models, train.model_spans, strict=True):
+            if name not in p.models:
+                continue
+            if not any(call in group.reach for call in ctx.graph.successors(g.model_id(name))):
+                yield diagnostic("DSG302", span, f"loss `{train.loss}` does not depend on model `{name}`",
+                                 f"use `{name}(...)` in `{train.loss}`, or train `{name}` on a loss that does",
+                                 Note(f"`{train.loss}` is declared here", p.losses[train.loss].span))
 
 
-def check_gradient_groups(ctx: Context) -> None:
+def check_gradient_groups(ctx: Context) -> Iterator[Diagnostic]:
     """DSG307: a call whose gradients would reach two train groups, or whose backward would run
     through a model that another group trains (its engine would see foreign gradients)."""
     if ctx.analysis is None:
@@ -130,101 +138,100 @@ def check_gradient_groups(ctx: Context) -> None:
         for name in set(train.models):
             trained_in[name] = trained_in.get(name, 0) + 1
     for call, owners in a.call_groups.items():
-        model = ctx.graph.nodes[call]["model"]
+        node = ctx.graph.nodes[call]
+        model = node["model"]
         home = a.group_of_model.get(model) if a.roles.get(model) is Role.TRAINED else None
         if len(owners) > 1:
             groups = [trains[i] for i in sorted(owners)]
-            ctx.diags.add("DSG307", ctx.graph.nodes[call]["span"],
-                          f"gradients of `{call[5:]}` would flow into {len(owners)} train groups "
-                          f"({', '.join(t.loss for t in groups)})",
-                          "train these models on one shared loss (`train a, b on total`), or keep each "
-                          "model's output out of the other group's loss",
-                          *(Note(f"train group of `{t.loss}`", t.span) for t in groups))
+            yield diagnostic("DSG307", node["span"], f"gradients of `{node['text']}` would flow into "
+                             f"{len(owners)} train groups ({', '.join(t.loss for t in groups)})",
+                             "train these models on one shared loss (`train a, b on total`), or keep each "
+                             "model's output out of the other group's loss",
+                             *(Note(f"train group of `{t.loss}`", t.span) for t in groups))
         elif owners and home is not None and home not in owners and trained_in.get(model) == 1:
             (other,) = owners
-            ctx.diags.add("DSG307", ctx.graph.nodes[call]["span"],
-                          f"the backward of `{trains[other].loss}` would run through `{model}`, which "
-                          f"`train ... on {trains[home].loss}` updates",
-                          f"train `{model}` in the same statement (`train ..., {model} on ...`), or make "
-                          f"`{trains[other].loss}` use a call of `{model}` that does not depend on a trained model",
-                          Note(f"`{model}` is trained here", trains[home].span))
+            yield diagnostic("DSG307", node["span"], f"the backward of `{trains[other].loss}` would run through "
+                             f"`{model}`, which `train ... on {trains[home].loss}` updates",
+                             f"train `{model}` in the same statement (`train ..., {model} on ...`), or make "
+                             f"`{trains[other].loss}` use a call of `{model}` that does not depend on a trained model",
+                             Note(f"`{model}` is trained here", trains[home].span))
 
 
-def check_frozen_configs(ctx: Context) -> None:
+def check_frozen_configs(ctx: Context) -> Iterator[Diagnostic]:
     """DSG401 frozen model with an optimizer, DSG402 ZeRO-1/2 on a frozen model."""
-    if ctx.analysis is None:
+    if ctx.analysis is None or ctx.configs is None:
         return
     for name, model in ctx.pipeline.models.items():
         if ctx.analysis.roles[name] is not Role.FROZEN:
             continue
         for prop in ("optimizer", "scheduler", "clip", "lora"):
             if prop in model.spans and model.frozen:
-                ctx.diags.add("DSG401", model.spans[prop], f"frozen model `{name}` has `{prop}`",
-                              f"remove `{prop}`: a frozen model is never updated")
-        stage = dsconfig.stage_of(ctx.pipeline, model)
+                yield diagnostic("DSG401", model.spans[prop], f"frozen model `{name}` has `{prop}`",
+                                 f"remove `{prop}`: a frozen model is never updated")
+        stage = zero_stage(ctx.configs[name].config)
         if stage in (1, 2):
-            zero = dsconfig.zero_of(ctx.pipeline, model)
-            ctx.diags.add("DSG402", zero.span_of("zero_optimization.stage") if zero else model.span,
-                          f"frozen model `{name}` uses ZeRO-{stage}, which shards only optimizer state "
-                          "and gradients: a frozen model has neither",
-                          "use `stage = 3` to shard its parameters, or `stage = 0`",
-                          Note(f"`{name}` is declared here", model.span))
+            zero = zero_of(ctx.pipeline, model)
+            yield diagnostic("DSG402", zero.span_of("zero_optimization.stage") if zero else model.span,
+                             f"frozen model `{name}` uses ZeRO-{stage}, which shards only optimizer state "
+                             "and gradients: a frozen model has neither",
+                             "use `stage = 3` to shard its parameters, or `stage = 0`",
+                             Note(f"`{name}` is declared here", model.span))
 
 
-def check_shared_groups(ctx: Context) -> None:
+def check_shared_groups(ctx: Context) -> Iterator[Diagnostic]:
     """DSG403 ZeRO-0 and DSG404 fp16 in a shared-loss group."""
-    if ctx.analysis is None:
+    if ctx.analysis is None or ctx.configs is None:
         return
     for group in ctx.analysis.groups:
         if not group.shared:
             continue
         train = next(t for t in ctx.pipeline.trains if t.index == group.index)
-        for name, span in zip(train.models, train.model_spans):
+        for name, span in zip(train.models, train.model_spans, strict=True):
             model = ctx.pipeline.models.get(name)
             if model is None:
                 continue
-            if dsconfig.stage_of(ctx.pipeline, model) == 0:
-                ctx.diags.add("DSG403", span, f"model `{name}` shares loss `{group.loss}` but runs ZeRO-0",
-                              "DeepSpeed refuses a direct backward into a ZeRO-0 engine: use stage 1, 2 or 3")
-            if dsconfig.precision_of(ctx.pipeline, model) is ir.Precision.FP16:
-                ctx.diags.add("DSG404", span, f"model `{name}` shares loss `{group.loss}` in fp16",
-                              "each fp16 engine has its own loss scaler, so one loss cannot be scaled for "
-                              "all: use bf16 or fp32")
+            if zero_stage(ctx.configs[name].config) == 0:
+                yield diagnostic("DSG403", span, f"model `{name}` shares loss `{group.loss}` but runs ZeRO-0",
+                                 "DeepSpeed refuses a direct backward into a ZeRO-0 engine: use stage 1, 2 or 3")
+            if precision_of(ctx.pipeline, model) is Precision.FP16:
+                yield diagnostic("DSG404", span, f"model `{name}` shares loss `{group.loss}` in fp16",
+                                 "each fp16 engine has its own loss scaler, so one loss cannot be scaled for "
+                                 "all: use bf16 or fp32")
 
 
-def check_offload_param(ctx: Context) -> None:
+def check_offload_param(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG407: parameter offload below ZeRO-3."""
     for zero in ctx.pipeline.zeros.values():
         offload = zero.config.get("zero_optimization", {}).get("offload_param")
         device = offload.get("device") if isinstance(offload, dict) else None
-        if device not in (None, "none") and zero.stage() != 3:
-            ctx.diags.add("DSG407", zero.span_of("zero_optimization.offload_param"),
-                          f"ZeRO config `{zero.name}` offloads parameters at stage {zero.stage()}",
-                          "parameter offload needs `stage = 3`; use `offload_optimizer` at stages 1-2")
+        stage = zero_stage(zero.config)
+        if device not in (None, "none") and stage is not None and stage != 3:
+            yield diagnostic("DSG407", zero.span_of("zero_optimization.offload_param"),
+                             f"ZeRO config `{zero.name}` offloads parameters at stage {stage}",
+                             "parameter offload needs `stage = 3`; use `offload_optimizer` at stages 1-2")
 
 
-def check_resolved_configs(ctx: Context) -> None:
-    """Resolves every model's DeepSpeed config; DSG405/406/412/413/414 come from there."""
-    if ctx.analysis is None:
+def check_resolved_configs(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG405/406/412/413/414: what resolving each model's DeepSpeed config found."""
+    if ctx.analysis is None or ctx.configs is None:
         return
+    shared_accumulation = ctx.strategy is not None and len(set(ctx.strategy.accelerator_of.values())) > 1
     for name, model in ctx.pipeline.models.items():
-        trained = ctx.analysis.roles[name] is Role.TRAINED
-        resolved = dsconfig.resolve(ctx.pipeline, model, trained, ctx.world_size)
-        ctx.resolved[name] = resolved
-        zero = dsconfig.zero_of(ctx.pipeline, model)
-        for problem in resolved.problems:
+        zero = zero_of(ctx.pipeline, model)
+        for problem in ctx.configs[name].problems:
             span = _config_span(zero, problem.path) if zero else None
             message = problem.message
-            if problem.code == "DSG405" and ctx.strategy and len(set(ctx.strategy.accelerator_of.values())) > 1 \
+            if problem.code == "DSG405" and shared_accumulation and ctx.strategy is not None \
                     and ctx.strategy.engine_of(name, ctx.analysis) is Engine.ACCELERATE:
                 message += "; Accelerators share one gradient-accumulation state"
             if problem.code == "DSG414" and "precision" in model.spans:
                 span = model.spans["precision"]
             named = not span or f"model `{name}`" in message     # located in the config: say whose
-            ctx.diags.add(problem.code, span or model.span, message if named else f"{message} (model `{name}`)",
-                          problem.help, *((Note(f"model `{name}` is declared here", model.span),) if span else ()))
+            yield diagnostic(problem.code, span or model.span, message if named else f"{message} (model `{name}`)",
+                             problem.help, *((Note(f"model `{name}` is declared here", model.span),) if span else ()))
 
 
-def _config_span(zero: ir.ZeroConfig, path: str):
+def _config_span(zero: ir.ZeroConfig, path: str) -> Span | None:
     """Where the config sets `path`, or else the nearest enclosing key it sets; None if neither."""
     while path:
         if path in zero.key_spans:
@@ -233,7 +240,7 @@ def _config_span(zero: ir.ZeroConfig, path: str):
     return None
 
 
-CHECKS = (
+CHECKS: tuple[Check, ...] = (
     check_loss_cycles,
     check_something_trained,
     check_train_statements,
@@ -247,6 +254,5 @@ CHECKS = (
 )
 
 
-def run_checks(ctx: Context) -> None:
-    for check in CHECKS:
-        check(ctx)
+def run_checks(ctx: Context) -> list[Diagnostic]:
+    return [found for check in CHECKS for found in check(ctx)]

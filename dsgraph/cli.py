@@ -11,6 +11,11 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dsgraph.compiler import Compilation
+    from dsgraph.plan import Plan
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_WORKER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 4, 70, 130
 
@@ -80,7 +85,7 @@ def _positive(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from dsgraph.memory import parse_size     # no torch: only the estimate itself imports it
+    from dsgraph.dsconfig.sizes import parse_size
 
     try:
         return parse_size(text)
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
-    except Exception:  # noqa: BLE001 - the one place an internal error becomes exit 70
+    except Exception:
         if args.debug:
             traceback.print_exc()
         else:
@@ -158,16 +163,18 @@ def cmd_compile(args) -> int:
 
 def _print_memory(result, args) -> int:
     """`compile --memory`: the estimate per model and rank (torch is imported here only)."""
-    from dsgraph import memory
+    from dsgraph.dsconfig.estimate import attach_budget, estimate
+    from dsgraph.runtime.meta import budget, count_plan
 
     try:
-        est = memory.estimate(result.plan.data, args.world_size)
-    except Exception as error:  # noqa: BLE001 - a model's builder failed on the meta device
+        counts = count_plan(result.plan)
+    except Exception as error:
         print(f"dsgraph: cannot build the models on the meta device: {type(error).__name__}: {error}",
               file=sys.stderr)
         return EXIT_USER
+    est = estimate(result.plan, counts, args.world_size)
     if args.device_memory is not None:
-        memory.attach_budget(est, args.device_memory)
+        attach_budget(est, budget(args.device_memory, est.world_size))
     sys.stdout.write(json.dumps(est.to_json(), indent=2) + "\n" if args.format == "json" else est.to_text())
     return EXIT_OK
 
@@ -240,7 +247,7 @@ def cmd_run(args) -> int:
     _print_diagnostics(result)
     if not result.ok:
         return EXIT_USER
-    plan = result.plan.data
+    plan = result.plan
     manifest = None
     if args.resume:
         run_dir = Path(args.resume)
@@ -248,10 +255,10 @@ def cmd_run(args) -> int:
         if manifest is None:
             return EXIT_USER
     elif inside:
-        run_dir = Path(args.run_dir or f"runs/{plan['pipeline']}-{os.environ.get('MASTER_PORT', 'run')}")
+        run_dir = Path(args.run_dir or f"runs/{plan.pipeline}-{os.environ.get('MASTER_PORT', 'run')}")
     else:
-        run_dir = Path(args.run_dir) if args.run_dir else launch.default_run_dir(plan["pipeline"])
-    launch.write_plan(run_dir, result.plan.to_json())
+        run_dir = Path(args.run_dir) if args.run_dir else launch.default_run_dir(plan.pipeline)
+    launch.write_plan(run_dir, plan.to_json())
     if inside:
         return launch.run_here(run_dir, manifest)
     resumed = f", resuming from {manifest.name}" if manifest else ""
@@ -259,17 +266,17 @@ def cmd_run(args) -> int:
     return launch.launch(run_dir, procs, args.hang_timeout, manifest)
 
 
-def _resume_checks(run_dir: Path, plan: dict, procs: int, result):
+def _resume_checks(run_dir: Path, plan: Plan, procs: int, result: Compilation) -> Path | None:
     """The newest complete checkpoint of RUN_DIR if this plan may continue it, else None (with
     DSG501/DSG502 printed). Nothing in RUN_DIR is unpickled here or without a valid manifest."""
     from dsgraph.diagnostics import Diagnostic, Note, render_summary, render_text
     from dsgraph.runtime import checkpoint
     from dsgraph.source import Span
 
-    file_span = Span(plan["file"], 1, 1, 1, 2)
-    spans = {m["name"]: Span.from_json(m["span"]) for m in plan["models"]}
-    spans.update({name: Span.from_json(loss["span"]) for name, loss in plan["losses"].items()})
-    spans.update({d["name"]: Span.from_json(d["span"]) for d in plan["data"]})
+    file_span = Span(plan.file, 1, 1, 1, 2)
+    spans = {m.name: m.span for m in plan.models}
+    spans.update({loss.name: loss.span for loss in plan.losses})
+    spans.update({d.name: d.span for d in plan.data})
     found = checkpoint.latest(run_dir) if run_dir.is_dir() else None
     diags = []
     if found is None:

@@ -1,10 +1,16 @@
-"""The stages in order: parse -> AST -> IR -> graph -> checks -> plan.
+"""The stages in order, each a named function returning a frozen value:
 
-Imports no torch, deepspeed, accelerate and no user code (a test holds this), unless the file
-says `zero = auto`: then its models are sized on the meta device (dsgraph.zeroauto)."""
+    parse -> [--set overrides] -> load includes -> lower -> [zero = auto] -> build the graph
+    -> analyse -> decide the strategy -> resolve the DeepSpeed configs -> check -> plan
+
+Diagnostics are collected along the way; only a syntax error stops early, and the plan is built
+only when no check reported an error. Imports no torch, deepspeed, accelerate and no user code
+(a test holds this), unless the file says `zero = auto`: then its models are sized on the meta
+device (dsgraph.dsconfig.auto)."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,27 +19,34 @@ import networkx as nx
 
 from dsgraph import graph as graph_mod
 from dsgraph import ir as ir_mod
+from dsgraph.analysis import Analysis, analyse
 from dsgraph.checks import Context, run_checks
 from dsgraph.diagnostics import Diagnostic, Diagnostics
+from dsgraph.dsconfig.resolve import Resolved, resolve_configs
+from dsgraph.load import load
 from dsgraph.lower import lower
 from dsgraph.overrides import apply_overrides
-from dsgraph.plan import Plan, build_plan
+from dsgraph.plan import Plan
+from dsgraph.planner import build_plan
 from dsgraph.source import SourceFile
+from dsgraph.strategy import Strategy, decide
 from dsgraph.syntax import ast as ast_mod
-from dsgraph.syntax.parser import parse
+from dsgraph.syntax.parse import parse
 
 
-@dataclass
+@dataclass(frozen=True)
 class Compilation:
-    """Everything one compile produced; later stages are None when an earlier one failed."""
+    """Everything one compile produced; a stage's result is None when it could not run."""
 
     source: SourceFile
-    sources: dict[str, SourceFile]
+    sources: dict[str, SourceFile]          # every file read: carets of diagnostics in any of them
     diagnostics: list[Diagnostic]
     ast: ast_mod.File | None = None
     ir: ir_mod.Pipeline | None = None
     graph: nx.DiGraph | None = None
-    context: Context | None = None
+    analysis: Analysis | None = None
+    strategy: Strategy | None = None
+    configs: Mapping[str, Resolved] | None = None
     plan: Plan | None = None
 
     @property
@@ -42,7 +55,7 @@ class Compilation:
 
 
 @contextmanager
-def _no_gc():
+def _no_gc() -> Iterator[None]:
     """Compiling allocates many small objects and frees none of them cyclically; the cyclic
     collector's passes over them cost ~40% of a large compile, so it pauses meanwhile."""
     was_enabled = gc.isenabled()
@@ -63,27 +76,34 @@ def compile_source(source: SourceFile, world_size: int | None = None,
 
 
 def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, ...],
-             device_memory: int | None = None) -> Compilation:
+             device_memory: int | None) -> Compilation:
     diags = Diagnostics()
     sources = {source.name: source}
-    result = Compilation(source, sources, [])
-    result.ast = parse(source, diags)
-    if result.ast is not None and overrides:
-        result.ast = apply_overrides(result.ast, list(overrides), diags, sources)
-    if result.ast is not None:
-        result.ir = lower(result.ast, source, diags, sources)
-    if result.ir is not None and any(m.zero == ir_mod.ZERO_AUTO for m in result.ir.models.values()):
-        from dsgraph.zeroauto import resolve_auto   # sizes the models on the meta device: torch
 
-        result.ir = resolve_auto(result.ir, diags, world_size, device_memory)
-    if result.ir is not None:
-        result.graph = graph_mod.build(result.ir)
-        result.context = Context(result.ir, result.graph, diags, world_size)
-        run_checks(result.context)
-        if not diags.has_errors:
-            result.plan = build_plan(result.context)
-    result.diagnostics = diags.sorted()
-    return result
+    def done(**stages: object) -> Compilation:
+        return Compilation(source, sources, diags.sorted(), **stages)  # type: ignore[arg-type]
+
+    tree = parse(source, diags)
+    if tree is None:
+        return done()
+    if overrides:
+        tree = apply_overrides(tree, list(overrides), diags, sources)
+    pipeline = lower(load(tree, source, diags, sources), diags, sources)
+    if pipeline is None:
+        return done(ast=tree)
+    if any(m.zero == ir_mod.ZERO_AUTO for m in pipeline.models.values()):
+        from dsgraph.dsconfig.auto import resolve_auto   # sizes the models on the meta device: torch
+
+        pipeline = resolve_auto(pipeline, diags, world_size, device_memory)
+    graph = graph_mod.build(pipeline)
+    analysis = analyse(pipeline, graph)
+    strategy = decide(pipeline, analysis) if analysis else None
+    configs = resolve_configs(pipeline, analysis, world_size) if analysis else None
+    diags.extend(run_checks(Context(pipeline, graph, analysis, strategy, configs)))
+    plan = None
+    if not diags.has_errors and analysis and strategy and configs is not None:
+        plan = build_plan(pipeline, graph, analysis, strategy, configs, world_size)
+    return done(ast=tree, ir=pipeline, graph=graph, analysis=analysis, strategy=strategy, configs=configs, plan=plan)
 
 
 def compile_file(path: str | Path, world_size: int | None = None,

@@ -4,6 +4,7 @@ Rendered as `file:line:col: error[DSG301]: message`, then the source line with c
 `= help:` and `= note:` lines. The JSON form carries the same fields."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dsgraph.codes import Severity, lookup
@@ -48,6 +49,11 @@ class Diagnostic:
         }
 
 
+def diagnostic(code: str, span: Span, message: str, help: str, *notes: Note) -> Diagnostic:
+    """A diagnostic, arguments in the order they read: where, what, how to fix it."""
+    return Diagnostic(code, message, span, help, tuple(notes))
+
+
 @dataclass
 class Diagnostics:
     """Collects diagnostics in the order found; reports them sorted by position."""
@@ -55,10 +61,10 @@ class Diagnostics:
     items: list[Diagnostic] = field(default_factory=list)
 
     def add(self, code: str, span: Span, message: str, help: str, *notes: Note) -> None:
-        self.items.append(Diagnostic(code, message, span, help, tuple(notes)))
+        self.items.append(diagnostic(code, span, message, help, *notes))
 
-    def extend(self, other: "Diagnostics") -> None:
-        self.items.extend(other.items)
+    def extend(self, found: Iterable[Diagnostic]) -> None:
+        self.items.extend(found)
 
     @property
     def has_errors(self) -> bool:

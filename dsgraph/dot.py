@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from dsgraph.plan import Plan
+from dsgraph.plan import Engine, Plan
 
 
 def _q(text: str) -> str:
@@ -17,16 +17,15 @@ def _attrs(**attrs) -> str:
 
 
 def to_dot(graph: nx.DiGraph, plan: Plan) -> str:
-    d = plan.data
-    models = {m["name"]: m for m in d["models"]}
-    out = [f"digraph {_q(d['pipeline'])} {{", "  rankdir=LR;", "  node [fontname=\"Helvetica\", fontsize=11];",
+    models = {m.name: m for m in plan.models}
+    out = [f"digraph {_q(plan.pipeline)} {{", "  rankdir=LR;", "  node [fontname=\"Helvetica\", fontsize=11];",
            "  edge [fontname=\"Helvetica\", fontsize=10];"]
     clusters: dict[str, list[str]] = {}
     for name, m in models.items():
-        if m["engine"] == "accelerate":
-            key = f"Accelerator {m['accelerator']}"
-        elif m["group"] is not None:
-            key = f"deepspeed.initialize (group {m['group']})"
+        if plan.engine_of(m) is Engine.ACCELERATE:
+            key = f"Accelerator {m.accelerator}"
+        elif m.group is not None:
+            key = f"deepspeed.initialize (group {m.group})"
         else:
             key = "deepspeed.initialize (inference)"
         clusters.setdefault(key, []).append(name)
@@ -35,9 +34,9 @@ def to_dot(graph: nx.DiGraph, plan: Plan) -> str:
         out.append(f"    label={_q(label)}; style=\"rounded,dashed\"; color=\"gray40\";")
         for name in sorted(names):
             m = models[name]
-            trained = m["role"] == "trained"
+            trained = m.trained
             out.append(f"    {_q('model:' + name)} " + _attrs(
-                label=f"{name}\n{m['role']} · ZeRO-{m['stage']} · {m['precision']}",
+                label=f"{name}\n{m.role.value} · ZeRO-{m.stage.value} · {m.precision.value}",
                 shape="box", style="filled,bold" if trained else "filled,dashed",
                 fillcolor="#cfe8ff" if trained else "#eeeeee"))
         out.append("  }")

@@ -65,6 +65,7 @@ def _single(expr: ir.LossExpr) -> bool:
 
 
 def build(pipeline: ir.Pipeline) -> nx.DiGraph:
+    """The graph stage; the graph is frozen (networkx raises on any change)."""
     graph = nx.DiGraph(name=pipeline.name)
     for data in pipeline.data.values():
         graph.add_node(data_id(data.name), kind="data", name=data.name, span=data.span)
@@ -84,7 +85,7 @@ def build(pipeline: ir.Pipeline) -> nx.DiGraph:
         for model in train.models:
             if model in pipeline.models and train.loss in pipeline.losses:
                 graph.add_edge(loss_id(train.loss), model_id(model), kind="trains", train=train.index)
-    return graph
+    return nx.freeze(graph)
 
 
 def _add_inputs(graph: nx.DiGraph, expr: ir.LossExpr, consumer: str, pipeline: ir.Pipeline) -> None:

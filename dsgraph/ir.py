@@ -3,48 +3,18 @@
 `show()` prints the whole IR deterministically (the `--emit ir` form)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Union
 
+from dsgraph.plan import Lora, Precision, Source
 from dsgraph.source import Span
 
 
-class SourceKind(str, Enum):
-    BUILTIN = "builtin"
-    FACTORY = "factory"
-    HF = "hf"
 
-
-ZERO_AUTO = "auto"          # Model.zero of `zero = auto` until dsgraph.zeroauto picks the stage
-
-
-class Precision(str, Enum):
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a model, data set or loss function comes from. The compiler never imports it."""
-
-    kind: SourceKind
-    target: str                                 # "mlp", "pkg.mod:fn" or the hf path/config
-    args: tuple[tuple[str, Any], ...]           # positional arguments have names "0", "1", ...
-    span: Span
-
-    def show(self) -> str:
-        args = ", ".join(f"{k}={json.dumps(v)}" if not k.isdigit() else json.dumps(v)
-                         for k, v in self.args)
-        prefix = {SourceKind.BUILTIN: "builtin.", SourceKind.FACTORY: "", SourceKind.HF: ""}[self.kind]
-        name = "hf" if self.kind is SourceKind.HF else self.target
-        return f"{prefix}{name}({args})"
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind.value, "target": self.target,
-                "args": [[k, v] for k, v in self.args], "span": self.span.to_json()}
+ZERO_AUTO = "auto"          # Model.zero of `zero = auto` until dsgraph.dsconfig.auto picks the stage
 
 
 @dataclass(frozen=True)
@@ -81,11 +51,6 @@ class ZeroConfig:
     span: Span = field(compare=False)
     auto: str | None = field(default=None, compare=False)   # `zero = auto`: why this stage
 
-    def stage(self) -> int:
-        """The ZeRO stage; 0 also when it is "auto", which nothing fills (DSG412)."""
-        stage = self.config.get("zero_optimization", {}).get("stage", 0)
-        return int(stage) if isinstance(stage, (int, float)) and not isinstance(stage, bool) else 0
-
     def span_of(self, path: str) -> Span:
         return self.key_spans.get(path, self.span)
 
@@ -100,15 +65,6 @@ class Optimizer:
 @dataclass(frozen=True)
 class Scheduler:
     kind: str                                   # constant, warmup, warmup_decay, warmup_cosine
-    params: dict[str, Any]
-    span: Span
-
-
-@dataclass(frozen=True)
-class Lora:
-    """A LoRA adapter on a model (PEFT): r, alpha, dropout, targets (None: PEFT's defaults for
-    the architecture), merge (export merged weights too)."""
-
     params: dict[str, Any]
     span: Span
 
@@ -146,8 +102,8 @@ class FieldRef:
 @dataclass(frozen=True)
 class ModelCall:
     model: str
-    args: tuple["LossExpr", ...]
-    kwargs: tuple[tuple[str, "LossExpr"], ...]
+    args: tuple[LossExpr, ...]
+    kwargs: tuple[tuple[str, LossExpr], ...]
     span: Span = field(compare=False)
 
 
@@ -155,7 +111,7 @@ class ModelCall:
 class Project:
     """`student(x).logits`: an attribute (or dict key) of a model's output."""
 
-    obj: "LossExpr"
+    obj: LossExpr
     attr: str
     span: Span = field(compare=False)
 
@@ -164,8 +120,8 @@ class Project:
 class LossFn:
     fn: str                                     # "kl" for built-ins, "pkg.mod:fn" for factories
     builtin: bool
-    args: tuple["LossExpr", ...]
-    kwargs: tuple[tuple[str, "LossExpr"], ...]
+    args: tuple[LossExpr, ...]
+    kwargs: tuple[tuple[str, LossExpr], ...]
     span: Span = field(compare=False)
 
 
@@ -178,14 +134,14 @@ class LossRef:
 @dataclass(frozen=True)
 class BinOp:
     op: str
-    left: "LossExpr"
-    right: "LossExpr"
+    left: LossExpr
+    right: LossExpr
     span: Span = field(compare=False)
 
 
 @dataclass(frozen=True)
 class Neg:
-    operand: "LossExpr"
+    operand: LossExpr
     span: Span = field(compare=False)
 
 
@@ -217,31 +173,7 @@ def show_expr(expr: LossExpr, parent: int = 0) -> str:
     raise TypeError(f"not a loss expression: {expr!r}")
 
 
-def expr_to_json(expr: LossExpr) -> dict:
-    """The structured form the runtime evaluates."""
-    span = expr.span.to_json()
-    match expr:
-        case Const(value=v):
-            return {"const": v, "span": span}
-        case FieldRef(data=d, field=f):
-            return {"field": [d, f], "span": span}
-        case ModelCall():
-            return {"call": show_expr(expr), "span": span}
-        case Project(obj=o, attr=a):
-            return {"project": a, "of": expr_to_json(o), "span": span}
-        case LossFn(fn=fn, builtin=b, args=a, kwargs=k):
-            return {"loss_fn": fn, "builtin": b, "args": [expr_to_json(x) for x in a],
-                    "kwargs": {n: expr_to_json(x) for n, x in k}, "span": span}
-        case LossRef(name=n):
-            return {"loss": n, "span": span}
-        case BinOp(op=op, left=l, right=r):
-            return {"op": op, "left": expr_to_json(l), "right": expr_to_json(r), "span": span}
-        case Neg(operand=o):
-            return {"op": "neg", "operand": expr_to_json(o), "span": span}
-    raise TypeError(f"not a loss expression: {expr!r}")
-
-
-def walk_inputs(expr: LossExpr):
+def walk_inputs(expr: LossExpr) -> Iterator[LossExpr]:
     """The direct inputs of an expression: model calls, data fields and loss references,
     without descending into a model call's own arguments."""
     stack = [expr]
@@ -320,7 +252,7 @@ class Pipeline:
             if m.precision:
                 props.append(f"precision={m.precision.value}")
             if m.lora:
-                props.append(f"lora{json.dumps(m.lora.params, sort_keys=True)}")
+                props.append(f"lora{json.dumps(dataclasses.asdict(m.lora), sort_keys=True)}")
             out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
         for l in self.losses.values():
             out.append(f"  loss {l.name} = {show_expr(l.expr)}")

@@ -9,7 +9,7 @@ from dsgraph import catalogue
 from dsgraph.diagnostics import Diagnostics, did_you_mean
 from dsgraph.source import SourceFile
 from dsgraph.syntax import ast
-from dsgraph.syntax.parser import parse_value
+from dsgraph.syntax.parse import parse_value
 
 
 def apply_overrides(tree: ast.File, overrides: list[str], diags: Diagnostics,

@@ -1,200 +1,633 @@
-"""The Plan: what the runtime executes, in order, with the full DeepSpeed config of every model.
+"""The plan: the one contract between the compiler and the runtime.
 
-`setup` builds the engines (plugin selection, model building, prepare / initialize, data);
-`step` is one training step (forwards, then per group: losses, backward, optimizer step). Every
-entry keeps the span of the .dsg line it comes from. `to_json()` is the form the runtime loads."""
+`dsgraph compile` prints a `Plan`; `dsgraph run` writes it to RUN_DIR/plan.json and every worker
+executes it, setup step by setup step and training-step op by op. Everything here is a frozen
+value: the models with their resolved DeepSpeed configs, the train groups, the setup steps, the
+ops of one training step and the losses as typed expressions. Every entry keeps the span of the
+.dsg line it comes from, so that a failure at run time still points at the line to fix.
+
+A value has one home. A model's ZeRO stage, its precision and whether it is built under
+`zero.Init` are read off its resolved DeepSpeed config; its role and engine follow from its train
+group. The JSON form (`to_json`/`from_json`) is versioned: a plan of another version is refused.
+
+This module imports nothing of the compiler or the runtime (only `dsgraph.source`)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum, IntEnum
+from functools import cached_property
+from typing import Any, ClassVar, TypeAlias, Union
 
-from dsgraph import catalogue, ir
-from dsgraph.analysis import Role
-from dsgraph.checks import Context
-from dsgraph.dsconfig import precision_of, stage_of, zero_of
-from dsgraph.graph import split_terms
-from dsgraph.strategy import Engine
+from dsgraph.source import Span
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+
+JsonObject: TypeAlias = dict[str, Any]
+
+
+class PlanError(ValueError):
+    """A plan file that this dsgraph cannot execute: another version, or not a plan at all."""
+
+
+# -- closed sets ---------------------------------------------------------------------------------
+
+class Role(str, Enum):
+    TRAINED = "trained"
+    FROZEN = "frozen"
+
+
+class Engine(str, Enum):
+    ACCELERATE = "accelerate"           # Accelerate's multi-plugin API: prepare() on an Accelerator
+    DEEPSPEED = "deepspeed"             # native deepspeed.initialize engines
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class ZeroStage(IntEnum):
+    ZERO0 = 0
+    ZERO1 = 1
+    ZERO2 = 2
+    ZERO3 = 3
+
+
+class SourceKind(str, Enum):
+    BUILTIN = "builtin"
+    FACTORY = "factory"
+    HF = "hf"
+
+
+class Width(str, Enum):
+    """How the run learns a model's width (hidden size), which its bucket sizes follow."""
+
+    SOURCE = "source"       # from the source's arguments or its config.json, before it is built
+    MODEL = "model"         # measured on the built model (a factory; built before its engine)
+    DEFAULT = "default"     # a factory under ZeRO-3 is partitioned as it is built: 1024
+
+
+class Fill(str, Enum):
+    """A DeepSpeed config value that only the run can know, by its dotted path in the config."""
+
+    TRAIN_BATCH_SIZE = "train_batch_size"
+    REDUCE_BUCKET_SIZE = "zero_optimization.reduce_bucket_size"
+    ALLGATHER_BUCKET_SIZE = "zero_optimization.allgather_bucket_size"
+    PREFETCH_BUCKET_SIZE = "zero_optimization.stage3_prefetch_bucket_size"
+    PARAM_PERSISTENCE_THRESHOLD = "zero_optimization.stage3_param_persistence_threshold"
+    MAX_LIVE_PARAMETERS = "zero_optimization.stage3_max_live_parameters"
+    MAX_REUSE_DISTANCE = "zero_optimization.stage3_max_reuse_distance"
+    TOTAL_NUM_STEPS = "scheduler.params.total_num_steps"
+
+    @property
+    def rule(self) -> str:
+        """How the run fills it, in words (printed beside the value)."""
+        return _FILL_RULES[self]
+
+    @property
+    def needs_width(self) -> bool:
+        return self in _WIDTH_FILLS
+
+
+_FILL_RULES = {
+    Fill.TRAIN_BATCH_SIZE: "micro_batch * grad_accum * world size",
+    Fill.REDUCE_BUCKET_SIZE: "hidden_size * hidden_size of the model",
+    Fill.ALLGATHER_BUCKET_SIZE: "hidden_size * hidden_size of the model",
+    Fill.PREFETCH_BUCKET_SIZE: "0.9 * hidden_size * hidden_size of the model",
+    Fill.PARAM_PERSISTENCE_THRESHOLD: "10 * hidden_size of the model",
+    Fill.MAX_LIVE_PARAMETERS: "DeepSpeed's default (1e9)",
+    Fill.MAX_REUSE_DISTANCE: "DeepSpeed's default (1e9)",
+    Fill.TOTAL_NUM_STEPS: "epochs * steps per epoch of the data",
+}
+_WIDTH_FILLS = frozenset({Fill.REDUCE_BUCKET_SIZE, Fill.ALLGATHER_BUCKET_SIZE, Fill.PREFETCH_BUCKET_SIZE,
+                          Fill.PARAM_PERSISTENCE_THRESHOLD})
+
+
+# -- declarations ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model, data set or loss function comes from. The compiler never imports it."""
+
+    kind: SourceKind
+    target: str                                 # "mlp", "pkg.mod:fn", or the hf path ("config" for a block)
+    args: tuple[tuple[str, Any], ...]           # positional arguments are named "0", "1", ...
+    span: Span
+
+    def show(self) -> str:
+        args = ", ".join(json.dumps(v) if k.isdigit() else f"{k}={json.dumps(v)}" for k, v in self.args)
+        name = {SourceKind.BUILTIN: f"builtin.{self.target}", SourceKind.FACTORY: self.target,
+                SourceKind.HF: "hf"}[self.kind]
+        return f"{name}({args})"
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        return next((v for k, v in self.args if k == name), default)
 
 
 @dataclass(frozen=True)
-class Plan:
-    data: dict[str, Any]        # the JSON form; text and DOT are rendered from it
+class Lora:
+    """A LoRA adapter (PEFT): only the adapter is trained. `targets` None: PEFT's defaults for the
+    architecture; `merge`: also export the merged weights."""
 
-    def to_json(self) -> str:
-        return json.dumps(self.data, indent=2, sort_keys=False) + "\n"
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...] | None
+    merge: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    steps: int | None               # one of steps and epochs is set
+    epochs: int | None
+    micro_batch: int
+    grad_accum: int
+    log_every: int
+    checkpoint_every: int
+    precision: Precision
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    source: Source
+    fields: tuple[str, ...] | None  # None: known only at run time
+    span: Span
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model the pipeline uses. `group` is the train group that updates it (None: frozen);
+    `accelerator` the Accelerator that prepares it (None: a native engine)."""
+
+    name: str
+    group: int | None
+    accelerator: int | None
+    source: Source
+    zero: str | None                # the ZeRO config it was declared with
+    lora: Lora | None
+    deepspeed_config: JsonObject    # resolved: "auto" only at the paths in `fills`
+    fills: tuple[Fill, ...]         # what the run fills in (CompleteConfig)
+    width: Width | None             # where the width of a width-dependent fill comes from
+    zero_auto: str | None           # `zero = auto`: why this stage
+    span: Span
 
     @property
+    def role(self) -> Role:
+        return Role.FROZEN if self.group is None else Role.TRAINED
+
+    @property
+    def trained(self) -> bool:
+        return self.group is not None
+
+    @property
+    def stage(self) -> ZeroStage:
+        return ZeroStage(self.deepspeed_config["zero_optimization"]["stage"])
+
+    @property
+    def zero_init(self) -> bool:
+        """ZeRO-3 models are partitioned as their parameters are created."""
+        return self.stage is ZeroStage.ZERO3
+
+    @property
+    def precision(self) -> Precision:
+        for precision in (Precision.BF16, Precision.FP16):
+            block = self.deepspeed_config.get(precision.value)
+            if isinstance(block, dict) and block.get("enabled") is True:
+                return precision
+        return Precision.FP32
+
+    @property
+    def engine_objects(self) -> tuple[str, ...]:
+        """What its engine is made of: a frozen model alone; a trained one with the optimizer
+        (and the scheduler) that DeepSpeed builds from its config."""
+        if not self.trained:
+            return ("model",)
+        return ("model", "optimizer", "scheduler") if "scheduler" in self.deepspeed_config else \
+            ("model", "optimizer")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One `train` statement: the models it lists are updated by one backward of `loss`."""
+
+    index: int
+    loss: str
+    engine: Engine
+    reason: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class FrozenEngine:
+    """How the frozen models run (all of them the same way)."""
+
+    engine: Engine
+    reason: str
+
+
+# -- expressions: model-call arguments and loss terms ------------------------------------------
+
+@dataclass(frozen=True)
+class Const:
+    kind: ClassVar[str] = "const"
+    value: float | int | str | bool
+    span: Span
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: ClassVar[str] = "field"
+    data: str
+    field: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class CallOutput:
+    """The output of the model call `call` (a Forward op's id)."""
+
+    kind: ClassVar[str] = "call"
+    call: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Attr:
+    """`student(x).logits`: an attribute (or dict key) of a model's output."""
+
+    kind: ClassVar[str] = "attr"
+    of: Expr
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class LossCall:
+    kind: ClassVar[str] = "loss_fn"
+    fn: str                                     # "kl" for built-ins, "pkg.mod:fn" for factories
+    builtin: bool
+    args: tuple[Expr, ...]
+    kwargs: tuple[tuple[str, Expr], ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class LossValue:
+    """The value of another loss, computed earlier in the same train group."""
+
+    kind: ClassVar[str] = "loss"
+    loss: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class BinOp:
+    kind: ClassVar[str] = "binop"
+    op: str                                     # + - * /
+    left: Expr
+    right: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Neg:
+    kind: ClassVar[str] = "neg"
+    operand: Expr
+    span: Span
+
+
+Expr = Union[Const, Field, CallOutput, Attr, LossCall, LossValue, BinOp, Neg]  # noqa: UP007 - a runtime value
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted addend of a loss; `name` (`kd/kl`) is its id and its name in the metrics."""
+
+    name: str
+    weight: float
+    expr: Expr
+    text: str
+    stats: tuple[str, ...]          # what a built-in loss reports beside its value (dpo's margin)
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    text: str
+    terms: tuple[Term, ...]         # the loss is the weighted sum of its terms
+    span: Span
+
+
+# -- setup steps -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InitProcessGroup:
+    """The process group, when no Accelerator creates it."""
+
+    kind: ClassVar[str] = "init_process_group"
+    id: int
+    span: Span
+
+
+@dataclass(frozen=True)
+class BuildData:
+    kind: ClassVar[str] = "build_data"
+    id: int
+    data: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class CompleteConfig:
+    """Fill the model's run-time values (its `fills`) and the device's settings: the config is
+    final from here on."""
+
+    kind: ClassVar[str] = "complete_config"
+    id: int
+    model: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class CreateAccelerator:
+    """Accelerator 0 holds every plugin (the first is the default); later ones none."""
+
+    kind: ClassVar[str] = "create_accelerator"
+    id: int
+    accelerator: int
+    plugins: tuple[str, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class SelectPlugin:
+    kind: ClassVar[str] = "select_plugin"
+    id: int
+    model: str
+    why: str | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class BuildModel:
+    """Build the model (under `zero.Init` at ZeRO-3), its LoRA adapter on top."""
+
+    kind: ClassVar[str] = "build_model"
+    id: int
+    model: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """`accelerator.prepare` of the model's engine objects, on its Accelerator."""
+
+    kind: ClassVar[str] = "prepare"
+    id: int
+    model: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Initialize:
+    """`deepspeed.initialize` of the model's engine objects."""
+
+    kind: ClassVar[str] = "initialize"
+    id: int
+    model: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class ShardData:
+    """Each rank its own shard of the data set, in the order Accelerate's prepared DataLoader deals."""
+
+    kind: ClassVar[str] = "shard_data"
+    id: int
+    data: str
+    span: Span
+
+
+SetupStep = Union[InitProcessGroup, BuildData, CompleteConfig, CreateAccelerator, SelectPlugin,  # noqa: UP007
+                  BuildModel, Prepare, Initialize, ShardData]
+
+
+# -- the ops of one training step --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NextBatch:
+    kind: ClassVar[str] = "next_batch"
+    id: int
+    data: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One model call, made once per micro step whatever number of losses read it. `call` is its
+    id; `grad_group` the group whose backward passes through it (None: no_grad); the calls in
+    `detach` are read detached in its arguments."""
+
+    kind: ClassVar[str] = "forward"
+    id: int
+    call: str
+    text: str
+    model: str
+    args: tuple[Expr, ...]
+    kwargs: tuple[tuple[str, Expr], ...]
+    grad_group: int | None
+    detach: tuple[str, ...]
+    span: Span
+
+    @property
+    def no_grad(self) -> bool:
+        return self.grad_group is None
+
+
+@dataclass(frozen=True)
+class ComputeLoss:
+    """The loss's value for its group's backward; the calls in `detach` are read detached."""
+
+    kind: ClassVar[str] = "loss"
+    id: int
+    loss: str
+    group: int
+    detach: tuple[str, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Backward:
+    kind: ClassVar[str] = "backward"
+    id: int
+    group: int
+    span: Span
+
+
+@dataclass(frozen=True)
+class OptimizerStep:
+    kind: ClassVar[str] = "optimizer_step"
+    id: int
+    group: int
+    span: Span
+
+
+StepOp = Union[NextBatch, Forward, ComputeLoss, Backward, OptimizerStep]  # noqa: UP007
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    pipeline: str
+    file: str
+    world_size: int | None          # None: planned without one; train_batch_size is filled at run time
+    settings: Settings
+    data: tuple[DataSet, ...]
+    models: tuple[Model, ...]
+    groups: tuple[Group, ...]
+    frozen: FrozenEngine | None     # None: no frozen model
+    setup: tuple[SetupStep, ...]
+    step: tuple[StepOp, ...]        # one micro step; run grad_accum times per optimizer step
+    losses: tuple[Loss, ...]
+
+    def model(self, name: str) -> Model:
+        return self._models[name]
+
+    def group(self, index: int) -> Group:
+        return self._groups[index]
+
+    def loss(self, name: str) -> Loss:
+        return self._losses[name]
+
+    def models_of(self, group: int) -> tuple[Model, ...]:
+        return tuple(m for m in self.models if m.group == group)
+
+    def engine_of(self, model: Model) -> Engine:
+        if model.group is not None:
+            return self.group(model.group).engine
+        assert self.frozen is not None, f"frozen model `{model.name}` without a frozen engine"
+        return self.frozen.engine
+
+    def mixed_precision(self, step: CreateAccelerator) -> str | None:
+        """Accelerate's `mixed_precision` of an Accelerator: the first plugin's precision."""
+        if not step.plugins:
+            return None
+        precision = self.model(step.plugins[0]).precision
+        return "no" if precision is Precision.FP32 else precision.value
+
+    @cached_property
+    def _models(self) -> dict[str, Model]:
+        return {m.name: m for m in self.models}
+
+    @cached_property
+    def _groups(self) -> dict[int, Group]:
+        return {g.index: g for g in self.groups}
+
+    @cached_property
+    def _losses(self) -> dict[str, Loss]:
+        return {loss.name: loss for loss in self.losses}
+
+    @cached_property
     def digest(self) -> str:
-        return self.data["digest"]
+        """A hash of the plan without spans and file names: it changes only when the plan does."""
+        return hashlib.sha256(json.dumps(_without_spans(_encode(self)), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        document = {"dsgraph_plan": PLAN_VERSION, **_encode(self), "digest": self.digest}
+        return json.dumps(document, indent=2) + "\n"
+
+    @staticmethod
+    def from_json(text: str) -> Plan:
+        try:
+            document = json.loads(text)
+        except ValueError as error:
+            raise PlanError(f"not a dsgraph plan: {error}") from None
+        version = document.get("dsgraph_plan") if isinstance(document, dict) else None
+        if version != PLAN_VERSION:
+            raise PlanError(f"this plan has format version {version}, but this dsgraph reads version "
+                            f"{PLAN_VERSION}: compile the .dsg file again with this dsgraph")
+        body = {k: v for k, v in document.items() if k not in ("dsgraph_plan", "digest")}
+        try:
+            plan: Plan = _decode(Plan, body)
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanError(f"not a valid dsgraph plan of version {PLAN_VERSION}: {error}") from None
+        if document.get("digest") != plan.digest:
+            raise PlanError(f"the plan's digest {document.get('digest')} does not match its content "
+                            f"({plan.digest}): it was changed after it was compiled")
+        return plan
 
 
-def _step(op: str, span, **fields) -> dict[str, Any]:
-    return {"op": op, **fields, "span": span.to_json()}
+# -- the JSON form -----------------------------------------------------------------------------
+# Dataclasses become objects (a union member gets its `kind`), enums their values, tuples lists.
+# Decoding follows the type annotations, so the two directions cannot drift apart.
+
+_TAGGED: frozenset[type] = frozenset(typing.get_args(SetupStep) + typing.get_args(StepOp) + typing.get_args(Expr))
 
 
-def build_plan(ctx: Context) -> Plan:
-    p, analysis, strategy = ctx.pipeline, ctx.analysis, ctx.strategy
-    assert analysis is not None and strategy is not None
-    models = []
-    for name, model in p.models.items():
-        role = analysis.roles[name]
-        if role is Role.UNUSED:
-            continue
-        resolved = ctx.resolved[name]
-        engine = strategy.engine_of(name, analysis)
-        models.append({
-            "name": name, "role": role.value,
-            "group": analysis.group_of_model.get(name) if role is Role.TRAINED else None,
-            "engine": engine.value, "accelerator": strategy.accelerator_of.get(name),
-            "stage": stage_of(p, model), "precision": precision_of(p, model).value,
-            "zero_init": stage_of(p, model) == 3, "source": model.source.to_json(),
-            "zero": model.zero, "lora": model.lora.params if model.lora else None,
-            "deepspeed_config": _sorted(resolved.config),
-            "runtime_auto": dict(sorted(resolved.runtime.items())), "span": model.span.to_json(),
-        })
-        if zero_of(p, model) is not None and zero_of(p, model).auto:    # `zero = auto`: why this stage
-            models[-1]["zero_auto"] = zero_of(p, model).auto
-    groups = []
-    trains = {t.index: t for t in p.trains}
-    for group in analysis.groups:
-        train = trains[group.index]
-        decision = strategy.groups[group.index]
-        groups.append({"index": group.index, "models": list(group.models), "loss": group.loss,
-                       "shared": group.shared, "engine": decision.engine.value, "reason": decision.reason,
-                       "span": train.span.to_json()})
-    plan = {
-        "dsgraph_plan": PLAN_VERSION,
-        "pipeline": p.name,
-        "file": p.file,
-        "world_size": ctx.world_size,
-        "settings": _settings(p.settings),
-        "data": [{"name": d.name, "source": d.source.to_json(), "fields": list(d.fields) if d.fields else None,
-                  "span": d.span.to_json()} for d in p.data.values()],
-        "models": models,
-        "groups": groups,
-        "frozen_engine": strategy.frozen.engine.value if strategy.frozen else None,
-        "frozen_reason": strategy.frozen.reason if strategy.frozen else None,
-        "setup": _setup(ctx, models),
-        "step": _training_step(ctx),
-        "losses": {name: {"expr": ir.expr_to_json(loss.expr), "text": ir.show_expr(loss.expr),
-                          "terms": _terms(loss), "span": loss.span.to_json()} for name, loss in p.losses.items()},
-    }
-    plan["digest"] = hashlib.sha256(json.dumps(_without_spans(plan), sort_keys=True).encode()).hexdigest()[:16]
-    return Plan(plan)
-
-
-def _settings(s: ir.Settings) -> dict[str, Any]:
-    return {"seed": s.seed, "steps": s.steps, "epochs": s.epochs, "micro_batch": s.micro_batch,
-            "grad_accum": s.grad_accum, "log_every": s.log_every, "checkpoint_every": s.checkpoint_every,
-            "precision": s.precision.value}
-
-
-def _setup(ctx: Context, models: list[dict]) -> list[dict]:
-    """The order Accelerate needs: the first Accelerator holds every plugin (the first trained
-    model's first, so it is the default); each model is built and prepared with its own plugin
-    selected; the training plugin is selected again before the loop. Native engines follow."""
-    p = ctx.pipeline
-    steps: list[dict] = []
-    accel = [m for m in models if m["engine"] == Engine.ACCELERATE.value]
-    accel_trained = sorted((m for m in accel if m["role"] == "trained"), key=lambda m: m["accelerator"])
-    accel_frozen = [m for m in accel if m["role"] == "frozen"]
-    native = [m for m in models if m["engine"] == Engine.DEEPSPEED.value]
-    span = lambda m: p.models[m["name"]].span  # noqa: E731
-    if accel:
-        plugins = [m["name"] for m in accel_trained + accel_frozen]
-        first = accel_trained[0]
-        steps.append(_step("create_accelerator", span(first), accelerator=0, plugins=plugins,
-                           mixed_precision={"fp32": "no"}.get(first["precision"], first["precision"])))
-    for index, m in enumerate(accel_trained):
-        if index > 0:
-            steps.append(_step("create_accelerator", span(m), accelerator=m["accelerator"], plugins=[]))
-        steps.append(_step("select_plugin", span(m), model=m["name"]))
-        steps.append(_build_step(m, span(m)))
-        prepare = ["model", "optimizer"] + (["scheduler"] if "scheduler" in m["deepspeed_config"] else [])
-        steps.append(_step("prepare", span(m), model=m["name"], accelerator=m["accelerator"], objects=prepare))
-    for m in accel_frozen:
-        steps.append(_step("select_plugin", span(m), model=m["name"]))
-        steps.append(_build_step(m, span(m)))
-        steps.append(_step("prepare", span(m), model=m["name"], accelerator=0, objects=["model"], eval=True))
-    for m in sorted(native, key=lambda m: (m["role"] != "frozen", m["group"] or 0, m["name"])):
-        steps.append(_build_step(m, span(m)))
-        steps.append(_step("initialize", span(m), model=m["name"], eval=m["role"] == "frozen",
-                           objects=["model"] if m["role"] == "frozen" else ["model", "optimizer"]
-                           + (["scheduler"] if "scheduler" in m["deepspeed_config"] else [])))
-    # dsgraph deals the batches itself, in the order Accelerate's prepared DataLoader gives: the
-    # same for both engine kinds, resumable, and free of Accelerate's end-of-data sync.
-    for name, data in p.data.items():
-        steps.append(_step("shard_data", data.span, data=name))
-    if accel_trained:
-        steps.append(_step("select_plugin", span(accel_trained[0]), model=accel_trained[0]["name"],
-                           why="the training plugin is active during the loop"))
-    for number, step in enumerate(steps, 1):
-        step["id"] = number
-    return steps
-
-
-def _build_step(m: dict, span) -> dict:
-    # A LoRA model is wrapped in its adapter right after it is built, before prepare/initialize.
-    lora = {"lora": True} if m["lora"] else {}
-    return _step("build_model", span, model=m["name"], zero_init=m["zero_init"], **lora)
-
-
-def _training_step(ctx: Context) -> list[dict]:
-    p, analysis, graph = ctx.pipeline, ctx.analysis, ctx.graph
-    steps: list[dict] = []
-    reached = set().union(*(grp.reach for grp in analysis.groups)) if analysis.groups else set()
-    for node in analysis.order:
-        if not node.startswith("call:") or node not in reached:
-            continue
-        call: ir.ModelCall = graph.nodes[node]["call"]
-        owners = sorted(analysis.call_groups[node])
-        owner = owners[0] if owners else None
-        steps.append(_step("forward", call.span, call=node[5:], model=call.model,
-                           args=[ir.expr_to_json(a) for a in call.args],
-                           kwargs={k: ir.expr_to_json(v) for k, v in call.kwargs},
-                           no_grad=not owners, grad_group=owner,
-                           detach=[d[5:] for d in analysis.detached_inputs(node, owner, graph)]))
-    trains = {t.index: t for t in p.trains}
-    for group in analysis.groups:
-        train = trains[group.index]
-        losses = [n[5:] for n in analysis.in_order(group.reach, "loss:")]
-        detach = sorted(c[5:] for c in analysis.in_order(group.reach, "call:")
-                        if analysis.call_groups[c] and group.index not in analysis.call_groups[c])
-        steps.append(_step("losses", train.span, group=group.index, losses=losses, detach=detach))
-        steps.append(_step("backward", train.span, group=group.index, loss=group.loss,
-                           models=list(group.models), engine=ctx.strategy.groups[group.index].engine.value))
-        steps.append(_step("optimizer_step", train.span, group=group.index, models=list(group.models)))
-    return steps
-
-
-def _terms(loss: ir.Loss) -> list[dict]:
-    """The weighted terms of a loss, each with a short name for the metrics (`kd/kl`, `kd/ce`)."""
-    terms, seen = [], {}
-    for term in split_terms(loss.expr):
-        match term.expr:
-            case ir.LossFn(fn=fn):
-                short = fn.rpartition(":")[2]
-            case ir.LossRef(name=n):
-                short = n
-            case _:
-                short = "term"
-        seen[short] = seen.get(short, 0) + 1
-        name = short if seen[short] == 1 else f"{short}#{seen[short]}"
-        entry = {"name": f"{loss.name}/{name}", "weight": term.weight, "expr": ir.expr_to_json(term.expr),
-                 "text": ir.show_expr(term.expr)}
-        if isinstance(term.expr, ir.LossFn) and term.expr.builtin and catalogue.LOSSES[term.expr.fn].stats:
-            entry["stats"] = list(catalogue.LOSSES[term.expr.fn].stats)     # logged as `kd/dpo.reward_margin`
-        terms.append(entry)
-    return terms
-
-
-def _sorted(value: Any) -> Any:
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {"kind": getattr(value, "kind")} if type(value) in _TAGGED else {}  # noqa: B009
+        out.update({f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        return out
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
     if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return _decode(members[0], value)
+        if all(m in _TAGGED for m in members):          # a step, an op or an expression
+            return _decode({getattr(m, "kind"): m for m in members}[value["kind"]], value)  # noqa: B009
+        if not any(isinstance(value, m) for m in members if isinstance(m, type)):
+            raise TypeError(f"{value!r} is none of {tp}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(args[0], v) for v in value)
+        return tuple(_decode(a, v) for a, v in zip(args, value, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return tp(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object for {tp.__name__}, got {value!r}")
+        hints = _HINTS.get(tp)
+        if hints is None:
+            hints = _HINTS[tp] = typing.get_type_hints(tp)
+        return tp(**{f.name: _decode(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)})
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise TypeError(f"expected {tp.__name__}, got {value!r}")
     return value
 
 

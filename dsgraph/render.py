@@ -1,19 +1,22 @@
-"""The plan as text: readable, deterministic and aligned (`dsgraph compile`)."""
+"""The plan as text: readable, deterministic and aligned (`dsgraph compile`). Every setup step and
+every op of the training step is printed with its id and its .dsg line, in the order the run
+executes them."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, assert_never
 
-from dsgraph.plan import Plan
+from dsgraph import plan as P
+from dsgraph.source import Span
 
 
-def _fmt_span(span: dict) -> str:
-    return f"line {span['line']}"
+def _line(span: Span) -> str:
+    return f"line {span.line}"
 
 
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def _flat(config: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -25,88 +28,105 @@ def _flat(config: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, json.dumps(config))]
 
 
-def _lora_text(lora: dict | None) -> str:
-    if not lora:
+def _lora_text(lora: P.Lora | None) -> str:
+    if lora is None:
         return ""
-    targets = ",".join(lora["targets"]) if lora["targets"] else "default targets"
-    return f" + lora(r={lora['r']}, alpha={lora['alpha']:g}, {targets})"
+    targets = ",".join(lora.targets) if lora.targets else "default targets"
+    return f" + lora(r={lora.r}, alpha={lora.alpha:g}, {targets})"
 
 
-def to_text(plan: Plan) -> str:
-    d = plan.data
-    s = d["settings"]
-    world = d["world_size"] if d["world_size"] is not None else "set at launch"
-    length = f"{s['steps']} steps" if s["steps"] is not None else f"{s['epochs']} epochs"
-    out = [f"plan {d['pipeline']}  ({d['file']}, digest {d['digest']})",
-           f"  {length}, micro_batch {s['micro_batch']} per process, grad_accum {s['grad_accum']}, "
-           f"seed {s['seed']}, world size {world}", ""]
+def to_text(plan: P.Plan) -> str:
+    s = plan.settings
+    world = plan.world_size if plan.world_size is not None else "set at launch"
+    length = f"{s.steps} steps" if s.steps is not None else f"{s.epochs} epochs"
+    out = [f"plan {plan.pipeline}  ({plan.file}, digest {plan.digest})",
+           f"  {length}, micro_batch {s.micro_batch} per process, grad_accum {s.grad_accum}, "
+           f"seed {s.seed}, world size {world}", ""]
     out.append("models")
     rows = [["name", "role", "engine", "acc", "zero", "precision", "group", "source"]]
-    for m in d["models"]:
-        src = m["source"]
-        rows.append([m["name"], m["role"], m["engine"], "-" if m["accelerator"] is None else str(m["accelerator"]),
-                     f"stage {m['stage']}", m["precision"], "-" if m["group"] is None else str(m["group"]),
-                     f"{src['kind']}:{src['target']}" + _lora_text(m.get("lora"))])
+    for m in plan.models:
+        rows.append([m.name, m.role.value, plan.engine_of(m).value, "-" if m.accelerator is None else str(m.accelerator),
+                     f"stage {m.stage.value}", m.precision.value, "-" if m.group is None else str(m.group),
+                     f"{m.source.kind.value}:{m.source.target}" + _lora_text(m.lora)])
     out += _table(rows)
-    out += [f"  {m['name']}: {m['zero_auto']}" for m in d["models"] if m.get("zero_auto")] + [""]
+    out += [f"  {m.name}: {m.zero_auto}" for m in plan.models if m.zero_auto] + [""]
     out.append("groups")
-    for grp in d["groups"]:
-        kind = "shared loss" if grp["shared"] else "single"
-        out.append(f"  {grp['index']}  train {', '.join(grp['models'])} on {grp['loss']}  "
-                   f"[{kind}, {grp['engine']}: {grp['reason']}]")
-    if d["frozen_engine"]:
-        out.append(f"  frozen models: {d['frozen_engine']}: {d['frozen_reason']}")
+    for grp in plan.groups:
+        models = [m.name for m in plan.models_of(grp.index)]
+        kind = "shared loss" if len(models) > 1 else "single"
+        out.append(f"  {grp.index}  train {', '.join(models)} on {grp.loss}  "
+                   f"[{kind}, {grp.engine.value}: {grp.reason}]")
+    if plan.frozen:
+        out.append(f"  frozen models: {plan.frozen.engine.value}: {plan.frozen.reason}")
     out += ["", "setup"]
-    rows = []
-    for st in d["setup"]:
-        rows.append([f"{st['id']:>2}", st["op"], _setup_detail(st), _fmt_span(st["span"])])
-    out += _table(rows) + ["", "each step"]
-    rows = []
-    for st in d["step"]:
-        rows.append([st["op"], _step_detail(st), _fmt_span(st["span"])])
-    out += _table(rows) + [""]
+    out += _table([[f"{st.id:>2}", st.kind, setup_detail(plan, st), _line(st.span)] for st in plan.setup])
+    accum = f"; each op runs for each of {s.grad_accum} micro batches" if s.grad_accum > 1 else ""
+    out += ["", f"each step{accum}"]
+    out += _table([[f"{op.id:>2}", op.kind, op_detail(plan, op), _line(op.span)] for op in plan.step]) + [""]
     out.append("losses")
-    out += _table([[name, "=", loss["text"]] for name, loss in d["losses"].items()]) + [""]
-    for m in d["models"]:
-        out.append(f"deepspeed config of {m['name']}")
-        rows = [[k, v + (f"   # at run time: {m['runtime_auto'][k]}" if k in m["runtime_auto"] else "")]
-                for k, v in _flat(m["deepspeed_config"])]
+    out += _table([[loss.name, "=", loss.text] for loss in plan.losses]) + [""]
+    for m in plan.models:
+        out.append(f"deepspeed config of {m.name}")
+        rules = {fill.value: fill.rule for fill in m.fills}
+        rows = [[k, v + (f"   # at run time: {rules[k]}" if k in rules else "")] for k, v in _flat(m.deepspeed_config)]
         out += _table(rows) + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
-def _setup_detail(st: dict) -> str:
-    match st["op"]:
-        case "create_accelerator":
-            plugins = f" plugins=[{', '.join(st['plugins'])}]" if st["plugins"] else " (plugins shared)"
-            mp = f" mixed_precision={st['mixed_precision']}" if "mixed_precision" in st else ""
-            return f"acc{st['accelerator']}{plugins}{mp}"
-        case "select_plugin":
-            return st["model"] + (f"  ({st['why']})" if "why" in st else "")
-        case "build_model":
-            return st["model"] + ("  under zero.Init" if st["zero_init"] else "") + \
-                ("  + LoRA adapter (base weights frozen)" if st.get("lora") else "")
-        case "prepare":
-            return f"{st['model']} on acc{st['accelerator']}: {', '.join(st['objects'])}" \
-                   + ("  (eval)" if st.get("eval") else "")
-        case "initialize":
-            return f"{st['model']}: {', '.join(st['objects'])}" + ("  (eval)" if st["eval"] else "")
-        case "shard_data":
-            return f"{st['data']} (each rank its own shard, in Accelerate's order)"
-    return ""
+_WIDTH_WORDS = {P.Width.SOURCE: "width from its source", P.Width.MODEL: "width measured on the built model",
+                P.Width.DEFAULT: "width 1024: a factory's ZeRO-3 model is partitioned as it is built"}
 
 
-def _step_detail(st: dict) -> str:
-    match st["op"]:
-        case "forward":
-            mode = "no_grad" if st["no_grad"] else f"grad -> group {st['grad_group']}"
-            detach = f"  detach {', '.join(st['detach'])}" if st["detach"] else ""
-            return f"{st['call']}  [{mode}]{detach}"
-        case "losses":
-            detach = f"  detach {', '.join(st['detach'])}" if st["detach"] else ""
-            return f"group {st['group']}: {', '.join(st['losses'])}{detach}"
-        case "backward":
-            return f"group {st['group']}: {st['loss']} -> {', '.join(st['models'])} ({st['engine']})"
-        case "optimizer_step":
-            return f"group {st['group']}: step + zero_grad {', '.join(st['models'])}"
-    return ""
+def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
+    match st:
+        case P.InitProcessGroup():
+            return "torch.distributed for the native engines"
+        case P.BuildData(data=data):
+            return data
+        case P.ShardData(data=data):
+            return f"{data} (each rank its own shard, in Accelerate's order)"
+        case P.CompleteConfig(model=name):
+            m = plan.model(name)
+            values = f"{len(m.fills)} \"auto\" value{'s' if len(m.fills) != 1 else ''}" if m.fills else "nothing \"auto\""
+            return f"{name} ({values}" + (f"; {_WIDTH_WORDS[m.width]})" if m.width else ")")
+        case P.CreateAccelerator(accelerator=index, plugins=plugins):
+            listed = f" plugins=[{', '.join(plugins)}]" if plugins else " (plugins shared)"
+            mixed = plan.mixed_precision(st)
+            return f"acc{index}{listed}" + (f" mixed_precision={mixed}" if mixed else "")
+        case P.SelectPlugin(model=name, why=why):
+            return name + (f"  ({why})" if why else "")
+        case P.BuildModel(model=name):
+            m = plan.model(name)
+            return name + ("  under zero.Init" if m.zero_init else "") + \
+                ("  + LoRA adapter (base weights frozen)" if m.lora else "")
+        case P.Prepare(model=name):
+            m = plan.model(name)
+            return f"{name} on acc{m.accelerator}: {', '.join(m.engine_objects)}" + ("" if m.trained else "  (eval)")
+        case P.Initialize(model=name):
+            m = plan.model(name)
+            return f"{name}: {', '.join(m.engine_objects)}" + ("" if m.trained else "  (eval)")
+        case _:
+            assert_never(st)
+
+
+def op_detail(plan: P.Plan, op: P.StepOp) -> str:
+    match op:
+        case P.NextBatch(data=data):
+            return f"{data} (this rank's next micro batch, to the device)"
+        case P.Forward():
+            mode = "no_grad" if op.no_grad else f"grad -> group {op.grad_group}"
+            detach = f"  detach {', '.join(op.detach)}" if op.detach else ""
+            return f"{op.call} = {op.text}  [{mode}]{detach}"
+        case P.ComputeLoss(loss=loss, group=group, detach=detach):
+            return f"group {group}: {loss}" + (f"  detach {', '.join(detach)}" if detach else "")
+        case P.Backward(group=index):
+            grp = plan.group(index)
+            models = ", ".join(m.name for m in plan.models_of(index))
+            return f"group {index}: {grp.loss} -> {models} ({grp.engine.value})"
+        case P.OptimizerStep(group=index):
+            models = ", ".join(m.name for m in plan.models_of(index))
+            if plan.group(index).engine is P.Engine.ACCELERATE:     # Accelerate's loop calls; no-ops under DeepSpeed
+                return f"group {index}: step + zero_grad {models} (the engine steps in accelerator.backward)"
+            return f"group {index}: step + zero_grad {models} (engine.step)"
+        case _:
+            assert_never(op)

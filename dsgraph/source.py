@@ -23,7 +23,7 @@ class Span:
                 "end_line": self.end_line, "end_col": self.end_col}
 
     @staticmethod
-    def from_json(data: dict) -> "Span":
+    def from_json(data: dict) -> Span:
         return Span(data["file"], data["line"], data["col"], data["end_line"], data["end_col"])
 
 
@@ -35,7 +35,7 @@ class SourceFile:
     text: str
 
     @staticmethod
-    def read(path: str | Path) -> "SourceFile":
+    def read(path: str | Path) -> SourceFile:
         return SourceFile(str(path), Path(path).read_text(encoding="utf-8", errors="replace"))
 
     def line_text(self, line: int) -> str:

@@ -7,15 +7,11 @@ need native engines. Frozen models follow the first Accelerator when there is on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
-from dsgraph import dsconfig, ir
+from dsgraph import ir
 from dsgraph.analysis import Analysis, Role
-
-
-class Engine(str, Enum):
-    ACCELERATE = "accelerate"
-    DEEPSPEED = "deepspeed"
+from dsgraph.dsconfig.resolve import precision_of
+from dsgraph.plan import Engine
 
 
 @dataclass(frozen=True)
@@ -41,7 +37,7 @@ def decide(pipeline: ir.Pipeline, analysis: Analysis) -> Strategy:
     single = [g for g in analysis.groups if not g.shared]
     frozen = sorted(m for m, r in analysis.roles.items() if r is Role.FROZEN)
     candidates = [m for g in single for m in g.models] + frozen
-    precisions = sorted({dsconfig.precision_of(pipeline, pipeline.models[m]).value for m in candidates})
+    precisions = sorted({precision_of(pipeline, pipeline.models[m]).value for m in candidates})
     mixed = len(precisions) > 1
     groups: dict[int, Decision] = {}
     for group in analysis.groups:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from dsgraph import plan as P
+from dsgraph.plan import Plan
 from dsgraph.runtime import adapters, builtins, data, sources
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.executor import model_seed
@@ -56,42 +58,41 @@ class _Shards:
         return batches
 
 
-def replicate(plan: dict, world: int) -> list[dict[str, float]]:
+def load_plan(run_dir: Path) -> Plan:
+    return Plan.from_json((run_dir / "plan.json").read_text())
+
+
+def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
     """The losses of every optimizer step, as {loss name: value}."""
-    settings = plan["settings"]
-    base = Path(plan["file"]).parent
+    settings = plan.settings
+    base = Path(plan.file).parent
     if str(base.resolve()) not in sys.path:      # factories live beside the .dsg file
         sys.path.insert(0, str(base.resolve()))
-    micro, accum, steps = settings["micro_batch"], settings["grad_accum"], settings["steps"]
-    shards = {d["name"]: _Shards(sources.build(d["source"], builtins.DATA, base), micro,
-                                 data.data_seed(settings["seed"], i), world)
-              for i, d in enumerate(plan["data"])}
+    micro, accum, steps = settings.micro_batch, settings.grad_accum, settings.steps
+    assert steps is not None
+    shards = {d.name: _Shards(sources.build(d.source, builtins.DATA, base), micro, data.data_seed(settings.seed, i), world)
+              for i, d in enumerate(plan.data)}
     models, optimizers, schedulers = {}, {}, {}
-    for m in plan["models"]:
-        torch.manual_seed(model_seed(settings["seed"], m["name"]))
-        model = sources.build(m["source"], builtins.MODELS, base)
-        if m.get("lora"):
-            model = adapters.apply_lora(model, m["lora"], model_seed(settings["seed"], f"{m['name']}/lora"),
-                                        sources.model_task(m["source"], model))
-        if m["role"] == "trained":
-            config = m["deepspeed_config"]
-            optimizers[m["name"]] = _optimizer(config, [p for p in model.parameters() if p.requires_grad])
-            schedulers[m["name"]] = _scheduler(config, optimizers[m["name"]], steps)
+    for m in plan.models:
+        torch.manual_seed(model_seed(settings.seed, m.name))
+        model = sources.build(m.source, builtins.MODELS, base)
+        if m.lora:
+            model = adapters.apply_lora(model, m.lora, model_seed(settings.seed, f"{m.name}/lora"),
+                                        sources.model_task(m.source, model))
+        if m.trained:
+            optimizers[m.name] = _optimizer(m.deepspeed_config, [p for p in model.parameters() if p.requires_grad])
+            schedulers[m.name] = _scheduler(m.deepspeed_config, optimizers[m.name], steps)
             model.train()
         else:
             model.requires_grad_(False).eval()
-        models[m["name"]] = model
-    configs = {m["name"]: m["deepspeed_config"] for m in plan["models"]}
-    forwards = [s for s in plan["step"] if s["op"] == "forward"]
-    groups = list(zip([s for s in plan["step"] if s["op"] == "losses"],
-                      [s for s in plan["step"] if s["op"] == "backward"]))
+        models[m.name] = model
     # Each rank's loss is computed on its own micro batch, with its own RNG stream (dropout), and
     # DeepSpeed averages the ranks' gradients: so the replica back-propagates the mean of the
     # ranks' losses. (Concatenating the ranks' batches would differ for losses averaged over a
     # varying number of tokens, such as masked or shifted ones.)
     rng = []
     for r in range(world):
-        torch.manual_seed(settings["seed"] * 7919 + r)
+        torch.manual_seed(settings.seed * 7919 + r)
         rng.append(torch.get_rng_state())
     history = []
     for _ in range(steps):
@@ -100,26 +101,32 @@ def replicate(plan: dict, world: int) -> list[dict[str, float]]:
             per_rank = {name: s.next_per_rank() for name, s in shards.items()}
             for r in range(world):
                 torch.set_rng_state(rng[r])
-                scope = Scope({name: batches[r] for name, batches in per_rank.items()})
-                for f in forwards:
-                    scope.detach = frozenset(f["detach"])
-                    args = [evaluate(a, scope, sources.resolve_factory) for a in f["args"]]
-                    kwargs = {k: evaluate(v, scope, sources.resolve_factory) for k, v in f["kwargs"].items()}
-                    with torch.no_grad() if f["no_grad"] else contextlib.nullcontext():
-                        scope.calls[f["call"]] = models[f["model"]](*args, **kwargs)
-                for losses, backward in groups:
-                    scope.detach, scope.losses = frozenset(losses["detach"]), {}
-                    for name in losses["losses"]:
-                        value = None
-                        for term in plan["losses"][name]["terms"]:
-                            weighted = term["weight"] * evaluate(term["expr"], scope, sources.resolve_factory)
-                            value = weighted if value is None else value + weighted
-                        scope.losses[name] = value
-                        sums[name] = sums.get(name, 0.0) + float(value.detach()) / world
-                    (scope.losses[backward["loss"]] / (accum * world)).backward()
+                scope = Scope()
+                for op in plan.step:        # the plan's ops, by plain PyTorch
+                    match op:
+                        case P.NextBatch(data=name):
+                            scope.batches[name] = per_rank[name][r]
+                        case P.Forward():
+                            args = [evaluate(a, scope, op.detach, sources.resolve_factory) for a in op.args]
+                            kwargs = {k: evaluate(v, scope, op.detach, sources.resolve_factory) for k, v in op.kwargs}
+                            with torch.no_grad() if op.no_grad else contextlib.nullcontext():
+                                scope.calls[op.call] = models[op.model](*args, **kwargs)
+                        case P.ComputeLoss(loss=name):
+                            value = None
+                            for t in plan.loss(name).terms:
+                                weighted = t.weight * evaluate(t.expr, scope, op.detach, sources.resolve_factory)
+                                value = weighted if value is None else value + weighted
+                            scope.losses[name] = value
+                            sums.setdefault(name, 0.0)
+                            sums[name] += float(value.detach()) / world
+                        case P.Backward(group=group):
+                            (scope.losses[plan.group(group).loss] / (accum * world)).backward()
+                            scope.losses.clear()
+                        case P.OptimizerStep():
+                            pass        # below, once every rank's gradients are in
                 rng[r] = torch.get_rng_state()
         for name, optimizer in optimizers.items():
-            clip = configs[name].get("gradient_clipping", 0.0)
+            clip = plan.model(name).deepspeed_config.get("gradient_clipping", 0.0)
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(models[name].parameters(), clip)
             optimizer.step()

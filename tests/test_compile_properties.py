@@ -106,7 +106,7 @@ def test_grammar_generated_programs_compile_or_diagnose():
     from hypothesis.extra.lark import from_lark
     from lark import Lark
 
-    from dsgraph.syntax.parser import grammar_path
+    from dsgraph.syntax.grammar import grammar_path
 
     grammar = Lark(grammar_path().read_text(), parser="lalr", start="start")
 

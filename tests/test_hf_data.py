@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsgraph.plan import Source, SourceKind
 from dsgraph.runtime import builtins, sources
+from dsgraph.source import Span
 from dsgraph.runtime.tokenizer import ByteTokenizer, load_tokenizer
+
+
+SPAN = Span("test.dsg", 1, 1, 1, 2)
 
 
 def _jsonl(path: Path, records: list[dict]) -> Path:
@@ -72,9 +77,9 @@ def test_a_tokenizer_from_a_local_directory(tmp_path):
     assert tok.encode("what is two ?") == [4, 5, 6, 8] and tok.pad_token_id == 0
     _jsonl(tmp_path / "d.jsonl", [{"prompt": "what is two", "completion": "four"}])
     # As a pipeline names it: relative to the .dsg file's directory.
-    dataset = sources.build({"kind": "builtin", "target": "prompt_completion",
-                             "args": [["path", "d.jsonl"], ["tokenizer", "tok"], ["max_length", 8]]},
-                            builtins.DATA, tmp_path)
+    source = Source(SourceKind.BUILTIN, "prompt_completion",
+                    (("path", "d.jsonl"), ("tokenizer", "tok"), ("max_length", 8)), SPAN)
+    dataset = sources.build(source, builtins.DATA, tmp_path)
     assert dataset.columns["input_ids"][0].tolist() == [1, 4, 5, 6, 7, 2, 0, 0]
     assert dataset.columns["labels"][0].tolist() == [-100, -100, -100, -100, 7, 2, -100, -100]
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
@@ -88,8 +93,9 @@ def test_the_model_class_comes_from_the_saved_config_or_the_file(tmp_path):
                         pad_token_id=0)
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "cls")
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "lm")
-    hf = lambda *args: sources.build({"kind": "hf", "target": "x", "args": [list(a) for a in args]},  # noqa: E731
-                                     {}, tmp_path)
+    def hf(*args: tuple[str, object]) -> object:
+        return sources.build(Source(SourceKind.HF, "x", args, SPAN), {}, tmp_path)
+
     assert type(hf(("0", "cls"))).__name__ == "GPT2ForSequenceClassification"
     assert type(hf(("0", "lm"))).__name__ == "GPT2LMHeadModel"
     assert type(hf(("0", "cls"), ("task", "model"))).__name__ == "GPT2Model"

@@ -3,7 +3,6 @@ distill_lm, dpo and lora_distill pipelines on tiny GPT-2 models that the test wr
 `from_config` + `save_pretrained` (pipelines/make_tiny_models.py), loaded back from disk."""
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from replica import replicate
+from replica import load_plan, replicate
 from test_memory import assert_estimate_holds
 from test_runtime import dsgraph_run, metrics, ranks
 
@@ -39,10 +38,10 @@ def pipelines(tmp_path_factory) -> Path:
 
 
 def _assert_matches_replica(run_dir: Path, tolerance: float = 1e-5) -> list[dict]:
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"] for m in metrics(run_dir)]
-    assert len(actual) == len(expected) == plan["settings"]["steps"]
+    assert len(actual) == len(expected) == plan.settings.steps
     for step, (a, e) in enumerate(zip(actual, expected), 1):
         for loss in a:
             assert abs(a[loss] - e[loss]) < tolerance, (step, loss, a[loss], e[loss])

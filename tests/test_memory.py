@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from dsgraph import cli, memory
+from dsgraph import cli
 from dsgraph.compiler import compile_file
+from dsgraph.dsconfig import estimate as memory
+from dsgraph.dsconfig.sizes import human, parse_size
 from dsgraph.render import to_text
+from dsgraph.runtime.meta import count_plan
+from replica import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.10
@@ -28,7 +32,7 @@ def mlp_sizes(inputs: int, hidden: list[int], outputs: int) -> list[int]:
 def estimate_of(name: str, world: int = W) -> dict[str, memory.ModelEstimate]:
     result = compile_file(ROOT / "pipelines" / f"{name}.dsg", world)
     assert result.ok
-    return {m.name: m for m in memory.estimate(result.plan.data, world, ROOT / "pipelines").models}
+    return {m.name: m for m in memory.estimate(result.plan, count_plan(result.plan), world).models}
 
 
 def part(sizes: list[int], world: int = W) -> int:
@@ -81,12 +85,12 @@ def test_rules_for_precision_offload_and_stage0():
 
 
 def test_sizes_parse_and_print():
-    assert memory.parse_size("16GiB") == 16 * 1024**3
-    assert memory.parse_size("24e9") == 24 * 10**9
-    assert memory.parse_size("512 MB") == 512 * 10**6
+    assert parse_size("16GiB") == 16 * 1024**3
+    assert parse_size("24e9") == 24 * 10**9
+    assert parse_size("512 MB") == 512 * 10**6
     with pytest.raises(ValueError):
-        memory.parse_size("lots")
-    assert memory.human(1536) == "1.50 KiB"
+        parse_size("lots")
+    assert human(1536) == "1.50 KiB"
 
 
 def test_cli_memory_text_and_json(in_repo, capsys):
@@ -105,23 +109,24 @@ AUTO = ROOT / "tests" / "fixtures" / "zero_auto.dsg"
 
 
 def test_zero_auto_small_device_gives_stage3_and_big_gives_stage0():
-    small = compile_file(AUTO, 2, device_memory=memory.parse_size("800KiB"))
-    big = compile_file(AUTO, 2, device_memory=memory.parse_size("16GiB"))
+    small = compile_file(AUTO, 2, device_memory=parse_size("800KiB"))
+    big = compile_file(AUTO, 2, device_memory=parse_size("16GiB"))
     assert small.ok and big.ok, [d.message for d in small.diagnostics + big.diagnostics]
-    (s,), (b,) = small.plan.data["models"], big.plan.data["models"]
-    assert s["stage"] == 3 and s["zero_init"] and b["stage"] == 0
-    assert "zero = auto chose ZeRO-3: " in s["zero_auto"] and "800.00 KiB (--device-memory)" in s["zero_auto"]
-    assert "ZeRO-2" in s["zero_auto"]                      # the reason names what did not fit
-    assert "zero = auto chose ZeRO-0" in b["zero_auto"]
+    (s,), (b,) = small.plan.models, big.plan.models
+    assert s.stage == 3 and s.zero_init and b.stage == 0
+    assert s.zero_auto and b.zero_auto
+    assert "zero = auto chose ZeRO-3: " in s.zero_auto and "800.00 KiB (--device-memory)" in s.zero_auto
+    assert "ZeRO-2" in s.zero_auto                          # the reason names what did not fit
+    assert "zero = auto chose ZeRO-0" in b.zero_auto
     assert "zero = auto chose ZeRO-3" in to_text(small.plan)
-    est = memory.estimate(small.plan.data, 2)
-    assert est.total <= memory.parse_size("800KiB")
+    est = memory.estimate(small.plan, count_plan(small.plan), 2)
+    assert est.total <= parse_size("800KiB")
 
 
 def test_zero_auto_offloads_when_stage3_does_not_fit():
-    result = compile_file(AUTO, 2, device_memory=memory.parse_size("100KiB"))
-    (m,) = result.plan.data["models"]
-    assert m["stage"] == 3 and m["deepspeed_config"]["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    result = compile_file(AUTO, 2, device_memory=parse_size("100KiB"))
+    (m,) = result.plan.models
+    assert m.stage == 3 and m.deepspeed_config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
 
 
 def test_a_file_without_zero_auto_imports_no_torch_when_compiled():
@@ -138,8 +143,8 @@ def assert_estimate_holds(run_dir: Path) -> None:
     """The estimate of a finished run's plan against what each of its ranks measured: within 10%
     for every model, every category and the total. tests/test_runtime.py holds every shipped
     pipeline's run to it, tests/test_lm.py the language-model pipelines'."""
-    plan = json.loads((run_dir / "plan.json").read_text())
-    est = memory.estimate(plan, W, Path(plan["file"]).parent)
+    plan = load_plan(run_dir)
+    est = memory.estimate(plan, count_plan(plan), W)
     for rank in range(W):
         measured = json.loads((run_dir / "ranks" / f"rank{rank}.json").read_text())["memory"]
         assert set(measured) == {m.name for m in est.models}
@@ -148,6 +153,6 @@ def assert_estimate_holds(run_dir: Path) -> None:
             for category in ("params", "grads", "optimizer_states", "total"):
                 want = model.total if category == "total" else getattr(model, category)
                 assert abs(got[category] - want) <= TOLERANCE * max(want, 1), \
-                    f"{plan['pipeline']} rank {rank} {model.name} {category}: estimated {want}, measured {got[category]}"
+                    f"{plan.pipeline} rank {rank} {model.name} {category}: estimated {want}, measured {got[category]}"
         total = sum(m["total"] for m in measured.values())
         assert abs(total - est.total) <= TOLERANCE * est.total

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dsgraph.runtime.launch import _free_port
-from replica import replicate
+from replica import load_plan, replicate
 from test_memory import assert_estimate_holds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +47,11 @@ def shipped_run(request, tmp_path_factory):
 
 def test_runs_to_completion_and_leaves_its_files(shipped_run):
     name, run_dir, done = shipped_run
-    plan = json.loads((run_dir / "plan.json").read_text())
-    assert plan["pipeline"] == name and plan["settings"]["steps"] == STEPS
+    plan = load_plan(run_dir)
+    assert plan.pipeline == name and plan.settings.steps == STEPS
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))
-    for model in (m for m in plan["models"] if m["role"] == "trained"):
-        exported = run_dir / "models" / model["name"] / "model.safetensors"
+    for model in (m for m in plan.models if m.trained):
+        exported = run_dir / "models" / model.name / "model.safetensors"
         assert exported.is_file()
         from safetensors.torch import load_file
         weights = load_file(str(exported))
@@ -61,7 +61,7 @@ def test_runs_to_completion_and_leaves_its_files(shipped_run):
 
 def test_losses_equal_a_single_process_pytorch_replica(shipped_run):
     name, run_dir, _ = shipped_run
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"] for m in metrics(run_dir)]
     assert len(actual) == len(expected) == STEPS
@@ -78,15 +78,23 @@ def test_memory_estimate_is_within_10_percent_of_what_each_rank_holds(shipped_ru
     assert_estimate_holds(run_dir)
 
 
-def test_executed_setup_order_is_the_printed_order(shipped_run):
+_ENGINE_STEPS = ("init_process_group", "create_accelerator", "select_plugin", "build_model", "prepare", "initialize")
+
+
+def test_each_rank_executes_the_printed_plan_step_by_step(shipped_run):
+    """The setup steps and the ops of a training step each rank executed, in order, are the
+    plan's lists, op by op, the optimizer step included; and the backend was asked for exactly
+    the engine steps of the setup, in that order."""
     _, run_dir, _ = shipped_run
-    plan = json.loads((run_dir / "plan.json").read_text())
-    printed = [(s["id"], s["op"], s.get("model")) for s in plan["setup"]]
-    engine_ops = [(op, model) for _, op, model in printed if op != "shard_data"]
+    plan = load_plan(run_dir)
+    setup = [{"id": s.id, "kind": s.kind} for s in plan.setup]
+    ops = [{"id": op.id, "kind": op.kind} for op in plan.step] * plan.settings.grad_accum
+    assert "optimizer_step" in {op["kind"] for op in ops}
+    engine_calls = [(s.kind, getattr(s, "model", None)) for s in plan.setup if s.kind in _ENGINE_STEPS]
     for report in ranks(run_dir):
-        assert [(s["id"], s["op"], s["model"]) for s in report["executed"]] == printed
-        # What the backend was actually asked to do, call by call, in that order.
-        assert [tuple(c) for c in report["backend_calls"]] == engine_ops
+        assert report["executed"] == setup
+        assert report["executed_step"] == ops
+        assert [tuple(c) for c in report["backend_calls"]] == engine_calls
 
 
 def test_ranks_see_disjoint_samples(shipped_run):
@@ -99,13 +107,13 @@ def test_ranks_see_disjoint_samples(shipped_run):
 
 def test_zero3_models_are_split_across_ranks(shipped_run):
     _, run_dir, _ = shipped_run
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = load_plan(run_dir)
     reports = ranks(run_dir)
-    for model in plan["models"]:
-        local = [r["shards"][model["name"]][0] for r in reports]
-        total = reports[0]["shards"][model["name"]][1]
-        if model["stage"] == 3:
-            assert all(0 < n < total for n in local) and sum(local) >= total, (model["name"], local, total)
+    for model in plan.models:
+        local = [r["shards"][model.name][0] for r in reports]
+        total = reports[0]["shards"][model.name][1]
+        if model.zero_init:
+            assert all(0 < n < total for n in local) and sum(local) >= total, (model.name, local, total)
         else:
             assert local == [total, total]
 
@@ -117,10 +125,10 @@ def test_frozen_teacher_is_bit_identical_after_training(tmp_path):
     from dsgraph.runtime.executor import model_seed, state_digest
     from dsgraph.runtime.builtins import mlp
 
-    plan = json.loads((run_dir / "plan.json").read_text())
-    teacher = next(m for m in plan["models"] if m["name"] == "teacher")
-    torch.manual_seed(model_seed(plan["settings"]["seed"], "teacher"))
-    built = mlp(**dict(teacher["source"]["args"]))
+    plan = load_plan(run_dir)
+    teacher = plan.model("teacher")
+    torch.manual_seed(model_seed(plan.settings.seed, "teacher"))
+    built = mlp(**dict(teacher.source.args))
     assert ranks(run_dir)[0]["frozen_digests"]["teacher"] == state_digest(built.state_dict())
     # Same seed, same losses: a second run writes the same metrics.
     again = tmp_path / "again"
@@ -132,7 +140,7 @@ def test_a_pipeline_built_only_from_factories_runs(tmp_path):
     run_dir = tmp_path / "run"
     done = dsgraph_run(FIXTURES / "factory_only.dsg", run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"]["fit"] for m in metrics(run_dir)]
     assert max(abs(a - e["fit"]) for a, e in zip(actual, expected)) < 1e-5

@@ -7,19 +7,21 @@ from pathlib import Path
 
 import torch
 
+from dsgraph.plan import Lora
 from dsgraph.runtime import sources
 
 _PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
 
 
-def apply_lora(model: torch.nn.Module, lora: dict, seed: int, task: str | None) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: Lora, seed: int, task: str | None) -> torch.nn.Module:
     """The model wrapped in a PeftModel whose base weights are frozen. Under ZeRO-3 the base is
     already partitioned; the adapter's new parameters are partitioned by deepspeed.initialize.
     The adapter is initialised from `seed` alone, so every rank (and a replica) draws the same."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["targets"], task_type=_PEFT_TASKS.get(task) if task else None)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets) if lora.targets is not None else None,
+                        task_type=_PEFT_TASKS.get(task) if task else None)
     torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():     # PEFT sets fan_in_fan_out for GPT-2's Conv1D itself, and says so
@@ -60,11 +62,11 @@ def merged_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -
     return {k[len(base_prefix):] if k.startswith(base_prefix) else k: v for k, v in merged.items()}
 
 
-def export_lora(module: torch.nn.Module, state: dict[str, torch.Tensor], lora: dict, target: Path) -> None:
+def export_lora(module: torch.nn.Module, state: dict[str, torch.Tensor], lora: Lora, target: Path) -> None:
     """`target/adapter/`: PEFT's adapter files (load with PeftModel.from_pretrained(base, dir)).
     `target/merged/`: the base model with the adapter merged, when lora(merge=true)."""
     module.save_pretrained(str(target / "adapter"), state_dict=state, safe_serialization=True)
-    if lora.get("merge"):
+    if lora.merge:
         merged = merged_state_dict(module, state)
         base = module.get_base_model()
         if hasattr(base, "save_pretrained"):

@@ -288,4 +288,4 @@ def cosine(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 LOSSES = {"ce": ce, "kl": kl, "mse": mse, "cosine": cosine, "dpo": dpo}
 
-__all__ = ["MODELS", "DATA", "LOSSES"]
+__all__ = ["DATA", "LOSSES", "MODELS"]

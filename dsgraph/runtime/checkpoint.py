@@ -17,7 +17,12 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from dsgraph.plan import Model, Plan, Source
+
+if TYPE_CHECKING:
+    from dsgraph.runtime.executor import Executor
 
 MANIFEST_VERSION = 1
 
@@ -28,31 +33,28 @@ def tag(step: int) -> str:
 
 # -- what must not change between a checkpoint and its resume --------------------------------------
 
-def identity(plan: dict) -> dict[str, Any]:
+def identity(plan: Plan) -> dict[str, Any]:
     """The parts of a plan a resumed run must share with the run that saved: models (source, role,
     DeepSpeed config), losses, data, seed and batch geometry. Steps, logging and checkpoint
     intervals may change."""
-    def config(m):
-        cfg = json.loads(json.dumps(m["deepspeed_config"]))
+    def config(m: Model) -> dict[str, Any]:
+        cfg: dict[str, Any] = json.loads(json.dumps(m.deepspeed_config))
         cfg.get("scheduler", {}).get("params", {}).pop("total_num_steps", None)
         cfg.pop("train_batch_size", None)       # follows the world size, which is compared on its own
         return cfg
-    s = plan["settings"]
+    s = plan.settings
     return {
-        "models": {m["name"]: {"source": _strip(m["source"]), "role": m["role"], "deepspeed_config": config(m)}
-                   for m in plan["models"]},
-        "losses": {name: loss["text"] for name, loss in plan["losses"].items()},
-        "data": {d["name"]: _strip(d["source"]) for d in plan["data"]},
-        "seed": s["seed"], "micro_batch": s["micro_batch"], "grad_accum": s["grad_accum"],
+        "models": {m.name: {"source": source_json(m.source), "role": m.role.value, "deepspeed_config": config(m)}
+                   for m in plan.models},
+        "losses": {loss.name: loss.text for loss in plan.losses},
+        "data": {d.name: source_json(d.source) for d in plan.data},
+        "seed": s.seed, "micro_batch": s.micro_batch, "grad_accum": s.grad_accum,
     }
 
 
-def _strip(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k != "span"}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
+def source_json(source: Source) -> dict[str, Any]:
+    """A source as JSON, without its span."""
+    return {"kind": source.kind.value, "target": source.target, "args": [[k, v] for k, v in source.args]}
 
 
 def digest(ident: dict) -> str:
@@ -155,18 +157,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save(executor, step: int) -> None:
+def save(executor: Executor, step: int) -> None:
     """Collective: every rank calls it at the same step."""
-    import torch
-
     run_dir, name = executor.run_dir, tag(step)
-    trained = [m["name"] for m in executor.plan["models"] if m["role"] == "trained"]
+    trained = [m.name for m in executor.plan.models if m.trained]
     for model in trained:
         # DeepSpeed writes this rank's shards; `.partial` until every rank is done.
         executor.backend.save_checkpoint(model, str(run_dir / "ckpt" / model), name + ".partial")
     mine = {"rng": rng_state(), "data": {d: b.sampler.state() for d, b in executor.batches.items()}}
-    ranks: list[Any] = [None] * executor.world
-    torch.distributed.all_gather_object(ranks, mine)
+    ranks = executor.backend.all_gather_object(mine, executor.world)
     executor.backend.barrier()
     if executor.rank == 0:
         for model in trained:
@@ -177,9 +176,9 @@ def save(executor, step: int) -> None:
         manifest = {
             "dsgraph_checkpoint": MANIFEST_VERSION, "step": step, "world_size": executor.world,
             "plan_digest": digest(identity(executor.plan)), "identity": identity(executor.plan),
-            "seed": executor.settings["seed"],
+            "seed": executor.settings.seed,
             "models": {m: str(Path("ckpt") / m / name) for m in trained},
-            "frozen": {m["name"]: _strip(m["source"]) for m in executor.plan["models"] if m["role"] == "frozen"},
+            "frozen": {m.name: source_json(m.source) for m in executor.plan.models if not m.trained},
             "ranks": ranks,
         }
         folder = run_dir / "ckpt" / "manifests"
@@ -193,7 +192,7 @@ def save(executor, step: int) -> None:
     executor.backend.barrier()
 
 
-def load(executor, manifest: dict) -> None:
+def load(executor: Executor, manifest: dict[str, Any]) -> None:
     for model, rel in manifest["models"].items():
         path = executor.run_dir / rel
         executor.backend.load_checkpoint(model, str(path.parent), path.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler

@@ -1,35 +1,42 @@
 """Every DeepSpeed and Accelerate call dsgraph makes, in one place.
 
-`Backend` holds the Accelerators and engines of one rank and exposes the few operations the
-executor needs: create/select/prepare (Accelerate), initialize (native DeepSpeed), forward,
-backward, step, gather, save."""
+`Backend` holds the Accelerators and engines of one rank and offers the operations the executor
+dispatches the plan's steps to: create/select/prepare (Accelerate), initialize (native DeepSpeed),
+the accumulation context, forward, backward and the optimizer step, and around them gathering,
+checkpoints, unwrapping for export and the memory measurement."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-import deepspeed  # noqa: E402  (DS_ACCELERATOR is set by the launcher before this import)
+import deepspeed  # (DS_ACCELERATOR is set by the launcher before this import)
 from deepspeed.accelerator import get_accelerator
+from dsgraph.plan import Precision
+from dsgraph.runtime import measure
 
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 deepspeed.utils.logger.setLevel(logging.ERROR)
+
+MEASURED_STEP = 2       # ZeRO-3 creates Adam's state in the first step: the second sees it all
+_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
 @dataclass
 class ModelHandle:
     name: str
     engine: Any                      # a DeepSpeedEngine (what Accelerate's prepare returns too)
-    stage: int
-    precision: str
+    accelerator: int | None          # the Accelerator that prepared it; None: deepspeed.initialize
+    precision: Precision
     trained: bool
     optimizer: Any = None            # Accelerate's optimizer wrapper, when prepared by Accelerate
     scheduler: Any = None
+    memory: dict[str, int] | None = None    # measured as its MEASURED_STEP-th optimizer step began
 
 
 @dataclass
@@ -37,17 +44,18 @@ class Backend:
     on_cpu: bool = field(default_factory=lambda: get_accelerator().device_name() == "cpu")
     accelerators: dict[int, Any] = field(default_factory=dict)
     models: dict[str, ModelHandle] = field(default_factory=dict)
-    plugin_configs: dict[str, dict] = field(default_factory=dict)
-    _hf_configs: list = field(default_factory=list)
-    calls: list = field(default_factory=list)     # (operation, model) as executed, for the tests
+    calls: list[tuple[str, str | None]] = field(default_factory=list)   # as executed, for the tests
+    _plugin_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _hf_configs: list[Any] = field(default_factory=list)
 
     # -- process group ---------------------------------------------------------------------
 
     @property
     def backend_name(self) -> str:
-        return "gloo" if self.on_cpu else get_accelerator().communication_backend_name()
+        return "gloo" if self.on_cpu else str(get_accelerator().communication_backend_name())
 
     def init_distributed(self) -> None:
+        self.calls.append(("init_process_group", None))
         with _quiet_stdout():
             deepspeed.init_distributed(dist_backend=self.backend_name)
 
@@ -70,7 +78,7 @@ class Backend:
 
     # -- Accelerate's multi-plugin API -----------------------------------------------------
 
-    def create_accelerator(self, index: int, plugins: dict[str, dict], mixed_precision: str | None) -> Any:
+    def create_accelerator(self, index: int, plugins: dict[str, dict[str, Any]], mixed_precision: str | None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
@@ -78,7 +86,7 @@ class Backend:
         if index == 0:
             # The plugins live in the shared AcceleratorState; the first one is the default.
             # gloo must be named on CPU, or Accelerate silently runs single-process.
-            self.plugin_configs = plugins
+            self._plugin_configs = plugins
             with _quiet_stdout():      # DeepSpeed prints a line when it loads its comm op
                 accelerator = Accelerator(
                     deepspeed_plugins={name: DeepSpeedPlugin(hf_ds_config=cfg) for name, cfg in plugins.items()},
@@ -90,68 +98,56 @@ class Backend:
         if accelerator.num_processes != world:
             raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes, the launcher {world}")
         self.accelerators[index] = accelerator
-        return accelerator
-
-    def update_plugin_config(self, name: str, config: dict) -> None:
-        """A config completed after its plugin was made (bucket sizes measured on the built
-        model): the plugin holds its own copy, which prepare() reads."""
-        if self.accelerators:
-            plugin = self.accelerators[0].state.deepspeed_plugins.get(name)
-            if plugin is not None:
-                plugin.hf_ds_config.config.update(copy.deepcopy(config))
 
     def select_plugin(self, name: str) -> None:
         # Transformers' zero.Init and the next prepare() follow the selected plugin.
         self.accelerators[0].state.select_deepspeed_plugin(name)
         self.calls.append(("select_plugin", name))
 
-    def prepare(self, index: int, name: str, model, loaders: list, stage: int, precision: str,
-                trained: bool) -> list:
+    def prepare(self, name: str, accelerator: int, model: nn.Module, objects: tuple[str, ...],
+                precision: Precision) -> None:
         from accelerate.utils import DummyOptim, DummyScheduler
 
         self.calls.append(("prepare", name))
-        accelerator = self.accelerators[index]
-        config = self.plugin_configs[name]
-        if not trained:
+        acc = self.accelerators[accelerator]
+        if "optimizer" not in objects:
             model.requires_grad_(False)
-            engine = accelerator.prepare(model)
+            engine = acc.prepare(model)
             engine.eval()
-            self.models[name] = ModelHandle(name, engine, stage, precision, False)
-            return loaders
+            self.models[name] = ModelHandle(name, engine, accelerator, precision, False)
+            return
         # The optimizer and scheduler are built by DeepSpeed from the config; Accelerate takes
         # placeholders for them.
         optimizer = DummyOptim([p for p in model.parameters() if p.requires_grad])   # LoRA: the adapter only
-        objects = [model, optimizer]
-        if "scheduler" in config:
-            objects.append(DummyScheduler(optimizer))
-        prepared = accelerator.prepare(*objects, *loaders)
-        engine, optimizer = prepared[0], prepared[1]
-        scheduler = prepared[2] if "scheduler" in config else None
+        placeholders = [optimizer, DummyScheduler(optimizer)] if "scheduler" in objects else [optimizer]
+        engine, *prepared = acc.prepare(model, *placeholders)
         engine.train()
-        self.models[name] = ModelHandle(name, engine, stage, precision, True, optimizer, scheduler)
-        return list(prepared[len(objects):])
+        self.models[name] = ModelHandle(name, engine, accelerator, precision, True, prepared[0],
+                                        prepared[1] if len(prepared) > 1 else None)
 
     # -- native engines --------------------------------------------------------------------
 
-    def initialize(self, name: str, model, config: dict, stage: int, precision: str, trained: bool) -> None:
+    def initialize(self, name: str, model: nn.Module, config: dict[str, Any], objects: tuple[str, ...],
+                   precision: Precision) -> None:
         self.calls.append(("initialize", name))
-        if not trained:
+        if "optimizer" not in objects:
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
             engine.eval()
-        else:
+        else:       # the optimizer (and scheduler) from the config
             engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                               if p.requires_grad], config=config)
             engine.train()
-        self.models[name] = ModelHandle(name, engine, stage, precision, trained)
+        self.models[name] = ModelHandle(name, engine, None, precision, "optimizer" in objects)
 
     # -- building --------------------------------------------------------------------------
 
-    def build_context(self, name: str, config: dict, stage: int, is_hf: bool):
+    def build_context(self, name: str, config: dict[str, Any], zero_init: bool,
+                      is_hf: bool) -> contextlib.AbstractContextManager[Any]:
         """ZeRO-3 models are partitioned as they are built. Transformers does it itself when a
         DeepSpeed config is active (Accelerate's selected plugin, or an HfDeepSpeedConfig)."""
         self.calls.append(("build_model", name))
-        if stage != 3:
+        if not zero_init:
             return contextlib.nullcontext()
         if is_hf:
             if not self.accelerators:
@@ -162,29 +158,41 @@ class Backend:
 
     # -- the training step -----------------------------------------------------------------
 
-    def forward(self, name: str, args: list, kwargs: dict) -> Any:
+    def accumulate(self) -> contextlib.ExitStack:
+        """One micro step: Accelerate decides the accumulation boundary (`sync_gradients`) inside
+        `accumulate()`; native engines count micro steps themselves."""
+        stack = contextlib.ExitStack()
+        for handle in self.models.values():
+            if handle.trained and handle.accelerator is not None:
+                stack.enter_context(self.accelerators[handle.accelerator].accumulate(handle.engine))
+        return stack
+
+    def forward(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         handle = self.models[name]
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(handle.precision)
+        dtype = _DTYPES.get(handle.precision)
         if dtype is not None:       # per-model precision: inputs in the model's dtype ...
             args = [_cast(a, dtype) for a in args]
             kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}
         out = handle.engine(*args, **kwargs)   # ZeRO-3: gathers each layer's parameters on the fly
         return _cast(out, torch.float32) if dtype is not None else out    # ... outputs back to fp32
 
-    def backward(self, models: list[str], engine_kind: str, loss: torch.Tensor, accelerator: int | None) -> None:
-        if engine_kind == "accelerate":
-            # Accelerate's DeepSpeed wrapper runs engine.backward and engine.step together;
-            # the optimizer/scheduler wrappers' step() are then no-ops.
-            self.accelerators[accelerator].backward(loss)
+    def backward(self, models: tuple[str, ...], loss: torch.Tensor) -> None:
+        first = self.models[models[0]]
+        if first.accelerator is not None:
+            # Accelerate's DeepSpeed wrapper runs engine.backward and, at the accumulation
+            # boundary, engine.step (clipping, optimizer, scheduler, zero_grad) together.
+            self.accelerators[first.accelerator].backward(loss)
         else:
-            # One backward through the shared loss reaches every engine's ZeRO hooks; the
-            # engine scales the loss by its gradient-accumulation steps (equal for all).
-            self.models[models[0]].engine.backward(loss)
+            # One backward through the shared loss reaches every engine's ZeRO hooks; the engine
+            # scales the loss by its gradient-accumulation steps (equal for all).
+            first.engine.backward(loss)
 
-    def step(self, models: list[str], engine_kind: str) -> None:
+    def optimizer_step(self, models: tuple[str, ...]) -> None:
         for name in models:
             handle = self.models[name]
-            if engine_kind == "accelerate":
+            if handle.accelerator is not None:
+                # The loop of an Accelerate script; under DeepSpeed these wrappers do nothing
+                # (the engine stepped in accelerator.backward).
                 handle.optimizer.step()
                 if handle.scheduler is not None:
                     handle.scheduler.step()
@@ -196,8 +204,32 @@ class Backend:
         engine = self.models[name].engine
         return float(engine.get_lr()[0]) if engine.optimizer is not None else 0.0
 
-    def is_boundary(self, name: str) -> bool:
-        return self.models[name].engine.is_gradient_accumulation_boundary()
+    # -- the memory measurement ------------------------------------------------------------
+
+    def watch_memory(self) -> None:
+        """Measure each trained engine once, as its MEASURED_STEP-th optimizer step begins (the
+        step's gradients are reduced, the optimizer states exist); then put the engine's own
+        `step` back, so that no later step pays for it. The instance's `step` is wrapped, which
+        Accelerate's backward calls too."""
+        for handle in self.models.values():
+            if not handle.trained:
+                continue
+            engine, step, seen = handle.engine, handle.engine.step, [0]
+
+            def measured_step(*args: Any, _handle: ModelHandle = handle, _step: Any = step,
+                              _seen: list[int] = seen, **kwargs: Any) -> Any:
+                if _handle.engine.is_gradient_accumulation_boundary():
+                    _seen[0] += 1
+                    if _seen[0] == MEASURED_STEP:
+                        _handle.memory = measure.measure(_handle.engine)    # walks every tensor: once
+                        _handle.engine.step = _step
+                return _step(*args, **kwargs)
+
+            engine.step = measured_step
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Every model's bytes: a trained one's as measured at its step, a frozen one's now."""
+        return {name: h.memory or measure.measure(h.engine) for name, h in self.models.items()}
 
     # -- collectives, export, checkpoints --------------------------------------------------
 
@@ -206,16 +238,28 @@ class Backend:
         torch.distributed.all_reduce(values)           # a sync point: once per logged step
         return values / world
 
+    def all_gather_object(self, value: Any, world: int) -> list[Any]:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         torch.distributed.barrier()
 
+    def module(self, name: str) -> nn.Module:
+        """The model itself, out of its engine (its parameters are partitioned under ZeRO-3)."""
+        module: nn.Module = self.models[name].engine.module
+        return module
+
     def full_state_dict(self, name: str) -> dict[str, torch.Tensor] | None:
-        """The full weights on rank 0 (gathered from the ZeRO-3 shards), None elsewhere."""
-        module = self.models[name].engine.module
+        """The full weights on rank 0 (gathered from the ZeRO-3 shards), None elsewhere. A
+        collective: every rank must call it."""
+        module = self.module(name)
         rank = torch.distributed.get_rank()
         params = list(module.parameters())
-        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) \
-            if self.models[name].stage == 3 else contextlib.nullcontext()
+        partitioned = any(hasattr(p, "ds_tensor") for p in params)
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if partitioned \
+            else contextlib.nullcontext()
         with context:
             if rank != 0:
                 return None
@@ -224,7 +268,7 @@ class Backend:
     def local_shard_numels(self, name: str) -> tuple[int, int]:
         """(elements held by this rank, elements of the whole model) of the parameters."""
         local = total = 0
-        for p in self.models[name].engine.module.parameters():
+        for p in self.module(name).parameters():
             if hasattr(p, "ds_tensor"):
                 local += p.ds_tensor.numel()
                 total += p.ds_numel
@@ -252,7 +296,7 @@ class Backend:
             torch.distributed.destroy_process_group()
 
 
-def _quiet_stdout():
+def _quiet_stdout() -> contextlib.redirect_stdout[Any]:
     return contextlib.redirect_stdout(open(os.devnull, "w"))
 
 

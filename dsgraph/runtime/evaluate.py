@@ -1,38 +1,37 @@
-"""Evaluating the plan's expressions: model-call arguments and loss expressions, over one batch.
+"""Evaluating the plan's expressions (model-call arguments and loss terms) over one micro batch.
 
 Values are looked up in a `Scope`: the current batch of every data set, the outputs of the model
-calls made so far, and the losses computed so far. A call listed in `detach` is read detached,
-so that one group's backward never reaches another group's models."""
+calls made so far (by call id) and the losses of the current train group. A call listed in
+`detach` is read detached, so that one group's backward never reaches another group's models."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, assert_never
 
 import torch
 
+from dsgraph import plan as P
 from dsgraph.runtime import builtins
+
+Factories = Callable[[str], Callable[..., Any]]
 
 
 @dataclass
 class Scope:
-    batches: dict[str, dict[str, Any]]
+    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: dict[str, Any] = field(default_factory=dict)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    detach: frozenset[str] = frozenset()
-
-    def call_output(self, key: str) -> Any:
-        value = self.calls[key]
-        return _detach(value) if key in self.detach else value
 
 
-def _detach(value: Any) -> Any:
+def detached(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, dict):
-        return type(value)({k: _detach(v) for k, v in value.items()}) if type(value) is dict else \
-            value.__class__(**{k: _detach(v) for k, v in value.items()})
+        return type(value)({k: detached(v) for k, v in value.items()}) if type(value) is dict else \
+            value.__class__(**{k: detached(v) for k, v in value.items()})
     if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value)
+        return type(value)(detached(v) for v in value)
     return value
 
 
@@ -45,29 +44,35 @@ def project(value: Any, attr: str) -> Any:
     raise KeyError(f"the output has no field `{attr}` (it is a {type(value).__name__})")
 
 
-def evaluate(expr: dict, scope: Scope, factories: Callable[[str], Callable]) -> Any:
-    if "const" in expr:
-        return expr["const"]
-    if "field" in expr:
-        data, name = expr["field"]
-        batch = scope.batches[data]
-        if name not in batch:
-            raise KeyError(f"data set `{data}` has no field `{name}`; it has: {', '.join(batch)}")
-        return batch[name]
-    if "call" in expr:
-        return scope.call_output(expr["call"])
-    if "project" in expr:
-        return project(evaluate(expr["of"], scope, factories), expr["project"])
-    if "loss" in expr:
-        return scope.losses[expr["loss"]]
-    if "loss_fn" in expr:
-        fn = builtins.LOSSES[expr["loss_fn"]] if expr["builtin"] else factories(expr["loss_fn"])
-        args = [evaluate(a, scope, factories) for a in expr["args"]]
-        kwargs = {k: evaluate(v, scope, factories) for k, v in expr["kwargs"].items()}
-        return fn(*args, **kwargs)
-    op = expr["op"]
-    if op == "neg":
-        return -evaluate(expr["operand"], scope, factories)
-    left, right = evaluate(expr["left"], scope, factories), evaluate(expr["right"], scope, factories)
-    return {"+": lambda: left + right, "-": lambda: left - right, "*": lambda: left * right,
-            "/": lambda: left / right}[op]()
+def evaluate(expr: P.Expr, scope: Scope, detach: tuple[str, ...], factories: Factories) -> Any:
+    match expr:
+        case P.Const(value=value):
+            return value
+        case P.Field(data=data, field=name):
+            batch = scope.batches[data]
+            if name not in batch:
+                raise KeyError(f"data set `{data}` has no field `{name}`; it has: {', '.join(batch)}")
+            return batch[name]
+        case P.CallOutput(call=call):
+            return detached(scope.calls[call]) if call in detach else scope.calls[call]
+        case P.Attr(of=of, name=name):
+            return project(evaluate(of, scope, detach, factories), name)
+        case P.LossValue(loss=loss):
+            return scope.losses[loss]
+        case P.LossCall(fn=fn, builtin=builtin, args=args, kwargs=kwargs):
+            function = builtins.LOSSES[fn] if builtin else factories(fn)
+            return function(*(evaluate(a, scope, detach, factories) for a in args),
+                            **{k: evaluate(v, scope, detach, factories) for k, v in kwargs})
+        case P.Neg(operand=operand):
+            return -evaluate(operand, scope, detach, factories)
+        case P.BinOp(op=op, left=left, right=right):
+            a, b = evaluate(left, scope, detach, factories), evaluate(right, scope, detach, factories)
+            if op == "+":
+                return a + b
+            if op == "-":
+                return a - b
+            if op == "*":
+                return a * b
+            return a / b
+        case _:
+            assert_never(expr)

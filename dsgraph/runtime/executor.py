@@ -1,45 +1,41 @@
-"""Executes a Plan on one rank: the setup steps in the order the plan prints, then the training
-loop, written out. Every failure is raised as a RunFailure naming the plan step and its .dsg line."""
+"""Executes a Plan on one rank: its setup steps, then its training step, each dispatched on its
+kind in the order the plan lists (the order `dsgraph compile` prints). Every failure is raised as
+a RunFailure naming the step and its .dsg line. The loop is written out in `train`; every
+DeepSpeed and Accelerate call goes through the Backend."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import torch
+from torch import nn
 
-from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, memory, sources
+from dsgraph import plan as P
+from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
+from dsgraph.runtime.meter import Meter
 from dsgraph.runtime.metrics import Metrics
+from dsgraph.source import Span
 
 
 class RunFailure(Exception):
-    """A failure at a known place: the plan step (or training-step entry) and its .dsg span."""
+    """A failure at a known place: the plan step (or op) and its .dsg span."""
 
-    def __init__(self, where: str, span: dict | None, cause: BaseException):
+    def __init__(self, where: str, span: Span | None, cause: BaseException):
         self.where, self.span, self.cause = where, span, cause
-        location = f"{span['file']}:{span['line']}:{span['col']}" if span else "?"
-        super().__init__(f"{where} ({location}): {type(cause).__name__}: {cause}")
+        super().__init__(f"{where} ({span or '?'}): {type(cause).__name__}: {cause}")
 
-    def to_json(self) -> dict:
-        return {"where": self.where, "span": self.span, "error": f"{type(self.cause).__name__}: {self.cause}"}
-
-
-@contextlib.contextmanager
-def step_context(where: str, span: dict | None):
-    try:
-        yield
-    except RunFailure:
-        raise
-    except Exception as error:  # noqa: BLE001 - re-raised with the place it happened
-        raise RunFailure(where, span, error) from error
+    def to_json(self) -> dict[str, Any]:
+        return {"where": self.where, "span": self.span.to_json() if self.span else None,
+                "error": f"{type(self.cause).__name__}: {self.cause}"}
 
 
 def model_seed(pipeline_seed: int, name: str) -> int:
@@ -47,44 +43,51 @@ def model_seed(pipeline_seed: int, name: str) -> int:
     return (pipeline_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
+def _where(step: P.SetupStep | P.StepOp) -> str:
+    """How a failure names the step: `setup step 3 (build_model student)`, `loss `kd``."""
+    match step:
+        case P.Forward(text=text):
+            return f"forward `{text}`"
+        case P.ComputeLoss(loss=loss):
+            return f"loss `{loss}`"
+        case P.Backward() | P.OptimizerStep() | P.NextBatch():
+            return f"step op {step.id} ({step.kind})"
+        case _:
+            subject = getattr(step, "model", None) or getattr(step, "data", None)
+            return f"setup step {step.id} ({step.kind}{' ' + subject if subject else ''})"
+
+
 class Executor:
-    def __init__(self, plan: dict, run_dir: Path, rank: int, world: int):
+    def __init__(self, plan: P.Plan, run_dir: Path, rank: int, world: int):
         self.plan, self.run_dir, self.rank, self.world = plan, run_dir, rank, world
-        self.settings = plan["settings"]
-        self.base_dir = Path(plan["file"]).parent
-        self.models = {m["name"]: m for m in plan["models"]}
+        self.settings = plan.settings
+        self.base_dir = Path(plan.file).parent
         self.backend = Backend()
-        self.configs: dict[str, dict] = {}
+        self.configs: dict[str, dict[str, Any]] = {}        # complete: what DeepSpeed gets
         self.datasets: dict[str, Any] = {}
         self.batches: dict[str, data.Batches] = {}
-        self.total_steps = 0
-        self.executed: list[dict] = []        # what ran, in order (tests compare it with the plan)
-        self._factories: dict[str, Any] = {}
+        self.built: dict[str, nn.Module] = {}               # built, not yet handed to an engine
+        self.executed: list[int] = []                       # setup step ids, in the order run
+        self.executed_step: list[int] = []                  # op ids of the first optimizer step
         self.heartbeat = control.Heartbeat(run_dir, rank)
-        self.first_step = 0                   # > 0 when resuming
-        self.resume_rng: dict | None = None
+        self.first_step = 0                                 # > 0 when resuming
+        self.resume_rng: dict[str, str] | None = None
         self.stopped_early = False
         self.last_step = 0
+        self._total_steps: int | None = None
+        self._factories: dict[str, Callable[..., Any]] = {}
+        self._groups = {g.index: (g.loss, tuple(m.name for m in plan.models_of(g.index))) for g in plan.groups}
 
     # -- setup -----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        sources.set_import_path(self.plan["file"])
-        for d in self.plan["data"]:
-            with step_context(f"building data set `{d['name']}`", d["span"]):
-                self.datasets[d["name"]] = sources.build(d["source"], sources.data_table(), self.base_dir)
-        self.total_steps = self._total_steps()
-        for name, m in self.models.items():
-            hidden = configs.hidden_size_of_source(m["source"], self.base_dir)
-            self.configs[name] = configs.finalize(m, self.world, self.total_steps, hidden, self.backend.on_cpu)
-        if not any(s["op"] == "create_accelerator" for s in self.plan["setup"]):
-            self.backend.init_distributed()
-        built: dict[str, Any] = {}
-        for step in self.plan["setup"]:
-            where = f"setup step {step['id']} ({step['op']} {step.get('model') or step.get('data') or ''})".rstrip()
-            with step_context(where.replace(" )", ")"), step["span"]):
-                self._setup_step(step, built)
-            self.executed.append({"id": step["id"], "op": step["op"], "model": step.get("model")})
+        sources.set_import_path(self.plan.file)
+        for step in self.plan.setup:
+            try:
+                self._setup_step(step)
+            except Exception as error:
+                raise RunFailure(_where(step), step.span, error) from error
+            self.executed.append(step.id)
         self.backend.check_world(self.rank, self.world)
         if self.rank == 0:      # the exact configs handed to DeepSpeed, "auto" resolved
             out = self.run_dir / "deepspeed_configs"
@@ -94,126 +97,126 @@ class Executor:
         resume = os.environ.get("DSGRAPH_RESUME")
         if resume:
             manifest = json.loads(Path(resume).read_text())
-            with step_context(f"resuming from {Path(resume).name}", None):
+            try:
                 checkpoint.load(self, manifest)
+            except Exception as error:
+                raise RunFailure(f"resuming from {Path(resume).name}", None, error) from error
             self.first_step = manifest["step"]
 
-    def _setup_step(self, step: dict, built: dict[str, Any]) -> None:
-        op = step["op"]
-        if op == "create_accelerator":
-            plugins = {name: self.configs[name] for name in step["plugins"]}
-            self.backend.create_accelerator(step["accelerator"], plugins, step.get("mixed_precision"))
-        elif op == "select_plugin":
-            self.backend.select_plugin(step["model"])
-        elif op == "build_model":
-            built[step["model"]] = self._build_model(step["model"])
-        elif op == "prepare":
-            m = self.models[step["model"]]
-            self.backend.prepare(step["accelerator"], m["name"], built.pop(m["name"]), [], m["stage"],
-                                 m["precision"], m["role"] == "trained")
-        elif op == "initialize":
-            m = self.models[step["model"]]
-            self.backend.initialize(m["name"], built.pop(m["name"]), self.configs[m["name"]], m["stage"],
-                                    m["precision"], m["role"] == "trained")
-        elif op == "shard_data":
-            name = step["data"]
-            index = [d["name"] for d in self.plan["data"]].index(name)
-            loader = data.sharded_loader(self.datasets[name], self.settings["micro_batch"],
-                                         data.data_seed(self.settings["seed"], index), self.rank, self.world)
-            self.batches[name] = data.Batches(loader, name)
-        else:
-            raise ValueError(f"unknown setup operation {op!r} (plan from a newer dsgraph?)")
+    def _setup_step(self, step: P.SetupStep) -> None:
+        plan, backend = self.plan, self.backend
+        match step:
+            case P.InitProcessGroup():
+                backend.init_distributed()
+            case P.BuildData(data=name):
+                self.datasets[name] = sources.build(self._data(name).source, sources.data_table(), self.base_dir)
+            case P.CompleteConfig(model=name):
+                model = plan.model(name)
+                width = configs.width(model, self.base_dir, self.built.get(name))
+                self.configs[name] = configs.complete(model, self.world, self.total_steps, width, backend.on_cpu)
+            case P.CreateAccelerator(accelerator=index, plugins=plugins):
+                backend.create_accelerator(index, {name: self.configs[name] for name in plugins},
+                                           plan.mixed_precision(step))
+            case P.SelectPlugin(model=name):
+                backend.select_plugin(name)
+            case P.BuildModel(model=name):
+                self.built[name] = self._build_model(plan.model(name))
+            case P.Prepare(model=name):
+                model = plan.model(name)
+                assert model.accelerator is not None
+                backend.prepare(name, model.accelerator, self.built.pop(name), model.engine_objects, model.precision)
+            case P.Initialize(model=name):
+                model = plan.model(name)
+                backend.initialize(name, self.built.pop(name), self.configs[name], model.engine_objects,
+                                   model.precision)
+            case P.ShardData(data=name):
+                index = [d.name for d in plan.data].index(name)
+                loader = data.sharded_loader(self.datasets[name], self.settings.micro_batch,
+                                             data.data_seed(self.settings.seed, index), self.rank, self.world)
+                self.batches[name] = data.Batches(loader, name)
+            case _:
+                assert_never(step)
 
-    def _build_model(self, name: str):
-        m = self.models[name]
-        config = self.configs[name]
-        torch.manual_seed(model_seed(self.settings["seed"], name))
-        with self.backend.build_context(name, config, m["stage"], m["source"]["kind"] == "hf"):
-            model = sources.build(m["source"], sources.model_table(), self.base_dir)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"the source of `{name}` returned {type(model).__name__}, not a torch.nn.Module")
-        if m.get("lora"):      # only the adapter is trained; ZeRO-3 partitions it at initialize
-            model = adapters.apply_lora(model, m["lora"], model_seed(self.settings["seed"], f"{name}/lora"),
-                                        sources.model_task(m["source"], model))
-        if m["stage"] != 3 and configs.hidden_size_of_source(m["source"], self.base_dir) is None:
-            # Sized from the built model now, before prepare/initialize read the config.
-            self.configs[name].update(configs.finalize(m, self.world, self.total_steps,
-                                                       configs.hidden_size_of_model(model), self.backend.on_cpu))
-            self.backend.update_plugin_config(name, self.configs[name])
+    def _data(self, name: str) -> P.DataSet:
+        return next(d for d in self.plan.data if d.name == name)
+
+    def _build_model(self, m: P.Model) -> nn.Module:
+        torch.manual_seed(model_seed(self.settings.seed, m.name))
+        # ZeRO-3: partitioned as built, so its config is complete (CompleteConfig came first).
+        with self.backend.build_context(m.name, self.configs.get(m.name, {}), m.zero_init,
+                                        m.source.kind is P.SourceKind.HF):
+            model = sources.build(m.source, sources.model_table(), self.base_dir)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the source of `{m.name}` returned {type(model).__name__}, not a torch.nn.Module")
+        if m.lora:      # only the adapter is trained; ZeRO-3 partitions it at prepare/initialize
+            model = adapters.apply_lora(model, m.lora, model_seed(self.settings.seed, f"{m.name}/lora"),
+                                        sources.model_task(m.source, model))
         return model
 
-    def _total_steps(self) -> int:
-        if self.settings["steps"] is not None:
-            return self.settings["steps"]
-        per_epoch = min(len(ds) // (self.settings["micro_batch"] * self.world) for ds in self.datasets.values())
-        return max(1, self.settings["epochs"] * per_epoch // self.settings["grad_accum"])
+    @property
+    def total_steps(self) -> int:
+        """`steps`, or what `epochs` passes over the smallest data set give (the data is built
+        first in the setup, so this is known before any config is completed)."""
+        if self._total_steps is None:
+            s = self.settings
+            if s.steps is not None:
+                self._total_steps = s.steps
+            else:
+                assert s.epochs is not None
+                per_epoch = min(len(ds) // (s.micro_batch * self.world) for ds in self.datasets.values())
+                self._total_steps = max(1, s.epochs * per_epoch // s.grad_accum)
+        return self._total_steps
 
     # -- training --------------------------------------------------------------------------
 
-    def _factory(self, target: str):
+    def _factory(self, target: str) -> Callable[..., Any]:
         if target not in self._factories:
             self._factories[target] = sources.resolve_factory(target)
         return self._factories[target]
 
     def train(self) -> Metrics:
         plan, backend, device = self.plan, self.backend, self.backend.device()
-        memory.watch(backend.models)      # measured once, as the second optimizer step begins
+        backend.watch_memory()      # measured once, as the second optimizer step begins
         # The libraries and engines set up so far are millions of objects: a full garbage
         # collection in the loop scans them all (~0.4 s on 2 CPU cores, stalling every rank at the
         # next collective). Collect once now, then leave them out of later collections.
         gc.collect()
         gc.freeze()
-        forwards = [s for s in plan["step"] if s["op"] == "forward"]
-        groups = [(s, b) for s, b in zip([s for s in plan["step"] if s["op"] == "losses"],
-                                           [s for s in plan["step"] if s["op"] == "backward"])]
-        trained = [m for m in plan["models"] if m["role"] == "trained"]
-        log_every, accum = self.settings["log_every"], self.settings["grad_accum"]
-        global_batch = self.settings["micro_batch"] * self.world * accum
-        metrics = Metrics(self.run_dir, self.rank, self.total_steps, plan["pipeline"], self.first_step)
-        names = [t["name"] for losses, _ in groups for name in losses["losses"]
-                 for t in plan["losses"][name]["terms"]]
-        loss_names = [name for losses, _ in groups for name in losses["losses"]]
-        stat_names = [f"{t['name']}.{stat}" for losses, _ in groups for name in losses["losses"]
-                      for t in plan["losses"][name]["terms"] for stat in t.get("stats", ())]
-        size = len(loss_names) + len(names) + len(stat_names)     # the sums kept on logged steps
-        torch.manual_seed(self.settings["seed"] * 7919 + self.rank)   # dropout differs per rank
+        trained = [m.name for m in plan.models if m.trained]
+        log_every, accum = self.settings.log_every, self.settings.grad_accum
+        global_batch = self.settings.micro_batch * self.world * accum
+        metrics = Metrics(self.run_dir, self.rank, self.total_steps, plan.pipeline, self.first_step)
+        meter = Meter(plan, device)
+        torch.manual_seed(self.settings.seed * 7919 + self.rank)   # dropout differs per rank
         if self.resume_rng is not None:
             checkpoint.set_rng_state(self.resume_rng)
         tick, last_logged = time.perf_counter(), self.first_step
         self.heartbeat.beat(control.TRAINING, self.first_step)
         for step in range(self.first_step + 1, self.total_steps + 1):
             logged = step % log_every == 0 or step == self.total_steps
-            # Loss values stay on the device: reading them every step would sync a GPU every step.
-            # They are summed only for the steps that are logged (the others' sums were never read).
-            totals = torch.zeros(size, dtype=torch.float64, device=device) if logged else None
+            meter.start(logged)
             for _ in range(accum):
-                scope = Scope({n: _to_device(b.next(), device) for n, b in self.batches.items()})
-                with self._accumulate():
-                    for f in forwards:
-                        with step_context(f"forward `{f['call']}`", f["span"]):
-                            scope.detach = frozenset(f["detach"])
-                            args = [evaluate(a, scope, self._factory) for a in f["args"]]
-                            kwargs = {k: evaluate(v, scope, self._factory) for k, v in f["kwargs"].items()}
-                            # Frozen models: no autograd graph, no activations kept.
-                            with torch.no_grad() if f["no_grad"] else contextlib.nullcontext():
-                                scope.calls[f["call"]] = backend.forward(f["model"], args, kwargs)
-                    self._group_updates(groups, scope, totals, loss_names, names, stat_names)
+                scope = Scope()
+                with backend.accumulate():
+                    for op in plan.step:
+                        try:
+                            self._step_op(op, scope, meter, device)
+                        except Exception as error:
+                            raise RunFailure(_where(op), op.span, error) from error
+                        if step == self.first_step + 1:
+                            self.executed_step.append(op.id)
             if logged:
-                mean = backend.all_reduce_mean(totals / accum).tolist()   # sync point: once per logged step
+                losses, terms, stats = meter.means(backend.all_reduce_mean, accum)   # sync point
                 now = time.perf_counter()
-                record = {"step": step,
-                          "losses": {n: float(mean[i]) for i, n in enumerate(loss_names)},
-                          "terms": {n: float(mean[len(loss_names) + i]) for i, n in enumerate(names)},
-                          "stats": {n: float(mean[size - len(stat_names) + i]) for i, n in enumerate(stat_names)},
-                          "lr": {m["name"]: backend.learning_rate(m["name"]) for m in trained},
-                          "samples_per_s": round(global_batch * (step - last_logged) / max(now - tick, 1e-9), 2)}
-                metrics.log(record)
+                metrics.log({"step": step, "losses": losses, "terms": terms, "stats": stats,
+                             "lr": {name: backend.learning_rate(name) for name in trained},
+                             "samples_per_s": round(global_batch * (step - last_logged) / max(now - tick, 1e-9), 2)})
                 tick, last_logged = now, step
             metrics.advance()
             self.last_step = step
             self.heartbeat.beat(control.TRAINING, step)      # a memory store, no system call
             stop = control.stop_step(self.run_dir)          # the driver asks for a clean stop
-            every = self.settings["checkpoint_every"]
+            every = self.settings.checkpoint_every
             if (every and step % every == 0) or (stop == step and every):
                 self.heartbeat.beat(control.SETUP, step)    # saving may take long: setup's timeout
                 checkpoint.save(self, step)
@@ -223,54 +226,59 @@ class Executor:
                 break
         return metrics
 
-    def _accumulate(self):
-        """Accelerate decides the accumulation boundary inside `accumulate()`; native engines count
-        micro steps themselves."""
-        stack = contextlib.ExitStack()
-        for m in self.plan["models"]:
-            if m["role"] == "trained" and m["engine"] == "accelerate":
-                accelerator = self.backend.accelerators[m["accelerator"]]
-                stack.enter_context(accelerator.accumulate(self.backend.models[m["name"]].engine))
-        return stack
+    def _step_op(self, op: P.StepOp, scope: Scope, meter: Meter, device: torch.device) -> None:
+        """One op of a micro step."""
+        backend = self.backend
+        match op:
+            case P.NextBatch(data=name):
+                scope.batches[name] = _to_device(self.batches[name].next(), device)
+            case P.Forward():
+                args = [evaluate(a, scope, op.detach, self._factory) for a in op.args]
+                kwargs = {k: evaluate(v, scope, op.detach, self._factory) for k, v in op.kwargs}
+                if op.no_grad:      # frozen models: no autograd graph, no activations kept
+                    with torch.no_grad():
+                        scope.calls[op.call] = backend.forward(op.model, args, kwargs)
+                else:
+                    scope.calls[op.call] = backend.forward(op.model, args, kwargs)
+            case P.ComputeLoss():
+                scope.losses[op.loss] = self._loss(op, scope, meter)
+            case P.Backward(group=group):
+                loss, models = self._groups[group]
+                backend.backward(models, scope.losses[loss])
+                scope.losses.clear()        # a group's losses are spent by its backward
+            case P.OptimizerStep(group=group):
+                backend.optimizer_step(self._groups[group][1])   # at the accumulation boundary
+            case _:
+                assert_never(op)
 
-    def _group_updates(self, groups, scope: Scope, totals, loss_names, term_names, stat_names) -> None:
-        for losses_step, backward_step in groups:
-            scope.detach = frozenset(losses_step["detach"])
-            scope.losses = {}
-            for name in losses_step["losses"]:
-                with step_context(f"loss `{name}`", self.plan["losses"][name]["span"]):
-                    value = None
-                    for term in self.plan["losses"][name]["terms"]:
-                        if totals is not None and term.get("stats"):     # a logged step: keep what it reports
-                            with builtins.recording_stats() as stats:
-                                term_value = evaluate(term["expr"], scope, self._factory)
-                            first = len(loss_names) + len(term_names)
-                            for stat in term["stats"]:
-                                totals[first + stat_names.index(f"{term['name']}.{stat}")] += stats[stat]
-                        else:
-                            term_value = evaluate(term["expr"], scope, self._factory)
-                        if totals is not None:
-                            totals[len(loss_names) + term_names.index(term["name"])] += _detached(term_value)
-                        weighted = term["weight"] * term_value
-                        value = weighted if value is None else value + weighted
-                    if not isinstance(value, torch.Tensor) or value.dim() != 0:
-                        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                        raise ValueError(f"loss `{name}` must be a single number (a 0-d tensor), got {shape}")
-                    scope.losses[name] = value
-                    if totals is not None:
-                        totals[loss_names.index(name)] += value.detach()
-            models, engine = backward_step["models"], backward_step["engine"]
-            accelerator = self.models[models[0]]["accelerator"]
-            with step_context(f"backward of `{backward_step['loss']}`", backward_step["span"]):
-                self.backend.backward(models, engine, scope.losses[backward_step["loss"]], accelerator)
-                self.backend.step(models, engine)     # optimizer step at the accumulation boundary
+    def _loss(self, op: P.ComputeLoss, scope: Scope, meter: Meter) -> torch.Tensor:
+        """The weighted sum of the loss's terms; on a logged step, each term is metered too."""
+        metering = meter.metering(op)
+        value: Any = None
+        for term in self.plan.loss(op.loss).terms:
+            if metering and term.stats:     # a logged step: keep what the loss reports
+                with builtins.recording_stats() as stats:
+                    term_value = evaluate(term.expr, scope, op.detach, self._factory)
+                meter.add_stats(term, stats)
+            else:
+                term_value = evaluate(term.expr, scope, op.detach, self._factory)
+            if metering:
+                meter.add(term.name, term_value)
+            weighted = term.weight * term_value
+            value = weighted if value is None else value + weighted
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"loss `{op.loss}` must be a single number (a 0-d tensor), got {shape}")
+        if metering:
+            meter.add(op.loss, value)
+        return value
 
     # -- checkpoints and the end -----------------------------------------------------------
 
     def export(self) -> list[Path]:
         out = []
-        for m in self.plan["models"]:
-            if m["role"] == "trained":
+        for m in self.plan.models:
+            if m.trained:
                 path = export_model(self.backend, m, self.run_dir / "models")
                 if path is not None:
                     out.append(path)
@@ -279,15 +287,19 @@ class Executor:
     def write_rank_report(self) -> None:
         """What this rank executed and held, for tests and for the driver's summary."""
         digests = {}
-        for m in self.plan["models"]:
-            if m["role"] == "frozen":
-                state = self.backend.full_state_dict(m["name"])     # collective: all ranks gather
+        for m in self.plan.models:
+            if not m.trained:
+                state = self.backend.full_state_dict(m.name)     # collective: all ranks gather
                 if state is not None:
-                    digests[m["name"]] = state_digest(state)
-        report = {"rank": self.rank, "executed": self.executed, "frozen_digests": digests,
-                  "backend_calls": self.backend.calls,
+                    digests[m.name] = state_digest(state)
+        kinds = {s.id: s.kind for s in self.plan.setup}
+        op_kinds = {op.id: op.kind for op in self.plan.step}
+        report = {"rank": self.rank,
+                  "executed": [{"id": i, "kind": kinds[i]} for i in self.executed],
+                  "executed_step": [{"id": i, "kind": op_kinds[i]} for i in self.executed_step],
+                  "frozen_digests": digests, "backend_calls": self.backend.calls,
                   "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
-                  "memory": memory.report(self.backend.models),
+                  "memory": self.backend.memory_report(),
                   "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
                   "samples": {name: b.sampler.served for name, b in self.batches.items()}}
         (self.run_dir / "ranks").mkdir(exist_ok=True)
@@ -314,7 +326,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _detached(value: Any) -> Any:
-    return value.detach() if isinstance(value, torch.Tensor) else value

@@ -133,7 +133,7 @@ def _is_worker_of(pid: int, run_dir: Path) -> bool:
         import psutil
 
         cmdline = psutil.Process(pid).cmdline()
-    except Exception:  # noqa: BLE001 - gone, or not ours to inspect
+    except Exception:
         return False
     return "dsgraph.runtime.worker" in cmdline and str(run_dir) in cmdline
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
+from dsgraph.plan import Source, SourceKind
 from dsgraph.runtime import builtins
 
 
@@ -37,24 +39,24 @@ def resolve_factory(target: str) -> Callable:
     return fn
 
 
-def _call_args(args: list[list]) -> tuple[list, dict]:
+def _call_args(args: tuple[tuple[str, Any], ...]) -> tuple[list[Any], dict[str, Any]]:
     positional = [v for k, v in args if k.isdigit()]
     keywords = {k: v for k, v in args if not k.isdigit()}
     return positional, keywords
 
 
-def build(source: dict, table: dict[str, Callable], base_dir: Path, weights: bool = True) -> Any:
+def build(source: Source, table: dict[str, Callable[..., Any]], base_dir: Path, weights: bool = True) -> Any:
     """weights=False: an hf directory's model from its config alone (the meta-device estimate)."""
-    kind, target = source["kind"], source["target"]
-    positional, keywords = _call_args(source["args"])
-    if kind == "builtin":
+    kind, target = source.kind, source.target
+    positional, keywords = _call_args(source.args)
+    if kind is SourceKind.BUILTIN:
         # Files a built-in reads are relative to the .dsg file, like everything it names.
         if "path" in keywords:
             keywords["path"] = str(base_dir / keywords["path"])
         if keywords.get("tokenizer", "bytes") != "bytes":
             keywords["tokenizer"] = str(base_dir / keywords["tokenizer"])
         return table[target](*positional, **keywords)
-    if kind == "factory":
+    if kind is SourceKind.FACTORY:
         return resolve_factory(target)(*positional, **keywords)
     return build_hf(positional, keywords, base_dir, weights)
 
@@ -77,11 +79,11 @@ def hf_task(config, task: str | None) -> str:
     return "causal_lm"
 
 
-def model_task(source: dict, model) -> str | None:
+def model_task(source: Source, model: Any) -> str | None:
     """The Hugging Face task of a built model (None for other models)."""
-    if source["kind"] != "hf":
+    if source.kind is not SourceKind.HF:
         return None
-    return hf_task(getattr(model, "config", None), dict((k, v) for k, v in source["args"]).get("task"))
+    return hf_task(getattr(model, "config", None), source.arg("task"))
 
 
 def hf_config(positional: list, keywords: dict, base_dir: Path):

@@ -13,6 +13,10 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
+
+from dsgraph.plan import Plan, PlanError
+from dsgraph.runtime import control
 
 EXIT_FAILED = 1
 
@@ -38,22 +42,26 @@ def _quiet() -> None:
 def run(run_dir: Path) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     _quiet()
-    plan = json.loads((run_dir / "plan.json").read_text())
+    started = time.perf_counter()
+    try:
+        plan = Plan.from_json((run_dir / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, PlanError) as error:
+        _report_failure(run_dir, rank, RuntimeError(f"{run_dir / 'plan.json'}: {error}"), internal=False)
+        os._exit(EXIT_FAILED)
     from dsgraph.runtime.executor import Executor     # imports torch and deepspeed
 
-    started = time.perf_counter()
     executor = Executor(plan, run_dir, rank, world)
     try:
         executor.setup()
         setup_time = time.perf_counter() - started
         metrics = executor.train()
-        executor.heartbeat.beat(2, executor.total_steps)      # finished training: no watchdog
+        executor.heartbeat.beat(control.FINISHED, executor.total_steps)      # finished training: no watchdog
         exported = [] if executor.stopped_early else executor.export()
         executor.write_rank_report()
         train_time = time.perf_counter() - started - setup_time
         metrics.close(_summary(plan, executor.last_step, metrics.last, exported, setup_time, train_time, run_dir))
         executor.backend.shutdown()
-    except BaseException as error:  # noqa: BLE001 - every failure is reported, then the rank exits
+    except BaseException as error:
         _report_failure(run_dir, rank, error)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -67,13 +75,16 @@ def run(run_dir: Path) -> int:
     os._exit(0)
 
 
-def _report_failure(run_dir: Path, rank: int, error: BaseException) -> None:
+def _report_failure(run_dir: Path, rank: int, error: BaseException, internal: bool = True) -> None:
     from dsgraph.runtime.executor import RunFailure
 
+    record: dict[str, Any]
     if isinstance(error, RunFailure):
         record = {"rank": rank, **error.to_json()}
     elif isinstance(error, KeyboardInterrupt):
         record = {"rank": rank, "where": "interrupted", "span": None, "error": "KeyboardInterrupt"}
+    elif not internal:
+        record = {"rank": rank, "where": "loading the plan", "span": None, "error": str(error)}
     else:
         record = {"rank": rank, "where": "dsgraph runtime", "span": None,
                   "error": f"{type(error).__name__}: {error}", "internal": True}
@@ -83,10 +94,10 @@ def _report_failure(run_dir: Path, rank: int, error: BaseException) -> None:
     (run_dir / "failures" / f"rank{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _summary(plan: dict, steps: int, last: dict, exported: list[Path], setup: float, train: float,
+def _summary(plan: Plan, steps: int, last: dict[str, Any], exported: list[Path], setup: float, train: float,
              run_dir: Path) -> list[str]:
-    stopped = "" if steps == plan["settings"]["steps"] or plan["settings"]["steps"] is None else " (stopped early)"
-    lines = [f"done: {plan['pipeline']}, {steps} steps{stopped} in {train:.1f} s "
+    stopped = "" if steps == plan.settings.steps or plan.settings.steps is None else " (stopped early)"
+    lines = [f"done: {plan.pipeline}, {steps} steps{stopped} in {train:.1f} s "
              f"(setup {setup:.1f} s), {last.get('samples_per_s', 0):.0f} samples/s"]
     for name, value in last.get("losses", {}).items():
         lines.append(f"  loss {name:<12} {value:.6f}   (step {last['step']})")

@@ -44,7 +44,7 @@ class Ident:
 
 @dataclass(frozen=True, slots=True)
 class ListValue:
-    items: tuple["Value", ...]
+    items: tuple[Value, ...]
     span: Span
 
 
@@ -53,7 +53,7 @@ class Arg:
     """`value` or `name = value`, in a call's argument list (values or expressions)."""
 
     name: Name | None
-    value: Union["Value", "Expr"]
+    value: Value | Expr
     span: Span
 
 
@@ -71,7 +71,7 @@ class Entry:
     """`key = value` in a block, or a bare flag (`frozen`) when `value` is None."""
 
     key: Name
-    value: Union["Value", None]
+    value: Value | None
     span: Span
 
 
@@ -100,14 +100,14 @@ class FactoryRef:
 
 @dataclass(frozen=True, slots=True)
 class Attr:
-    obj: "Expr"
+    obj: Expr
     name: Name
     span: Span
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    callee: "Expr"
+    callee: Expr
     args: tuple[Arg, ...]
     span: Span
 
@@ -115,14 +115,14 @@ class Call:
 @dataclass(frozen=True, slots=True)
 class BinOp:
     op: str
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
     span: Span
 
 
 @dataclass(frozen=True, slots=True)
 class Neg:
-    operand: "Expr"
+    operand: Expr
     span: Span
 
 
@@ -205,7 +205,7 @@ class Pipeline:
 
 @dataclass(frozen=True, slots=True)
 class File:
-    items: tuple[Union[Include, ZeroDecl, Pipeline], ...]
+    items: tuple[Include | ZeroDecl | Pipeline, ...]
     span: Span
 
 
@@ -231,7 +231,7 @@ def _dump(node: object, indent: int, out: list[str], label: str) -> None:
     if isinstance(node, Name):
         out.append(f"{pad}{label}{node.text} @{node.span.line}:{node.span.col}")
         return
-    span = getattr(node, "span")
+    span = node.span
     simple = [f for f in fields(node) if f.name != "span"]
     out.append(f"{pad}{label}{type(node).__name__} @{span.line}:{span.col}")
     for f in simple:

@@ -4,6 +4,11 @@ DeepSpeed silently ignores a misspelled top-level key; dsgraph reports it (DSG40
 did-you-mean. Nothing here imports deepspeed."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from dsgraph.plan import Fill
+
 TOP_LEVEL = frozenset({
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "amp", "torch_autocast",
@@ -74,15 +79,17 @@ TYPES = {
 # Keys DeepSpeed also takes as null (its config classes declare them Optional).
 NULLABLE = frozenset({"zero_optimization.offload_param", "zero_optimization.offload_optimizer"})
 
-# "auto" values the runtime fills from the model itself (Accelerate's rules: hidden size based).
-RUNTIME_AUTO = {
-    "zero_optimization.reduce_bucket_size": "hidden_size * hidden_size of the model",
-    "zero_optimization.allgather_bucket_size": "hidden_size * hidden_size of the model",
-    "zero_optimization.stage3_prefetch_bucket_size": "0.9 * hidden_size * hidden_size of the model",
-    "zero_optimization.stage3_param_persistence_threshold": "10 * hidden_size of the model",
-    "zero_optimization.stage3_max_live_parameters": "DeepSpeed's default (1e9)",
-    "zero_optimization.stage3_max_reuse_distance": "DeepSpeed's default (1e9)",
-}
+# "auto" values the run fills from the model itself (Accelerate's rules, hidden-size based).
+RUNTIME_AUTO = frozenset({Fill.REDUCE_BUCKET_SIZE, Fill.ALLGATHER_BUCKET_SIZE, Fill.PREFETCH_BUCKET_SIZE,
+                          Fill.PARAM_PERSISTENCE_THRESHOLD, Fill.MAX_LIVE_PARAMETERS, Fill.MAX_REUSE_DISTANCE})
+
+
+def zero_stage(config: Mapping[str, Any]) -> int | None:
+    """The ZeRO stage a DeepSpeed config sets: 0 when it sets none, None when it is "auto" (which
+    nothing fills: DSG412). Lowering has dropped a stage of the wrong type or out of range."""
+    zero = config.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
+    return None if stage == "auto" else int(stage)
 
 
 def known_children(path: str) -> frozenset[str] | None:

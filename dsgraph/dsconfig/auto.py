@@ -10,9 +10,39 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dsgraph import dsconfig, ir, memory
+from typing import Any
+
+from dsgraph import ir
 from dsgraph.diagnostics import Diagnostics, Note
-from dsgraph.zeroconf import _INLINE_DEFAULTS
+from dsgraph.dsconfig import estimate as memory
+from dsgraph.dsconfig.keys import zero_stage
+from dsgraph.dsconfig.resolve import precision_of, resolve
+from dsgraph.dsconfig.sizes import human
+from dsgraph.dsconfig.zero import INLINE_DEFAULTS
+
+
+# -- zero = auto --------------------------------------------------------------------------------
+
+# (stage, offload_optimizer, offload_param), least sharded first.
+CANDIDATES = ((0, False, False), (1, False, False), (2, False, False), (3, False, False), (3, True, False),
+              (3, True, True))
+
+
+def candidate_config(stage: int, off_opt: bool, off_param: bool) -> dict[str, Any]:
+    """The `zero_optimization` of a candidate, as the inline block `{ stage = N ... }` gives it."""
+    zero: dict[str, Any] = {"stage": stage}
+    if off_opt:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if off_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return zero
+
+
+def candidates(trained: bool, shared_loss: bool) -> list[tuple[int, bool, bool]]:
+    """Stages 1-2 shard nothing of a frozen model; a shared loss needs ZeRO >= 1 (DSG403)."""
+    out = [c for c in CANDIDATES if trained or c[0] in (0, 3)]
+    out = [c for c in out if trained or not c[1]]
+    return [c for c in out if not (shared_loss and c[0] == 0)]
 
 
 def has_auto(pipeline: ir.Pipeline) -> bool:
@@ -41,30 +71,32 @@ def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
     trained = {name for t in p.trains for name in t.models}
     shared = {name for t in p.trains if len(t.models) > 1 for name in t.models}
     base = Path(p.file).parent
+    from dsgraph.runtime.meta import budget as device_budget, count_elements   # torch, the models' builders
+
     counts: dict[str, memory.Counts] = {}
     for m in p.models.values():
         try:
-            counts[m.name] = memory.count_elements(m.source.to_json(), base, m.lora.params if m.lora else None)
-        except Exception as error:  # noqa: BLE001 - any failure of the model's builder is the user's to see
+            counts[m.name] = count_elements(m.source, base, m.lora)
+        except Exception as error:
             for a in auto:
                 notes = () if a is m else (Note(f"`{m.name}` is declared here", m.span),)
                 diags.add("DSG416", a.spans["zero"], f"`zero = auto` needs the size of `{m.name}`, which could "
                           f"not be built on the meta device: {type(error).__name__}: {error}",
                           "fix the model's source, or give the stage: `zero = { stage = 3 }`", *notes)
-            return _assign(p, {a.name: (memory.CANDIDATES[-1], None) for a in auto})
-    budget = memory.budget(device_memory, world)
+            return _assign(p, {a.name: (CANDIDATES[-1], None) for a in auto})
+    budget = device_budget(device_memory, world)
 
     def estimate(m: ir.Model, candidate=None) -> memory.ModelEstimate:
         role = "trained" if m.name in trained else "frozen"
-        config = dsconfig.resolve(p, m, role == "trained", world_size).config
+        config = resolve(p, m, role == "trained", world_size).config
         if candidate is not None:
-            config["zero_optimization"] = memory.candidate_config(*candidate)
-        stage = candidate[0] if candidate is not None else dsconfig.stage_of(p, m)
-        return memory.estimate_model(m.name, role, stage, dsconfig.precision_of(p, m).value, config,
+            config["zero_optimization"] = candidate_config(*candidate)
+        stage = candidate[0] if candidate is not None else zero_stage(config) or 0
+        return memory.estimate_model(m.name, role, stage, precision_of(p, m).value, config,
                                      counts[m.name], world)
 
     fixed = [estimate(m) for m in p.models.values() if m.zero != ir.ZERO_AUTO]
-    options = {m.name: memory.candidates(m.name in trained, m.name in shared) for m in auto}
+    options = {m.name: candidates(m.name in trained, m.name in shared) for m in auto}
     at = dict.fromkeys(options, 0)
     current = {m.name: estimate(m, options[m.name][0]) for m in auto}
     tried: dict[str, list[str]] = {m.name: [] for m in auto}
@@ -79,23 +111,23 @@ def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
             device, host = totals()
             for m in auto:
                 diags.add("DSG415", m.spans["zero"], f"`zero = auto`: nothing fits, not even ZeRO-3 with "
-                          f"optimizer and parameters offloaded: {memory.human(device)} per rank on the device"
-                          f" and {memory.human(host)} in host RAM, for {memory.human(budget.device)} "
-                          f"({budget.source}) and {memory.human(budget.host)} of host RAM per rank",
+                          f"optimizer and parameters offloaded: {human(device)} per rank on the device"
+                          f" and {human(host)} in host RAM, for {human(budget.device)} "
+                          f"({budget.source}) and {human(budget.host)} of host RAM per rank",
                           "use more processes (--world-size), a smaller model or bf16, or a device with "
                           "more memory (--device-memory)")
             return _assign(p, {m.name: (options[m.name][-1], None) for m in auto})
         name = max(movable, key=lambda n: current[n].total)      # the largest moves first
-        tried[name].append(f"{memory.human(current[name].total)} with {_name(options[name][at[name]])}")
+        tried[name].append(f"{human(current[name].total)} with {_name(options[name][at[name]])}")
         at[name] += 1
         current[name] = estimate(p.models[name], options[name][at[name]])
     device, host = totals()
     reasons = {}
     for m in auto:
         choice = options[m.name][at[m.name]]
-        why = f"the least-sharded stage that fits: {memory.human(device)} per rank for all models"
-        why += f" (+{memory.human(host)} in host RAM)" if host else ""
-        why += f" within {memory.human(budget.device)} ({budget.source}), world size {world}"
+        why = f"the least-sharded stage that fits: {human(device)} per rank for all models"
+        why += f" (+{human(host)} in host RAM)" if host else ""
+        why += f" within {human(budget.device)} ({budget.source}), world size {world}"
         if tried[m.name]:
             why += f"; this model alone would need {', '.join(tried[m.name])}"
         reasons[m.name] = (choice, f"zero = auto chose {_name(choice)}: {why}")
@@ -107,7 +139,7 @@ def _assign(p: ir.Pipeline, chosen: dict) -> ir.Pipeline:
     zeros, models = dict(p.zeros), dict(p.models)
     for name, ((stage, opt, param), reason) in chosen.items():
         m = p.models[name]
-        zero = {**_INLINE_DEFAULTS.get(stage, {}), **memory.candidate_config(stage, opt, param)}
+        zero = {**INLINE_DEFAULTS.get(stage, {}), **candidate_config(stage, opt, param)}
         span = m.spans["zero"]
         zeros[f"{name}.zero"] = ir.ZeroConfig(f"{name}.zero", {"zero_optimization": zero}, None, None,
                                               {"zero_optimization.stage": span}, span, auto=reason)

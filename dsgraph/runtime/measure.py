@@ -7,12 +7,14 @@ parameter partition and the fp32 master copy (ZeRO-3 in fp32) counts as paramete
 Activations, communication buckets (`ipg` buffers), temporary copies and allocator caches are not
 counted; nor are tensors on the meta device.
 
-When: a trained model is measured once, as its second optimizer step begins (`watch`), when the
-gradients of the step are reduced and the optimizer states exist (a run of one step is measured
-at its end, after the step has freed its gradients); a frozen model at the report."""
+When: the backend measures a trained model once, as its second optimizer step begins
+(`Backend.watch_memory`), when the gradients of the step are reduced and the optimizer states
+exist (a run of one step is measured at its end, after the step has freed its gradients); a
+frozen model at the report. Only the backend calls `measure`: it reads DeepSpeed's internals."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -115,35 +117,3 @@ def measure(engine, device_type: str | None = None) -> dict[str, int]:
     out["total"] = sum(count.bytes.values())
     out["host"] = count.host
     return out
-
-
-MEASURED_STEP = 2      # ZeRO-3 creates Adam's state in the first step: the second sees it all
-
-
-def watch(handles: dict) -> None:
-    """Measure each trained engine once, as its second optimizer step begins (the gradients of
-    the step are reduced, the optimizer states exist), into `engine.dsgraph_memory`; then put
-    the engine's own `step` back, so that no later step pays for it. Wraps the instance's `step`,
-    which Accelerate's backward calls too."""
-    for handle in handles.values():
-        engine = handle.engine
-        if not handle.trained or hasattr(engine, "dsgraph_memory"):
-            continue
-        step = engine.step
-        boundaries = [0]
-
-        def measured_step(*args, _engine=engine, _step=step, _seen=boundaries, **kwargs):
-            if _engine.is_gradient_accumulation_boundary():
-                _seen[0] += 1
-                if _seen[0] == MEASURED_STEP:
-                    _engine.dsgraph_memory = measure(_engine)     # walks every tensor: once per run
-                    _engine.step = _step
-            return _step(*args, **kwargs)
-
-        engine.dsgraph_memory = None
-        engine.step = measured_step
-
-
-def report(handles: dict) -> dict[str, dict[str, int]]:
-    """The measurement of every model: a trained one's at its second step, a frozen one's now."""
-    return {name: getattr(h.engine, "dsgraph_memory", None) or measure(h.engine) for name, h in handles.items()}

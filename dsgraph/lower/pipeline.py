@@ -1,61 +1,29 @@
-"""AST -> IR: one pipeline, names resolved, settings typed, defaults filled (DSG1xx/2xx)."""
+"""AST -> IR: one pipeline, names resolved, settings typed, defaults filled (DSG106, DSG2xx)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from dsgraph import catalogue, ir
 from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
-from dsgraph.lossexpr import LossLowering
+from dsgraph.dsconfig.zero import ZeroBuilder
+from dsgraph.load import Loaded, SharedZero
+from dsgraph.lower.losses import LossLowering
+from dsgraph.lower.values import INVALID, bind_args, check_type, describe, to_python
+from dsgraph.plan import Lora, Precision, Source, SourceKind
 from dsgraph.source import SourceFile, Span
 from dsgraph.syntax import ast
-from dsgraph.syntax.parser import parse
-from dsgraph.values import INVALID, bind_args, check_type, describe, to_python
-from dsgraph.zeroconf import ZeroBuilder
 
 
-def lower(tree: ast.File, source: SourceFile, diags: Diagnostics,
-          sources: dict[str, SourceFile]) -> ir.Pipeline | None:
-    pipelines = [item for item in tree.items if isinstance(item, ast.Pipeline)]
+def lower(loaded: Loaded, diags: Diagnostics, sources: dict[str, SourceFile]) -> ir.Pipeline | None:
+    """The IR of the file's one pipeline (DSG106 when it declares none or several). `sources`
+    receives the DeepSpeed JSON files its `zero` blocks read."""
+    pipelines = [item for item in loaded.tree.items if isinstance(item, ast.Pipeline)]
     if len(pipelines) != 1:
-        span = pipelines[1].name.span if pipelines else source.whole()
+        span = pipelines[1].name.span if pipelines else loaded.source.whole()
         diags.add("DSG106", span, f"a .dsg file declares exactly one pipeline; this one has {len(pipelines)}",
                   "write `pipeline NAME { ... }`; share ZeRO configs between files with `include`")
         return None
-    shared_zeros = _included_zeros(tree, source, diags, sources, [source.name], set())
-    return _Lowerer(source.name, diags, sources).pipeline(pipelines[0], shared_zeros)
-
-
-def _included_zeros(tree: ast.File, source: SourceFile, diags: Diagnostics,
-                    sources: dict[str, SourceFile], chain: list[str],
-                    seen: set[Path]) -> list[tuple[ast.ZeroDecl, str]]:
-    """Top-level `zero` blocks of this file and of the files it includes, with their file name.
-    A file included twice (`a` and `b` both include `c`) is read once."""
-    found = [(item, source.name) for item in tree.items if isinstance(item, ast.ZeroDecl)]
-    for inc in (i for i in tree.items if isinstance(i, ast.Include)):
-        path = Path(source.name).parent / inc.path.value
-        if path.resolve() in {Path(c).resolve() for c in chain}:   # `a/../a.dsg` is `a.dsg`
-            diags.add("DSG107", inc.path.span, f"`{inc.path.value}` includes itself through "
-                      f"{' -> '.join(chain)}", "remove one of the includes")
-            continue
-        if not path.is_file():
-            diags.add("DSG107", inc.path.span, f"included file `{inc.path.value}` does not exist",
-                      f"paths are relative to the including file; looked for {path}")
-            continue
-        if path.resolve() in seen:
-            continue
-        seen.add(path.resolve())
-        included = SourceFile.read(path)
-        sources[included.name] = included
-        sub = parse(included, diags)
-        if sub is None:
-            continue
-        if any(isinstance(i, ast.Pipeline) for i in sub.items):
-            diags.add("DSG107", inc.path.span, f"included file `{inc.path.value}` declares a pipeline",
-                      "an included file holds only `zero` blocks and further `include`s")
-            continue
-        found += _included_zeros(sub, included, diags, sources, [*chain, str(path)], seen)
-    return found
+    return _Lowerer(loaded.source.name, diags, sources).pipeline(pipelines[0], loaded.zeros)
 
 
 def _keyword_span(node: ast.Source, name: str) -> Span:
@@ -70,12 +38,13 @@ class _Lowerer:
         self.names: dict[str, Span] = {}        # data, model and loss names share one namespace
         self.zero_names: dict[str, Span] = {}
 
-    def pipeline(self, node: ast.Pipeline, shared_zeros) -> ir.Pipeline | None:
+    def pipeline(self, node: ast.Pipeline, shared_zeros: tuple[SharedZero, ...]) -> ir.Pipeline | None:
         items = node.items
         settings = self._settings([i for i in items if isinstance(i, ast.Setting)], node)
         builder = ZeroBuilder(self.filename, self.diags, self.sources)
         zeros: dict[str, ir.ZeroConfig] = {}
-        for decl, filename in [*shared_zeros, *((i, self.filename) for i in items if isinstance(i, ast.ZeroDecl))]:
+        own = [SharedZero(i, self.filename) for i in items if isinstance(i, ast.ZeroDecl)]
+        for decl, filename in ((z.decl, z.file) for z in (*shared_zeros, *own)):
             if self._declare(decl.name, self.zero_names, "ZeRO config"):
                 local = builder if filename == self.filename else ZeroBuilder(filename, self.diags, self.sources)
                 zeros[decl.name.text] = local.build(decl.name.text, decl.span, decl.file, decl.block)
@@ -165,20 +134,20 @@ class _Lowerer:
         get = lambda k: values.get(k, catalogue.SETTINGS[k].default)  # noqa: E731
         return ir.Settings(get("seed"), get("steps"), get("epochs"), get("micro_batch"), get("grad_accum"),
                            "grad_accum" in values, get("log_every"), get("checkpoint_every"),
-                           ir.Precision(get("precision")), spans)
+                           Precision(get("precision")), spans)
 
     # -- sources -------------------------------------------------------------------------------
 
-    def _source(self, node: ast.Source, table: dict[str, catalogue.Builtin], kind: str) -> ir.Source | None:
+    def _source(self, node: ast.Source, table: dict[str, catalogue.Builtin], kind: str) -> Source | None:
         if node.factory is not None:
             args = self._free_args(node.args)
-            return ir.Source(ir.SourceKind.FACTORY, node.factory, args, node.span) if args is not None else None
+            return Source(SourceKind.FACTORY, node.factory, args, node.span) if args is not None else None
         path = [n.text for n in node.path]
         if path == ["hf"] and kind == "model":
             args = self._free_args(node.args)
             if args is None:
                 return None
-            if not args or not (args[0][0] == "0" and isinstance(args[0][1], str)
+            if not args or not ((args[0][0] == "0" and isinstance(args[0][1], str))
                                 or any(k == "config" for k, _ in args)):
                 self.diags.add("DSG205", node.span, "`hf` needs a local directory or a config",
                                'write `hf("path/to/model")` or `hf(config="config.json")`')
@@ -194,7 +163,7 @@ class _Lowerer:
                                'add e.g. `model_type = "gpt2"`: Transformers picks the config class from it')
                 return None
             target = named.get("0", named.get("config"))
-            return ir.Source(ir.SourceKind.HF, target if isinstance(target, str) else "config", args, node.span)
+            return Source(SourceKind.HF, target if isinstance(target, str) else "config", args, node.span)
         if len(path) == 2 and path[0] == "builtin":
             spec = table.get(path[1])
             if spec is None:
@@ -204,7 +173,7 @@ class _Lowerer:
             bound = bind_args(spec, kind, node.args, node.span, self.diags)
             if bound is None:
                 return None
-            return ir.Source(ir.SourceKind.BUILTIN, spec.name, tuple(sorted(bound.items())), node.span)
+            return Source(SourceKind.BUILTIN, spec.name, tuple(sorted(bound.items())), node.span)
         written = ".".join(path)
         self.diags.add("DSG213", node.span, f"`{written}(...)` is not a {kind} source",
                        f"write `builtin.NAME(...)`, `package.module:function(...)`"
@@ -224,7 +193,7 @@ class _Lowerer:
         if source is None:
             return None
         fields = None
-        if source.kind is ir.SourceKind.BUILTIN:
+        if source.kind is SourceKind.BUILTIN:
             spec = catalogue.DATA[source.target]
             fields = spec.fields if spec.fields is not None else (
                 tuple(dict(source.args)["fields"]) if dict(source.args).get("fields") else None)
@@ -251,9 +220,10 @@ class _Lowerer:
             spans[key] = entry.span
             props[key] = self._property(name, key, entry, zeros, builder)
         lora = props.get("lora")
-        if source is not None and isinstance(lora, ir.Lora) and lora.params["targets"] is None \
-                and source.kind is not ir.SourceKind.HF:
-            self.diags.add("DSG205", lora.span, f"lora on `{name}` needs `targets`: PEFT knows default "
+        if source is not None and isinstance(lora, Lora) and lora.targets is None \
+                and source.kind is not SourceKind.HF:
+            call = next(e.value for e in decl.block.entries if e.key.text == "lora") if decl.block else None
+            self.diags.add("DSG205", call.span if call else spans["lora"], f"lora on `{name}` needs `targets`: PEFT knows default "
                            "targets only for Hugging Face architectures",
                            'name the layers to adapt, e.g. `lora(r=8, targets=["0", "2"])` for an '
                            "mlp's first two Linear layers")
@@ -312,7 +282,7 @@ class _Lowerer:
             self.diags.add("DSG209", value.span, f"precision must be one of {', '.join(catalogue.PRECISIONS)}, "
                            f"not {describe(python)}", "write `precision = bf16`")
             return INVALID
-        return ir.Precision(python)
+        return Precision(python)
 
     def _lora(self, bound: dict[str, Any], value: ast.CallValue) -> Any:
         args = {a.name.text if a.name else catalogue.ADAPTERS["lora"].params[i].name: a
@@ -333,7 +303,8 @@ class _Lowerer:
                            'name the modules to adapt, e.g. `targets=["c_attn"]`, or leave `targets` out '
                            "for PEFT's defaults of the architecture")
             return INVALID
-        return ir.Lora({**bound, "alpha": float(bound["alpha"])}, value.span)
+        targets = tuple(bound["targets"]) if bound["targets"] is not None else None
+        return Lora(bound["r"], float(bound["alpha"]), float(bound["dropout"]), targets, bound["merge"])
 
     def _zero_ref(self, model: str, value: ast.Value, zeros, builder: ZeroBuilder) -> Any:
         if isinstance(value, ast.Ident):

@@ -1,10 +1,9 @@
 """The memory estimate (`dsgraph compile --memory`, `zero = auto`): per model and per rank, the
 bytes of parameters, gradients and optimizer states that DeepSpeed keeps for the model's ZeRO
-stage, offload, precision and role, computed from the plan's JSON and the model's element counts.
+stage, offload, precision and role, computed from the plan and the model's element counts.
 
 The element counts come from building each model on the meta device with the runtime's own
-builders (no weights are read or allocated). This module imports torch only in `count_elements`;
-the normal compile path does not import it at all. The rules below were read off DeepSpeed
+builders (dsgraph.runtime.meta: no weights are read or allocated); this module imports no torch. The rules below were read off DeepSpeed
 0.19.8 (runtime/zero/stage_1_and_2.py, stage3.py, engine.py) and held against what the runtime
 measures (tests/test_memory.py). They describe the state as an optimizer step begins: the
 step's gradients are reduced and the optimizer states exist. Not counted: activations,
@@ -12,13 +11,11 @@ communication buckets, temporary copies, the allocator's cache, the CUDA context
 from __future__ import annotations
 
 import math
-import os
-import re
-import sys
-import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+
+from dsgraph.dsconfig.sizes import human
+from dsgraph.plan import Plan
 
 FP32 = 4
 _PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -27,33 +24,7 @@ _STATES = {"adam": 2, "adamw": 2, "lamb": 2, "onebitadam": 2, "zerooneadam": 2, 
            "adagrad": 1, "rmsprop": 1, "muadam": 2, "muadamw": 2, "musgd": 1}
 
 
-# -- sizes --------------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
-def parse_size(text: str) -> int:
-    """`16GiB`, `24e9`, `512 MiB`, `1.5GB`, `1000000` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match and match[2].lower()
-    if not match or unit not in _UNITS:
-        raise ValueError(f"expected a size such as 16GiB, 24e9 or 512MB, got {text!r}")
-    value = float(match[1]) * _UNITS[unit]
-    if value < 1:
-        raise ValueError(f"a memory size must be at least 1 byte, got {text!r}")
-    return int(value)
-
-
-def human(n: int | float) -> str:
-    """Bytes in binary units: `512 B`, `3.2 KiB`, `1.50 GiB`."""
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-# -- element counts (torch, meta device) --------------------------------------------------------
+# -- element counts -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Counts:
@@ -66,33 +37,6 @@ class Counts:
     @property
     def total(self) -> int:
         return sum(self.sizes)
-
-
-def count_elements(source: dict, base_dir: Path, lora: dict | None = None) -> Counts:
-    """Builds the model on the meta device with the runtime's builders (an hf directory from its
-    config.json, never its weights) and counts its parameters."""
-    import torch
-
-    from dsgraph.runtime import sources
-
-    # A factory is imported from the .dsg file's directory, as at run time.
-    sys.path.insert(0, str(Path(base_dir).resolve()))
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)      # library deprecations are not the user's
-            model = sources.build(source, sources.model_table(), base_dir, weights=False)
-            if not isinstance(model, torch.nn.Module):
-                raise TypeError(f"the source returned {type(model).__name__}, not a torch.nn.Module")
-            if lora:
-                from dsgraph.runtime import adapters
-
-                model = adapters.apply_lora(model, lora, 0, sources.model_task(source, model))
-            else:
-                model.requires_grad_(True)
-    finally:
-        sys.path.pop(0)
-    params = list(model.parameters())
-    return Counts(tuple(p.numel() for p in params), tuple(p.numel() for p in params if p.requires_grad))
 
 
 # -- the rules ----------------------------------------------------------------------------------
@@ -233,19 +177,16 @@ class Estimate:
         return "\n".join(lines) + "\n"
 
 
-def estimate(plan: dict, world_size: int | None = None, base_dir: Path | None = None,
-             counts: dict[str, Counts] | None = None) -> Estimate:
-    """The estimate of every model of a plan (its JSON form), per rank of `world_size` (default:
-    the plan's, else 1). `counts` spares building models already counted."""
-    world = world_size or plan.get("world_size") or 1
-    base = base_dir if base_dir is not None else Path(plan["file"]).parent
+def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = None) -> Estimate:
+    """The estimate of every model of a plan, per rank of `world_size` (default: the plan's, else
+    1), from each model's element counts (dsgraph.runtime.meta.count_plan)."""
+    world = world_size or plan.world_size or 1
     models = []
-    for m in plan["models"]:
-        c = (counts or {}).get(m["name"]) or count_elements(m["source"], base, m.get("lora"))
-        est = estimate_model(m["name"], m["role"], m["stage"], m["precision"], m["deepspeed_config"], c, world)
-        est.zero_auto = m.get("zero_auto")
+    for m in plan.models:
+        est = estimate_model(m.name, m.role.value, m.stage, m.precision.value, m.deepspeed_config, counts[m.name], world)
+        est.zero_auto = m.zero_auto
         models.append(est)
-    return Estimate(plan["pipeline"], world, models)
+    return Estimate(plan.pipeline, world, models)
 
 
 # -- how much memory there is -------------------------------------------------------------------
@@ -266,56 +207,6 @@ class Budget:
         return device <= self.device and host <= self.host
 
 
-def host_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        import psutil          # not on POSIX
-
-        return psutil.virtual_memory().total
-
-
-def budget(device_memory: int | None, world: int) -> Budget:
-    """--device-memory if given, else the free memory of CUDA device 0, else this machine's RAM
-    shared by the ranks. Host RAM is divided by the world size (a conservative bound for ranks on
-    one machine)."""
-    host = host_memory() // max(world, 1)
-    if device_memory is not None:
-        return Budget(device_memory, host, False, "--device-memory")
-    import torch
-
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(0)
-        return Budget(free, host, False, f"free memory of {torch.cuda.get_device_name(0)}")
-    ranks = f"{world} processes" if world > 1 else "1 process"
-    return Budget(host, host, True, f"no GPU: host RAM {human(host_memory())} shared by {ranks}")
-
-
-def attach_budget(est: Estimate, device_memory: int | None) -> Estimate:
-    b = budget(device_memory, est.world_size)
-    est.device_memory, est.device_source = b.device, b.source
+def attach_budget(est: Estimate, budget: Budget) -> Estimate:
+    est.device_memory, est.device_source = budget.device, budget.source
     return est
-
-
-# -- zero = auto --------------------------------------------------------------------------------
-
-# (stage, offload_optimizer, offload_param), least sharded first.
-CANDIDATES = ((0, False, False), (1, False, False), (2, False, False), (3, False, False), (3, True, False),
-              (3, True, True))
-
-
-def candidate_config(stage: int, off_opt: bool, off_param: bool) -> dict[str, Any]:
-    """The `zero_optimization` of a candidate, as the inline block `{ stage = N ... }` gives it."""
-    zero: dict[str, Any] = {"stage": stage}
-    if off_opt:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if off_param:
-        zero["offload_param"] = {"device": "cpu"}
-    return zero
-
-
-def candidates(trained: bool, shared_loss: bool) -> list[tuple[int, bool, bool]]:
-    """Stages 1-2 shard nothing of a frozen model; a shared loss needs ZeRO >= 1 (DSG403)."""
-    out = [c for c in CANDIDATES if trained or c[0] in (0, 3)]
-    out = [c for c in out if trained or not c[1]]
-    return [c for c in out if not (shared_loss and c[0] == 0)]

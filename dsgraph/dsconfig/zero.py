@@ -10,17 +10,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dsgraph import dskeys
+from dsgraph.dsconfig import keys as dskeys
 from dsgraph.catalogue import OFFLOAD_DEVICES, PRECISIONS
 from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
-from dsgraph.ir import Precision, ZeroConfig
+from dsgraph.ir import ZeroConfig
+from dsgraph.plan import Precision
 from dsgraph.source import SourceFile, Span
 from dsgraph.syntax import ast
-from dsgraph.values import INVALID, describe, to_python
+from dsgraph.lower.values import INVALID, describe, to_python
 
 # Bucket sizes left to DeepSpeed's defaults allocate ~2 GB per backward; dsgraph sizes them from
 # the model at run time unless the block says otherwise.
-_INLINE_DEFAULTS = {
+INLINE_DEFAULTS = {
     1: {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
     2: {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
     3: {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
@@ -48,7 +49,7 @@ class ZeroBuilder:
             precision = self._apply_block(block, config, spans) or precision
             if file is None:
                 stage = config.get("zero_optimization", {}).get("stage", 0)
-                for key, value in _INLINE_DEFAULTS.get(stage if isinstance(stage, int) else 0, {}).items():
+                for key, value in INLINE_DEFAULTS.get(stage if isinstance(stage, int) else 0, {}).items():
                     config.setdefault("zero_optimization", {}).setdefault(key, value)
         return ZeroConfig(name, config, rel, precision, spans, decl_span)
 

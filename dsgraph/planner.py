@@ -1,0 +1,206 @@
+"""The planning stage: the `Plan` (dsgraph.plan) from the checked pipeline and what the earlier
+stages decided: the analysis (roles, groups, evaluation order, gradient ownership), the strategy
+(engines and Accelerators) and the resolved DeepSpeed configs. Nothing is decided here that the
+plan does not show: the setup order, the ops of one training step and the ids that join them."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import networkx as nx
+
+from dsgraph import catalogue, ir
+from dsgraph import graph as g
+from dsgraph import plan as P
+from dsgraph.analysis import Analysis, Role
+from dsgraph.dsconfig.keys import zero_stage
+from dsgraph.dsconfig.resolve import Resolved, precision_of, zero_of
+from dsgraph.plan import Engine, SourceKind, Width
+from dsgraph.strategy import Strategy
+
+
+def build_plan(pipeline: ir.Pipeline, graph: nx.DiGraph, analysis: Analysis, strategy: Strategy,
+               configs: Mapping[str, Resolved], world_size: int | None) -> P.Plan:
+    models = tuple(_model(pipeline, name, analysis, strategy, configs[name])
+                   for name in pipeline.models if analysis.roles[name] is not Role.UNUSED)
+    trains = {t.index: t for t in pipeline.trains}
+    groups = tuple(P.Group(grp.index, grp.loss, strategy.groups[grp.index].engine, strategy.groups[grp.index].reason,
+                           trains[grp.index].span) for grp in analysis.groups)
+    frozen = P.FrozenEngine(strategy.frozen.engine, strategy.frozen.reason) if strategy.frozen else None
+    calls = _call_ids(graph, analysis)
+    data = tuple(P.DataSet(d.name, d.source, d.fields, d.span) for d in pipeline.data.values())
+    s = pipeline.settings
+    settings = P.Settings(s.seed, s.steps, s.epochs, s.micro_batch, s.grad_accum, s.log_every, s.checkpoint_every,
+                          s.precision)
+    losses = tuple(_loss(loss, calls) for name, loss in pipeline.losses.items()
+                   if g.loss_id(name) in analysis.reached)
+    plan = P.Plan(pipeline.name, pipeline.file, world_size, settings, data, models, groups, frozen,
+                  _setup(pipeline, models, engines={m.name: strategy.engine_of(m.name, analysis) for m in models}),
+                  _training_step(pipeline, graph, analysis, calls), losses)
+    for model in plan.models:           # one home for each value: the config says what resolution decided
+        assert model.precision is precision_of(pipeline, pipeline.models[model.name]), model.name
+        assert plan.engine_of(model) is strategy.engine_of(model.name, analysis), model.name
+    return plan
+
+
+def _model(pipeline: ir.Pipeline, name: str, analysis: Analysis, strategy: Strategy, resolved: Resolved) -> P.Model:
+    model = pipeline.models[name]
+    zero = zero_of(pipeline, model)
+    stage = zero_stage(resolved.config)
+    assert stage is not None, f"`{name}`: an \"auto\" stage is DSG412, reported before planning"
+    return P.Model(name, analysis.group_of_model[name] if analysis.roles[name] is Role.TRAINED else None,
+                   strategy.accelerator_of.get(name), model.source, model.zero, model.lora, _sorted(resolved.config),
+                   resolved.fills, _width(model, stage, resolved.fills), zero.auto if zero else None, model.span)
+
+
+def _width(model: ir.Model, stage: int, fills: tuple[P.Fill, ...]) -> Width | None:
+    """Where the run learns the width that bucket sizes follow, when a fill needs it: built-ins and
+    Hugging Face models say it before they are built; a factory's model is measured once built,
+    except under ZeRO-3, which partitions it as it is built (then DeepSpeed-sized defaults)."""
+    if not any(fill.needs_width for fill in fills):
+        return None
+    if model.source.kind is not SourceKind.FACTORY:
+        return Width.SOURCE
+    return Width.DEFAULT if stage == 3 else Width.MODEL
+
+
+def _sorted(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return value
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+def _setup(pipeline: ir.Pipeline, models: tuple[P.Model, ...], engines: dict[str, Engine]) -> tuple[P.SetupStep, ...]:
+    """The order Accelerate needs: the first Accelerator holds every plugin (the first trained
+    model's first, so it is the default); each model is built and prepared with its own plugin
+    selected; the training plugin is selected again before the loop. Native engines follow. Each
+    DeepSpeed config is completed once, before anything reads it: a model measured once built is
+    built first, before the Accelerator that holds its plugin."""
+    steps: list[P.SetupStep] = []
+    step_id = iter(range(1, 10**9)).__next__
+    accel = [m for m in models if engines[m.name] is Engine.ACCELERATE]
+    accel_trained = sorted((m for m in accel if m.trained), key=lambda m: m.accelerator or 0)
+    accel_frozen = [m for m in accel if not m.trained]
+    native = sorted((m for m in models if engines[m.name] is Engine.DEEPSPEED),
+                    key=lambda m: (m.trained, m.group or 0, m.name))
+    if not accel:
+        steps.append(P.InitProcessGroup(step_id(), pipeline.span))
+    for data in pipeline.data.values():
+        steps.append(P.BuildData(step_id(), data.name, data.span))
+    for m in models:
+        if m.width is not Width.MODEL:
+            steps.append(P.CompleteConfig(step_id(), m.name, m.span))
+    built_first = [m for m in accel if m.width is Width.MODEL]
+    for m in built_first:
+        steps += [P.BuildModel(step_id(), m.name, m.span), P.CompleteConfig(step_id(), m.name, m.span)]
+    if accel:
+        plugins = tuple(m.name for m in accel_trained + accel_frozen)
+        steps.append(P.CreateAccelerator(step_id(), 0, plugins, accel_trained[0].span))
+    for index, m in enumerate(accel_trained):
+        if index > 0:
+            steps.append(P.CreateAccelerator(step_id(), m.accelerator or 0, (), m.span))
+        steps.append(P.SelectPlugin(step_id(), m.name, None, m.span))
+        if m not in built_first:
+            steps.append(P.BuildModel(step_id(), m.name, m.span))
+        steps.append(P.Prepare(step_id(), m.name, m.span))
+    for m in accel_frozen:
+        steps.append(P.SelectPlugin(step_id(), m.name, None, m.span))
+        if m not in built_first:
+            steps.append(P.BuildModel(step_id(), m.name, m.span))
+        steps.append(P.Prepare(step_id(), m.name, m.span))
+    for m in native:
+        steps.append(P.BuildModel(step_id(), m.name, m.span))
+        if m.width is Width.MODEL:
+            steps.append(P.CompleteConfig(step_id(), m.name, m.span))
+        steps.append(P.Initialize(step_id(), m.name, m.span))
+    # dsgraph deals the batches itself, in the order Accelerate's prepared DataLoader gives: the
+    # same for both engine kinds, resumable, and free of Accelerate's end-of-data sync.
+    for data in pipeline.data.values():
+        steps.append(P.ShardData(step_id(), data.name, data.span))
+    if accel_trained:
+        first = accel_trained[0]
+        steps.append(P.SelectPlugin(step_id(), first.name, "the training plugin is active during the loop", first.span))
+    return tuple(steps)
+
+
+# -- one training step -------------------------------------------------------------------------
+
+def _call_ids(graph: nx.DiGraph, analysis: Analysis) -> dict[str, str]:
+    """Graph call node -> its id in the plan: `student#1` is the first call of `student` in
+    evaluation order. Only calls some train group depends on are made."""
+    ids: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for node in analysis.order:
+        if node.startswith("call:") and node in analysis.reached:
+            model = graph.nodes[node]["model"]
+            count[model] = count.get(model, 0) + 1
+            ids[node] = f"{model}#{count[model]}"
+    return ids
+
+
+def _training_step(pipeline: ir.Pipeline, graph: nx.DiGraph, analysis: Analysis,
+                   calls: dict[str, str]) -> tuple[P.StepOp, ...]:
+    ops: list[P.StepOp] = []
+    op_id = iter(range(1, 10**9)).__next__
+    for data in pipeline.data.values():
+        ops.append(P.NextBatch(op_id(), data.name, data.span))
+    for node, call_id in calls.items():
+        call: ir.ModelCall = graph.nodes[node]["call"]
+        owners = sorted(analysis.call_groups[node])
+        owner = owners[0] if owners else None
+        ops.append(P.Forward(op_id(), call_id, ir.show_expr(call), call.model,
+                             tuple(_expr(a, calls) for a in call.args),
+                             tuple((k, _expr(v, calls)) for k, v in call.kwargs), owner,
+                             tuple(calls[d] for d in analysis.detached_inputs(node, owner, graph)), call.span))
+    trains = {t.index: t for t in pipeline.trains}
+    for group in analysis.groups:
+        detach = tuple(sorted(calls[c] for c in analysis.in_order(group.reach, "call:")
+                              if analysis.call_groups[c] and group.index not in analysis.call_groups[c]))
+        for loss in analysis.in_order(group.reach, "loss:"):
+            name = graph.nodes[loss]["name"]
+            ops.append(P.ComputeLoss(op_id(), name, group.index, detach, pipeline.losses[name].span))
+        span = trains[group.index].span
+        ops += [P.Backward(op_id(), group.index, span), P.OptimizerStep(op_id(), group.index, span)]
+    return tuple(ops)
+
+
+def _expr(expr: ir.LossExpr, calls: dict[str, str]) -> P.Expr:
+    """An IR expression as the plan's: model calls by their id."""
+    match expr:
+        case ir.Const(value=v, span=s):
+            return P.Const(v, s)
+        case ir.FieldRef(data=d, field=f, span=s):
+            return P.Field(d, f, s)
+        case ir.ModelCall(span=s):
+            return P.CallOutput(calls[g.call_id(expr)], s)
+        case ir.Project(obj=o, attr=a, span=s):
+            return P.Attr(_expr(o, calls), a, s)
+        case ir.LossFn(fn=fn, builtin=b, args=a, kwargs=k, span=s):
+            return P.LossCall(fn, b, tuple(_expr(x, calls) for x in a), tuple((n, _expr(x, calls)) for n, x in k), s)
+        case ir.LossRef(name=n, span=s):
+            return P.LossValue(n, s)
+        case ir.BinOp(op=op, left=left, right=right, span=s):
+            return P.BinOp(op, _expr(left, calls), _expr(right, calls), s)
+        case ir.Neg(operand=o, span=s):
+            return P.Neg(_expr(o, calls), s)
+    raise TypeError(f"not a loss expression: {expr!r}")
+
+
+def _loss(loss: ir.Loss, calls: dict[str, str]) -> P.Loss:
+    """The loss as the weighted sum of its terms, each named for the metrics (`kd/kl`, `kd/ce`)."""
+    terms, seen = [], {}
+    for term in g.split_terms(loss.expr):
+        match term.expr:
+            case ir.LossFn(fn=fn):
+                short = fn.rpartition(":")[2]
+            case ir.LossRef(name=n):
+                short = n
+            case _:
+                short = "term"
+        seen[short] = seen.get(short, 0) + 1
+        name = short if seen[short] == 1 else f"{short}#{seen[short]}"
+        stats = catalogue.LOSSES[term.expr.fn].stats if isinstance(term.expr, ir.LossFn) and term.expr.builtin else ()
+        terms.append(P.Term(f"{loss.name}/{name}", float(term.weight), _expr(term.expr, calls),
+                            ir.show_expr(term.expr), stats))
+    return P.Loss(loss.name, ir.show_expr(loss.expr), tuple(terms), loss.span)

@@ -1,0 +1,55 @@
+"""The sums behind each logged row of metrics.jsonl: every loss, every term and every statistic a
+built-in loss reports, summed over the micro steps of a logged step.
+
+The sums stay on the device, and only logged steps keep them: reading a loss every step would
+sync a GPU every step. Each loss is metered by the first op that computes it (a loss two groups
+compute is logged once)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dsgraph import plan as P
+
+
+class Meter:
+    def __init__(self, plan: P.Plan, device: torch.device):
+        first: dict[str, int] = {}          # loss -> the id of the op that meters it
+        for op in plan.step:
+            if isinstance(op, P.ComputeLoss):
+                first.setdefault(op.loss, op.id)
+        self._metered = frozenset(first.values())
+        terms = [t for loss in first for t in plan.loss(loss).terms]
+        self.losses = list(first)
+        self.terms = [t.name for t in terms]
+        self.stats = [f"{t.name}.{stat}" for t in terms for stat in t.stats]     # `kd/dpo.reward_margin`
+        self._slot = {name: i for i, name in enumerate(self.losses + self.terms + self.stats)}
+        self._device = device
+        self._totals: torch.Tensor | None = None
+
+    def start(self, logged: bool) -> None:
+        """A new optimizer step; only a logged one is summed."""
+        self._totals = torch.zeros(len(self._slot), dtype=torch.float64, device=self._device) if logged else None
+
+    def metering(self, op: P.ComputeLoss) -> bool:
+        return self._totals is not None and op.id in self._metered
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        """Add a loss's, a term's or a statistic's value (by its name) to this step's sums."""
+        assert self._totals is not None
+        self._totals[self._slot[name]] += value.detach() if isinstance(value, torch.Tensor) else value
+
+    def add_stats(self, term: P.Term, values: dict[str, torch.Tensor]) -> None:
+        for stat in term.stats:
+            self.add(f"{term.name}.{stat}", values[stat])
+
+    def means(self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor], micro_steps: int,
+              ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """The step's losses, terms and stats, each the mean over micro steps and ranks."""
+        assert self._totals is not None
+        mean = all_reduce_mean(self._totals / micro_steps).tolist()     # a sync point: once per logged step
+        losses, terms = len(self.losses), len(self.terms)
+        return (dict(zip(self.losses, mean[:losses], strict=True)),
+                dict(zip(self.terms, mean[losses:losses + terms], strict=True)),
+                dict(zip(self.stats, mean[losses + terms:], strict=True)))
