@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.dsgraph-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test check lint bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# The inner loop (well under a minute): lint, types, and every test that starts no other process.
+check: lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not runtime and not spawns and not gpu"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 bench: setup
 	$(BIN)/python benchmarks/compile_speed.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

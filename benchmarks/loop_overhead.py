@@ -38,7 +38,7 @@ import dsgraph.runtime.builtins as builtins  # noqa: E402
 import dsgraph.runtime.data as data_module  # noqa: E402
 import dsgraph.runtime.executor as executor_module  # noqa: E402
 from dsgraph.compiler import compile_file  # noqa: E402
-from dsgraph.runtime import control, engines, metrics  # noqa: E402
+from dsgraph.runtime import control, engines, meter, metrics  # noqa: E402
 
 LOG_EVERY = 10
 ACTIVE = ["hand"]                                   # which loop is running
@@ -81,9 +81,10 @@ def time_helpers() -> None:
     executor_module.control.stop_step = helper("control.stop_step (stat of the stop file)", control.stop_step)
     control.Heartbeat.beat = helper("Heartbeat.beat", control.Heartbeat.beat)
     executor_module.evaluate = helper("evaluate (model-call arguments, loss terms)", executor_module.evaluate)
-    executor_module.Executor._accumulate = helper("Executor._accumulate", executor_module.Executor._accumulate)
     executor_module._to_device = helper("_to_device", executor_module._to_device)
-    for name in ("forward", "backward", "step", "all_reduce_mean", "learning_rate"):
+    for name in ("start", "add", "means"):
+        setattr(meter.Meter, name, helper(f"Meter.{name}", getattr(meter.Meter, name)))
+    for name in ("accumulate", "forward", "backward", "optimizer_step", "all_reduce_mean", "learning_rate"):
         setattr(engines.Backend, name, helper(f"Backend.{name}", getattr(engines.Backend, name)))
 
 
@@ -97,7 +98,8 @@ def main() -> None:
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
-    plan = compile_file(str(ROOT / "pipelines" / "distill.dsg"), world).plan.data
+    plan = compile_file(str(ROOT / "pipelines" / "distill.dsg"), world).plan
+    assert plan is not None
     run_dir = Path(tempfile.mkdtemp(prefix=f"dsgraph-loop-rank{rank}-"))     # metrics, heartbeat
     executor = executor_module.Executor(plan, run_dir, rank, world)
     executor.setup()
@@ -149,7 +151,7 @@ def main() -> None:
         for which in ("dsgraph", "hand") if chunk % 2 == 0 else ("hand", "dsgraph"):
             ACTIVE[0] = which
             if which == "dsgraph":
-                executor.first_step, executor.total_steps = step, step + args.chunk_steps
+                executor.first_step, executor._total_steps = step, step + args.chunk_steps   # one chunk
                 record = executor.train()
                 if record.bar is not None:
                     record.bar.close()
@@ -175,7 +177,7 @@ def report(times: dict[str, list[list[float]]], args) -> None:
     mean = {k: statistics.fmean(v) for k, v in flat.items()}
     inside = {k: LIBRARY[k] / n[k] for k in flat}
     own = {k: mean[k] - inside[k] for k in flat}
-    pairs = [statistics.median(a) / statistics.median(b) for a, b in zip(times["dsgraph"], times["hand"])]
+    pairs = [statistics.median(a) / statistics.median(b) for a, b in zip(times["dsgraph"], times["hand"], strict=True)]
     print(f"\n{args.chunks} chunks x {args.chunk_steps} steps of each loop, alternated, same engines (rank 0):")
     print("| loop | per-step median (ms) | per-step mean (ms) | in libraries (us/step) | own code (us/step) |")
     print("|---|---|---|---|---|")
@@ -183,8 +185,9 @@ def report(times: dict[str, list[list[float]]], args) -> None:
         print(f"| {label} | {statistics.median(flat[k]) * 1e3:.2f} | {mean[k] * 1e3:.2f} | "
               f"{inside[k] * 1e6:.0f} | {own[k] * 1e6:.0f} |")
     extra = own["dsgraph"] - own["hand"]
+    ratio = statistics.median(flat["dsgraph"]) / statistics.median(flat["hand"])
     print(f"\ndsgraph's own code costs {extra * 1e6:.0f} us more per step: {extra / mean['hand'] * 100:.2f} % "
-          f"of the hand-written step; median ratio of the step times {statistics.median(flat['dsgraph']) / statistics.median(flat['hand']):.4f}, "
+          f"of the hand-written step; median ratio of the step times {ratio:.4f}, "
           f"median of per-chunk-pair ratios {statistics.median(pairs):.4f}")
     if HELPERS:
         print("\ndsgraph helpers, per step (library time excluded; nested helpers are included in their callers):")

@@ -1,1 +1,3 @@
-from dsgraph.cli import main; raise SystemExit(main())
+from dsgraph.cli import main
+
+raise SystemExit(main())

@@ -2,11 +2,13 @@
 which group, and where a value must be detached so that one group's backward stays its own."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
 import networkx as nx
 
+from dsgraph.graph import Graph
 from dsgraph import graph as g
 from dsgraph import ir
 
@@ -44,14 +46,14 @@ class Analysis:
     def group(self, index: int) -> Group | None:
         return next((grp for grp in self.groups if grp.index == index), None)
 
-    def in_order(self, nodes, prefix: str) -> list[str]:
+    def in_order(self, nodes: Iterable[str], prefix: str) -> list[str]:
         """The nodes that start with `prefix`, in evaluation order."""
         return sorted((n for n in nodes if n.startswith(prefix)), key=self.position.__getitem__)
 
     def needs_grad(self, call: str) -> bool:
         return bool(self.call_groups.get(call))
 
-    def detached_inputs(self, consumer: str, group: int | None, graph: nx.DiGraph) -> list[str]:
+    def detached_inputs(self, consumer: str, group: int | None, graph: Graph) -> list[str]:
         """Calls feeding `consumer` whose gradients belong to another group: passed detached."""
         out = []
         for pred in sorted(graph.predecessors(consumer)):
@@ -61,7 +63,7 @@ class Analysis:
         return out
 
 
-def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis | None:
+def analyse(pipeline: ir.Pipeline, graph: Graph) -> Analysis | None:
     """The analysis stage; None when losses refer to each other in a cycle (DSG305): nothing is
     computed before anything else then."""
     flow = g.dataflow(graph)
@@ -75,8 +77,8 @@ def analyse(pipeline: ir.Pipeline, graph: nx.DiGraph) -> Analysis | None:
                    for t in trains)
     group_of_model: dict[str, int] = {}
     for group in groups:
-        for model in group.models:
-            group_of_model.setdefault(model, group.index)
+        for name in group.models:
+            group_of_model.setdefault(name, group.index)
     roles = {}
     for name, model in pipeline.models.items():
         if name in group_of_model and not model.frozen:

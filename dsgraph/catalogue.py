@@ -121,7 +121,7 @@ OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
 def type_matches(kind: str, value: Any) -> bool:
-    def number(v):
+    def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     match kind:
         case "int":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from dsgraph.graph import Graph
 from dsgraph import graph as g
 from dsgraph import ir
 from dsgraph.analysis import Analysis, Role
@@ -25,7 +26,7 @@ class Context:
     cycle (DSG305): the checks that need them say nothing then."""
 
     pipeline: ir.Pipeline
-    graph: nx.DiGraph
+    graph: Graph
     analysis: Analysis | None
     strategy: Strategy | None
     configs: Mapping[str, Resolved] | None

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from dsgraph.compiler import Compilation
@@ -108,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            kind = sys.exc_info()[0].__name__
+            kind = type(sys.exc_info()[1]).__name__
             print(f"dsgraph: internal error ({kind}); run again with --debug for the traceback, "
                   "and please report it", file=sys.stderr)
         return EXIT_INTERNAL
 
 
-def _load(path: str, world_size: int | None, overrides: tuple[str, ...] = (), device_memory: int | None = None):
+def _load(path: str, world_size: int | None, overrides: tuple[str, ...] = (),
+          device_memory: int | None = None) -> Compilation | None:
     from dsgraph.compiler import compile_file
 
     if not Path(path).is_file():
@@ -123,7 +124,7 @@ def _load(path: str, world_size: int | None, overrides: tuple[str, ...] = (), de
     return compile_file(path, world_size, overrides, device_memory)
 
 
-def _print_diagnostics(result, stream=sys.stderr) -> None:
+def _print_diagnostics(result: Compilation, stream: TextIO = sys.stderr) -> None:
     from dsgraph.diagnostics import render_summary, render_text
 
     for diag in result.diagnostics:
@@ -132,7 +133,7 @@ def _print_diagnostics(result, stream=sys.stderr) -> None:
         print(render_summary(result.diagnostics, result.source.name), file=stream)
 
 
-def cmd_compile(args) -> int:
+def cmd_compile(args: argparse.Namespace) -> int:
     result = _load(args.file, args.world_size, (), args.device_memory)
     if result is None:
         return EXIT_USAGE
@@ -146,40 +147,42 @@ def cmd_compile(args) -> int:
     _print_diagnostics(result)
     if not result.ok:
         return EXIT_USER
+    plan, pipeline, graph = result.plan, result.ir, result.graph
+    assert plan is not None and pipeline is not None and graph is not None     # no error: every stage ran
     if args.memory:
-        return _print_memory(result, args)
+        return _print_memory(plan, args)
     if args.emit == "ir":
-        sys.stdout.write(result.ir.show())
+        sys.stdout.write(pipeline.show())
     elif args.emit == "graph":
         from dsgraph.graph import show
-        sys.stdout.write(show(result.graph))
+        sys.stdout.write(show(graph))
     elif args.format == "json":
-        sys.stdout.write(result.plan.to_json())
+        sys.stdout.write(plan.to_json())
     else:
         from dsgraph.render import to_text
-        sys.stdout.write(to_text(result.plan))
+        sys.stdout.write(to_text(plan))
     return EXIT_OK
 
 
-def _print_memory(result, args) -> int:
+def _print_memory(plan: Plan, args: argparse.Namespace) -> int:
     """`compile --memory`: the estimate per model and rank (torch is imported here only)."""
     from dsgraph.dsconfig.estimate import attach_budget, estimate
     from dsgraph.runtime.meta import budget, count_plan
 
     try:
-        counts = count_plan(result.plan)
+        counts = count_plan(plan)
     except Exception as error:
         print(f"dsgraph: cannot build the models on the meta device: {type(error).__name__}: {error}",
               file=sys.stderr)
         return EXIT_USER
-    est = estimate(result.plan, counts, args.world_size)
+    est = estimate(plan, counts, args.world_size)
     if args.device_memory is not None:
         attach_budget(est, budget(args.device_memory, est.world_size))
     sys.stdout.write(json.dumps(est.to_json(), indent=2) + "\n" if args.format == "json" else est.to_text())
     return EXIT_OK
 
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     status, report = EXIT_OK, []
     for path in args.files:
         result = _load(path, args.world_size)
@@ -199,7 +202,7 @@ def cmd_check(args) -> int:
     return status
 
 
-def cmd_dot(args) -> int:
+def cmd_dot(args: argparse.Namespace) -> int:
     result = _load(args.file, args.world_size)
     if result is None:
         return EXIT_USAGE
@@ -208,6 +211,7 @@ def cmd_dot(args) -> int:
         return EXIT_USER
     from dsgraph.dot import to_dot
 
+    assert result.graph is not None and result.plan is not None     # no error: every stage ran
     text = to_dot(result.graph, result.plan)
     if not args.output:
         sys.stdout.write(text)
@@ -233,7 +237,7 @@ def cmd_dot(args) -> int:
     return EXIT_OK
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     import os
 
     from dsgraph.runtime import env, launch
@@ -248,6 +252,7 @@ def cmd_run(args) -> int:
     if not result.ok:
         return EXIT_USER
     plan = result.plan
+    assert plan is not None                                         # no error: it was planned
     manifest = None
     if args.resume:
         run_dir = Path(args.resume)
@@ -288,7 +293,7 @@ def _resume_checks(run_dir: Path, plan: Plan, procs: int, result: Compilation) -
         manifest, path = found
         for message, name in checkpoint.differences(manifest["identity"], checkpoint.identity(plan)):
             diags.append(Diagnostic("DSG501", f"the checkpoint at step {manifest['step']} was saved by a "
-                                    f"different plan: {message}", spans.get(name, file_span),
+                                    f"different plan: {message}", spans.get(name or "", file_span),
                                     "resume with the file the run was started with, or start a new run",
                                     (Note(f"checkpoint: {path}"),)))
         if manifest["world_size"] != procs:

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import networkx as nx
 
+from dsgraph.graph import Graph
 from dsgraph import graph as graph_mod
 from dsgraph import ir as ir_mod
 from dsgraph.analysis import Analysis, analyse
@@ -43,7 +43,7 @@ class Compilation:
     diagnostics: list[Diagnostic]
     ast: ast_mod.File | None = None
     ir: ir_mod.Pipeline | None = None
-    graph: nx.DiGraph | None = None
+    graph: Graph | None = None
     analysis: Analysis | None = None
     strategy: Strategy | None = None
     configs: Mapping[str, Resolved] | None = None
@@ -79,18 +79,14 @@ def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, .
              device_memory: int | None) -> Compilation:
     diags = Diagnostics()
     sources = {source.name: source}
-
-    def done(**stages: object) -> Compilation:
-        return Compilation(source, sources, diags.sorted(), **stages)  # type: ignore[arg-type]
-
     tree = parse(source, diags)
     if tree is None:
-        return done()
+        return Compilation(source, sources, diags.sorted())
     if overrides:
         tree = apply_overrides(tree, list(overrides), diags, sources)
     pipeline = lower(load(tree, source, diags, sources), diags, sources)
     if pipeline is None:
-        return done(ast=tree)
+        return Compilation(source, sources, diags.sorted(), tree)
     if any(m.zero == ir_mod.ZERO_AUTO for m in pipeline.models.values()):
         from dsgraph.dsconfig.auto import resolve_auto   # sizes the models on the meta device: torch
 
@@ -103,7 +99,7 @@ def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, .
     plan = None
     if not diags.has_errors and analysis and strategy and configs is not None:
         plan = build_plan(pipeline, graph, analysis, strategy, configs, world_size)
-    return done(ast=tree, ir=pipeline, graph=graph, analysis=analysis, strategy=strategy, configs=configs, plan=plan)
+    return Compilation(source, sources, diags.sorted(), tree, pipeline, graph, analysis, strategy, configs, plan)
 
 
 def compile_file(path: str | Path, world_size: int | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dsgraph.codes import Severity, lookup
 from dsgraph.source import SourceFile, Span
@@ -33,10 +34,10 @@ class Diagnostic:
     def is_error(self) -> bool:
         return self.severity is Severity.ERROR
 
-    def sort_key(self) -> tuple:
+    def sort_key(self) -> tuple[str, int, int, str, str]:
         return (self.span.file, self.span.line, self.span.col, self.code, self.message)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "code": self.code,
             "slug": lookup(self.code).slug,
@@ -113,7 +114,7 @@ def render_summary(diagnostics: list[Diagnostic], filename: str) -> str:
     return f"found {' and '.join(parts)} in {filename}" if parts else f"no problems in {filename}"
 
 
-def did_you_mean(word: str, candidates) -> str:
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """` did you mean `x`?` or an empty string."""
     import difflib
 

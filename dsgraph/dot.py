@@ -2,8 +2,8 @@
 models styled apart, ZeRO stage and precision on each model, loss weights on the edges."""
 from __future__ import annotations
 
-import networkx as nx
 
+from dsgraph.graph import Graph
 from dsgraph.plan import Engine, Plan
 
 
@@ -12,11 +12,11 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _attrs(**attrs) -> str:
+def _attrs(**attrs: object) -> str:
     return "[" + ", ".join(f"{k}={_q(str(v))}" for k, v in attrs.items()) + "]"
 
 
-def to_dot(graph: nx.DiGraph, plan: Plan) -> str:
+def to_dot(graph: Graph, plan: Plan) -> str:
     models = {m.name: m for m in plan.models}
     out = [f"digraph {_q(plan.pipeline)} {{", "  rankdir=LR;", "  node [fontname=\"Helvetica\", fontsize=11];",
            "  edge [fontname=\"Helvetica\", fontsize=10];"]
@@ -60,7 +60,7 @@ def to_dot(graph: nx.DiGraph, plan: Plan) -> str:
         e = graph.edges[u, v]
         match e["kind"]:
             case "term":
-                extra = _attrs(label=f"× {e['weight']:g}")
+                extra = _attrs(label=f"× {e['weight']:g}")  # noqa: RUF001 - a multiplication sign
             case "trains":
                 extra = _attrs(label="trains", style="bold", color="#1f77b4", constraint="false")
             case "weights":

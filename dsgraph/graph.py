@@ -7,10 +7,13 @@ topological order is the evaluation order."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import networkx as nx
 
 from dsgraph import ir
+
+Graph: TypeAlias = "nx.DiGraph[str]"        # node ids: `data:train`, `call:student(train.x)`, ...
 
 
 def data_id(name: str) -> str:
@@ -40,22 +43,21 @@ class Term:
 def split_terms(expr: ir.LossExpr) -> list[Term]:
     """`4.0 * kl(a, b) + ce(a, y) - 0.5 * aux` -> [(4.0, kl), (1.0, ce), (-0.5, aux)]."""
     match expr:
-        case ir.BinOp(op="+", left=l, right=r):
-            return split_terms(l) + split_terms(r)
-        case ir.BinOp(op="-", left=l, right=r):
-            return split_terms(l) + [Term(-t.weight, t.expr) for t in split_terms(r)]
-        case ir.Neg(operand=o):
-            return [Term(-t.weight, t.expr) for t in split_terms(o)]
-        case ir.BinOp(op="*", left=ir.Const(value=c), right=r) if _number(c):
-            return [Term(c * t.weight, t.expr) for t in split_terms(r)] if _single(r) else [Term(c, r)]
-        case ir.BinOp(op="*", left=l, right=ir.Const(value=c)) if _number(c):
-            return [Term(c * t.weight, t.expr) for t in split_terms(l)] if _single(l) else [Term(c, l)]
-        case ir.BinOp(op="/", left=l, right=ir.Const(value=c)) if _number(c) and c != 0:
-            return [Term(t.weight / c, t.expr) for t in split_terms(l)] if _single(l) else [Term(1 / c, l)]
+        case ir.BinOp(op="+", left=left, right=right):
+            return split_terms(left) + split_terms(right)
+        case ir.BinOp(op="-", left=left, right=right):
+            return split_terms(left) + [Term(-t.weight, t.expr) for t in split_terms(right)]
+        case ir.Neg(operand=operand):
+            return [Term(-t.weight, t.expr) for t in split_terms(operand)]
+        case ir.BinOp(op="*", left=ir.Const(value=int() | float() as c), right=other) \
+                | ir.BinOp(op="*", left=other, right=ir.Const(value=int() | float() as c)) if _number(c):
+            return [Term(c * t.weight, t.expr) for t in split_terms(other)] if _single(other) else [Term(c, other)]
+        case ir.BinOp(op="/", left=left, right=ir.Const(value=int() | float() as c)) if _number(c) and c != 0:
+            return [Term(t.weight / c, t.expr) for t in split_terms(left)] if _single(left) else [Term(1 / c, left)]
     return [Term(1.0, expr)]
 
 
-def _number(value) -> bool:
+def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -64,9 +66,9 @@ def _single(expr: ir.LossExpr) -> bool:
 
 
 
-def build(pipeline: ir.Pipeline) -> nx.DiGraph:
+def build(pipeline: ir.Pipeline) -> Graph:
     """The graph stage; the graph is frozen (networkx raises on any change)."""
-    graph = nx.DiGraph(name=pipeline.name)
+    graph: Graph = nx.DiGraph(name=pipeline.name)
     for data in pipeline.data.values():
         graph.add_node(data_id(data.name), kind="data", name=data.name, span=data.span)
     for model in pipeline.models.values():
@@ -82,13 +84,14 @@ def build(pipeline: ir.Pipeline) -> nx.DiGraph:
             graph.add_edge(term_id, loss_id(loss.name), kind="term", weight=term.weight)
             _add_inputs(graph, term.expr, term_id, pipeline)
     for train in pipeline.trains:
-        for model in train.models:
-            if model in pipeline.models and train.loss in pipeline.losses:
-                graph.add_edge(loss_id(train.loss), model_id(model), kind="trains", train=train.index)
-    return nx.freeze(graph)
+        for name in train.models:
+            if name in pipeline.models and train.loss in pipeline.losses:
+                graph.add_edge(loss_id(train.loss), model_id(name), kind="trains", train=train.index)
+    frozen: Graph = nx.freeze(graph)
+    return frozen
 
 
-def _add_inputs(graph: nx.DiGraph, expr: ir.LossExpr, consumer: str, pipeline: ir.Pipeline) -> None:
+def _add_inputs(graph: Graph, expr: ir.LossExpr, consumer: str, pipeline: ir.Pipeline) -> None:
     for node in ir.walk_inputs(expr):
         match node:
             case ir.FieldRef(data=d, field=f):
@@ -109,18 +112,18 @@ def _add_inputs(graph: nx.DiGraph, expr: ir.LossExpr, consumer: str, pipeline: i
                 graph.add_edge(cid, consumer, kind="input")
 
 
-def dataflow(graph: nx.DiGraph) -> nx.DiGraph:
+def dataflow(graph: Graph) -> Graph:
     """The graph without `trains` edges: what is computed from what. A copy, not a view: a
     filtered view costs O(nodes) per `len()`, which makes traversals quadratic."""
-    flow = nx.DiGraph()
+    flow: Graph = nx.DiGraph()
     flow.add_nodes_from(graph.nodes)
-    flow.add_edges_from((u, v) for u, v, kind in graph.edges(data="kind") if kind != "trains")
+    flow.add_edges_from((u, v) for u, v, data in graph.edges(data=True) if data["kind"] != "trains")
     return flow
 
 
 
 
-def show(graph: nx.DiGraph) -> str:
+def show(graph: Graph) -> str:
     """The deterministic text form (`--emit graph`)."""
     lines = [f"graph {graph.graph.get('name', '')}"]
     for node in sorted(graph.nodes):

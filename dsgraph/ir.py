@@ -7,7 +7,7 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from dsgraph.plan import Lora, Precision, Source
 from dsgraph.source import Span
@@ -96,7 +96,7 @@ class Const:
 class FieldRef:
     data: str
     field: str
-    span: Span = field(compare=False)
+    span: Span = dataclasses.field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class Neg:
     span: Span = field(compare=False)
 
 
-LossExpr = Union[Const, FieldRef, ModelCall, Project, LossFn, LossRef, BinOp, Neg]
+LossExpr: TypeAlias = Const | FieldRef | ModelCall | Project | LossFn | LossRef | BinOp | Neg
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -254,8 +254,8 @@ class Pipeline:
             if m.lora:
                 props.append(f"lora{json.dumps(dataclasses.asdict(m.lora), sort_keys=True)}")
             out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
-        for l in self.losses.values():
-            out.append(f"  loss {l.name} = {show_expr(l.expr)}")
+        for loss in self.losses.values():
+            out.append(f"  loss {loss.name} = {show_expr(loss.expr)}")
         for t in self.trains:
             out.append(f"  train {', '.join(t.models)} on {t.loss}")
         return "\n".join(out) + "\n"

@@ -7,7 +7,7 @@ import dataclasses
 
 from dsgraph import catalogue
 from dsgraph.diagnostics import Diagnostics, did_you_mean
-from dsgraph.source import SourceFile
+from dsgraph.source import SourceFile, Span
 from dsgraph.syntax import ast
 from dsgraph.syntax.parse import parse_value
 
@@ -17,7 +17,7 @@ def apply_overrides(tree: ast.File, overrides: list[str], diags: Diagnostics,
     for index, text in enumerate(overrides):
         source = SourceFile(f"--set[{index + 1}]", text)
         sources[source.name] = source
-        key, eq, raw = text.partition("=")
+        key, eq, _ = text.partition("=")
         if not eq or not key.strip():
             diags.add("DSG203", source.whole(), f"`--set {text}` is not `key=value`",
                       "write e.g. `--set steps=40` or `--set student.optimizer.lr=1e-4`")
@@ -53,6 +53,7 @@ def _apply(tree: ast.File, path: list[str], value: ast.Value, source: SourceFile
             return tree
         position = models[path[0]]
         decl = items[position]
+        assert isinstance(decl, ast.ModelDecl)
         block = _set_property(decl.block, path[1:], value, key_span, diags)
         if block is None:
             return tree
@@ -61,7 +62,8 @@ def _apply(tree: ast.File, path: list[str], value: ast.Value, source: SourceFile
         dataclasses.replace(pipeline, items=tuple(items)) if i is pipeline else i for i in tree.items))
 
 
-def _set_property(block: ast.Block | None, path: list[str], value: ast.Value, span, diags) -> ast.Block | None:
+def _set_property(block: ast.Block | None, path: list[str], value: ast.Value, span: Span,
+                  diags: Diagnostics) -> ast.Block | None:
     entries = list(block.entries) if block else []
     prop = path[0]
     if prop not in catalogue.MODEL_PROPERTIES:
@@ -73,7 +75,7 @@ def _set_property(block: ast.Block | None, path: list[str], value: ast.Value, sp
         entry = ast.Entry(ast.Name(prop, span), value, span)
     else:
         current = entries[existing].value if existing is not None else None
-        if not isinstance(current, ast.CallValue):
+        if existing is None or not isinstance(current, ast.CallValue):
             diags.add("DSG207", span, f"the model has no `{prop}(...)` whose `{path[1]}` could be set",
                       f"set the whole property instead, e.g. `--set MODEL.{prop}=adamw(lr=1e-3)`, "
                       f"or declare `{prop} = ...` in the file")

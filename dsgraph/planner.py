@@ -5,9 +5,10 @@ plan does not show: the setup order, the ops of one training step and the ids th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-import networkx as nx
 
+from dsgraph.graph import Graph
 from dsgraph import catalogue, ir
 from dsgraph import graph as g
 from dsgraph import plan as P
@@ -18,7 +19,7 @@ from dsgraph.plan import Engine, SourceKind, Width
 from dsgraph.strategy import Strategy
 
 
-def build_plan(pipeline: ir.Pipeline, graph: nx.DiGraph, analysis: Analysis, strategy: Strategy,
+def build_plan(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, strategy: Strategy,
                configs: Mapping[str, Resolved], world_size: int | None) -> P.Plan:
     models = tuple(_model(pipeline, name, analysis, strategy, configs[name])
                    for name in pipeline.models if analysis.roles[name] is not Role.UNUSED)
@@ -39,6 +40,8 @@ def build_plan(pipeline: ir.Pipeline, graph: nx.DiGraph, analysis: Analysis, str
     for model in plan.models:           # one home for each value: the config says what resolution decided
         assert model.precision is precision_of(pipeline, pipeline.models[model.name]), model.name
         assert plan.engine_of(model) is strategy.engine_of(model.name, analysis), model.name
+    problems = P.lint(plan)
+    assert not problems, problems
     return plan
 
 
@@ -63,10 +66,9 @@ def _width(model: ir.Model, stage: int, fills: tuple[P.Fill, ...]) -> Width | No
     return Width.DEFAULT if stage == 3 else Width.MODEL
 
 
-def _sorted(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
-    return value
+def _sorted(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its keys sorted, at every level: the plan prints it in this order."""
+    return {k: _sorted(v) if isinstance(v, dict) else v for k, v in sorted(config.items())}
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def _setup(pipeline: ir.Pipeline, models: tuple[P.Model, ...], engines: dict[str
 
 # -- one training step -------------------------------------------------------------------------
 
-def _call_ids(graph: nx.DiGraph, analysis: Analysis) -> dict[str, str]:
+def _call_ids(graph: Graph, analysis: Analysis) -> dict[str, str]:
     """Graph call node -> its id in the plan: `student#1` is the first call of `student` in
     evaluation order. Only calls some train group depends on are made."""
     ids: dict[str, str] = {}
@@ -139,7 +141,7 @@ def _call_ids(graph: nx.DiGraph, analysis: Analysis) -> dict[str, str]:
     return ids
 
 
-def _training_step(pipeline: ir.Pipeline, graph: nx.DiGraph, analysis: Analysis,
+def _training_step(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis,
                    calls: dict[str, str]) -> tuple[P.StepOp, ...]:
     ops: list[P.StepOp] = []
     op_id = iter(range(1, 10**9)).__next__
@@ -189,7 +191,8 @@ def _expr(expr: ir.LossExpr, calls: dict[str, str]) -> P.Expr:
 
 def _loss(loss: ir.Loss, calls: dict[str, str]) -> P.Loss:
     """The loss as the weighted sum of its terms, each named for the metrics (`kd/kl`, `kd/ce`)."""
-    terms, seen = [], {}
+    terms: list[P.Term] = []
+    seen: dict[str, int] = {}
     for term in g.split_terms(loss.expr):
         match term.expr:
             case ir.LossFn(fn=fn):

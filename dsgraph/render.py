@@ -45,7 +45,8 @@ def to_text(plan: P.Plan) -> str:
     out.append("models")
     rows = [["name", "role", "engine", "acc", "zero", "precision", "group", "source"]]
     for m in plan.models:
-        rows.append([m.name, m.role.value, plan.engine_of(m).value, "-" if m.accelerator is None else str(m.accelerator),
+        accelerator = "-" if m.accelerator is None else str(m.accelerator)
+        rows.append([m.name, m.role.value, plan.engine_of(m).value, accelerator,
                      f"stage {m.stage.value}", m.precision.value, "-" if m.group is None else str(m.group),
                      f"{m.source.kind.value}:{m.source.target}" + _lora_text(m.lora)])
     out += _table(rows)
@@ -62,14 +63,14 @@ def to_text(plan: P.Plan) -> str:
     out += _table([[f"{st.id:>2}", st.kind, setup_detail(plan, st), _line(st.span)] for st in plan.setup])
     accum = f"; each op runs for each of {s.grad_accum} micro batches" if s.grad_accum > 1 else ""
     out += ["", f"each step{accum}"]
-    out += _table([[f"{op.id:>2}", op.kind, op_detail(plan, op), _line(op.span)] for op in plan.step]) + [""]
+    out += [*_table([[f"{op.id:>2}", op.kind, op_detail(plan, op), _line(op.span)] for op in plan.step]), ""]
     out.append("losses")
-    out += _table([[loss.name, "=", loss.text] for loss in plan.losses]) + [""]
+    out += [*_table([[loss.name, "=", loss.text] for loss in plan.losses]), ""]
     for m in plan.models:
         out.append(f"deepspeed config of {m.name}")
         rules = {fill.value: fill.rule for fill in m.fills}
         rows = [[k, v + (f"   # at run time: {rules[k]}" if k in rules else "")] for k, v in _flat(m.deepspeed_config)]
-        out += _table(rows) + [""]
+        out += [*_table(rows), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -87,7 +88,8 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
             return f"{data} (each rank its own shard, in Accelerate's order)"
         case P.CompleteConfig(model=name):
             m = plan.model(name)
-            values = f"{len(m.fills)} \"auto\" value{'s' if len(m.fills) != 1 else ''}" if m.fills else "nothing \"auto\""
+            count = len(m.fills)
+            values = f"{count} \"auto\" value{'s' if count != 1 else ''}" if count else "nothing \"auto\""
             return f"{name} ({values}" + (f"; {_WIDTH_WORDS[m.width]})" if m.width else ")")
         case P.CreateAccelerator(accelerator=index, plugins=plugins):
             listed = f" plugins=[{', '.join(plugins)}]" if plugins else " (plugins shared)"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,12 +19,12 @@ class Span:
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, str | int]:
         return {"file": self.file, "line": self.line, "col": self.col,
                 "end_line": self.end_line, "end_col": self.end_col}
 
     @staticmethod
-    def from_json(data: dict) -> Span:
+    def from_json(data: dict[str, Any]) -> Span:
         return Span(data["file"], data["line"], data["col"], data["end_line"], data["end_col"])
 
 

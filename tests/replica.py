@@ -70,8 +70,8 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
         sys.path.insert(0, str(base.resolve()))
     micro, accum, steps = settings.micro_batch, settings.grad_accum, settings.steps
     assert steps is not None
-    shards = {d.name: _Shards(sources.build(d.source, builtins.DATA, base), micro, data.data_seed(settings.seed, i), world)
-              for i, d in enumerate(plan.data)}
+    shards = {d.name: _Shards(sources.build(d.source, builtins.DATA, base), micro, data.data_seed(settings.seed, i),
+                              world) for i, d in enumerate(plan.data)}
     models, optimizers, schedulers = {}, {}, {}
     for m in plan.models:
         torch.manual_seed(model_seed(settings.seed, m.name))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
+@pytest.mark.spawns
 def test_compile_twice_in_fresh_processes_is_byte_identical():
     for name in SHIPPED:
         for fmt in ("text", "json"):
@@ -30,6 +32,7 @@ def test_compile_twice_in_fresh_processes_is_byte_identical():
         assert dots[0] == dots[1] and dots[0].startswith("digraph")
 
 
+@pytest.mark.spawns
 def test_compiling_imports_no_torch_deepspeed_accelerate_or_user_code(tmp_path):
     (tmp_path / "usercode_probe.py").write_text("raise SystemExit('user code was imported')\n")
     pipeline = tmp_path / "p.dsg"
@@ -37,14 +40,14 @@ def test_compiling_imports_no_torch_deepspeed_accelerate_or_user_code(tmp_path):
         "builtin.mlp(inputs=32, hidden=[32], outputs=8)", "usercode_probe:make(hidden=32)").replace(
         'file("configs/zero2.json")', "{ stage = 2 }"))
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
         "from dsgraph.cli import main\n"
-        "code = main(['compile', %r])\n"
+        f"code = main(['compile', {str(pipeline)!r}])\n"
         "heavy = sorted(m for m in ('torch', 'deepspeed', 'accelerate', 'transformers', 'usercode_probe')"
         " if m in sys.modules)\n"
         "assert code == 0, code\n"
         "assert not heavy, heavy\n"
-        "print('clean')\n" % (str(tmp_path), str(pipeline)))
+        "print('clean')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("clean")

@@ -143,6 +143,20 @@ _SUBPROCESS_CASES = ["dsg101_double_equals.dsg", "dsg107_include_cycle.dsg", "ds
                      "dsg410_trailing_comma.dsg", "dsg412_auto_without_optimizer.dsg"]
 
 
+def test_every_code_the_code_gives_is_in_the_registry_and_every_registered_code_is_given():
+    """A code written anywhere in dsgraph/ (`"DSG307"`) is registered, so that it has a severity,
+    a corpus case and a docs entry; and no registered code is dead."""
+    used: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "dsgraph").rglob("*.py")):
+        if path.name == "codes.py":         # the registry itself
+            continue
+        for code in re.findall(r"[\"'](DSG\d{3})[\"']", path.read_text(encoding="utf-8")):
+            used.setdefault(code, set()).add(path.relative_to(ROOT).as_posix())
+    assert {code: where for code, where in used.items() if code not in REGISTRY} == {}
+    assert sorted(set(REGISTRY) - set(used)) == []
+
+
+@pytest.mark.spawns
 @pytest.mark.parametrize("name", _SUBPROCESS_CASES)
 def test_cli_check_in_a_fresh_process(name):
     case = ERRORS / name

@@ -42,7 +42,7 @@ def _assert_matches_replica(run_dir: Path, tolerance: float = 1e-5) -> list[dict
     expected = replicate(plan, world=2)
     actual = [m["losses"] for m in metrics(run_dir)]
     assert len(actual) == len(expected) == plan.settings.steps
-    for step, (a, e) in enumerate(zip(actual, expected), 1):
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True), 1):
         for loss in a:
             assert abs(a[loss] - e[loss]) < tolerance, (step, loss, a[loss], e[loss])
     return actual
@@ -185,7 +185,7 @@ def test_lora_trains_only_the_adapter_and_exports_it_and_the_merged_model(pipeli
         assert not torch.allclose(a, plain, atol=1e-4)        # the adapter learned something
     # ZeRO-2 and ZeRO-3 train the same adapter (fp32: the same arithmetic).
     two, three = (metrics(lora_runs[s]) for s in (2, 3))
-    assert all(abs(x["losses"]["kd"] - y["losses"]["kd"]) < 1e-5 for x, y in zip(two, three))
+    assert all(abs(x["losses"]["kd"] - y["losses"]["kd"]) < 1e-5 for x, y in zip(two, three, strict=True))
     local, total = ranks(lora_runs[3])[0]["shards"]["student"]
     assert 0 < local < total                                   # base and adapter partitioned
 

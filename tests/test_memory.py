@@ -2,6 +2,7 @@
 what the runtime measures on each rank, and `zero = auto`."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -26,7 +27,7 @@ W = 2
 def mlp_sizes(inputs: int, hidden: list[int], outputs: int) -> list[int]:
     """Elements of each tensor of builtin.mlp: weight in*out, bias out, per Linear."""
     widths = [inputs, *hidden, outputs]
-    return [n for a, b in zip(widths, widths[1:]) for n in (a * b, b)]
+    return [n for a, b in itertools.pairwise(widths) for n in (a * b, b)]
 
 
 def estimate_of(name: str, world: int = W) -> dict[str, memory.ModelEstimate]:
@@ -129,6 +130,7 @@ def test_zero_auto_offloads_when_stage3_does_not_fit():
     assert m.stage == 3 and m.deepspeed_config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
 
 
+@pytest.mark.spawns
 def test_a_file_without_zero_auto_imports_no_torch_when_compiled():
     script = ("import sys\nfrom dsgraph.cli import main\n"
               "assert main(['compile', 'pipelines/shared_loss.dsg', '--device-memory', '1GiB']) == 0\n"
@@ -139,13 +141,14 @@ def test_a_file_without_zero_auto_imports_no_torch_when_compiled():
 
 # -- against the runtime -------------------------------------------------------------------------
 
-def assert_estimate_holds(run_dir: Path) -> None:
+def assert_estimate_holds(run_dir: Path, world: int = W) -> None:
     """The estimate of a finished run's plan against what each of its ranks measured: within 10%
     for every model, every category and the total. tests/test_runtime.py holds every shipped
-    pipeline's run to it, tests/test_lm.py the language-model pipelines'."""
+    pipeline's run to it, tests/test_lm.py the language-model pipelines', tests/test_gpu.py a run on
+    CUDA."""
     plan = load_plan(run_dir)
-    est = memory.estimate(plan, count_plan(plan), W)
-    for rank in range(W):
+    est = memory.estimate(plan, count_plan(plan), world)
+    for rank in range(world):
         measured = json.loads((run_dir / "ranks" / f"rank{rank}.json").read_text())["memory"]
         assert set(measured) == {m.name for m in est.models}
         for model in est.models:

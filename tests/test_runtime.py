@@ -60,12 +60,12 @@ def test_runs_to_completion_and_leaves_its_files(shipped_run):
 
 
 def test_losses_equal_a_single_process_pytorch_replica(shipped_run):
-    name, run_dir, _ = shipped_run
+    _, run_dir, _ = shipped_run
     plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"] for m in metrics(run_dir)]
     assert len(actual) == len(expected) == STEPS
-    for step, (a, e) in enumerate(zip(actual, expected), 1):
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True), 1):
         assert a.keys() == e.keys()
         for loss in a:
             assert abs(a[loss] - e[loss]) < 1e-5, (step, loss, a[loss], e[loss])
@@ -143,7 +143,7 @@ def test_a_pipeline_built_only_from_factories_runs(tmp_path):
     plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"]["fit"] for m in metrics(run_dir)]
-    assert max(abs(a - e["fit"]) for a, e in zip(actual, expected)) < 1e-5
+    assert max(abs(a - e["fit"]) for a, e in zip(actual, expected, strict=True)) < 1e-5
 
 
 def test_a_failing_factory_on_one_rank_ends_the_run_quickly(tmp_path):

@@ -8,9 +8,10 @@ which the plan carries as `zero_auto`. Checks, configs and the plan then see an 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
-from typing import Any
+from typing import Any, TypeAlias
 
 from dsgraph import ir
 from dsgraph.diagnostics import Diagnostics, Note
@@ -21,11 +22,11 @@ from dsgraph.dsconfig.sizes import human
 from dsgraph.dsconfig.zero import INLINE_DEFAULTS
 
 
-# -- zero = auto --------------------------------------------------------------------------------
+Candidate: TypeAlias = tuple[int, bool, bool]       # (stage, offload_optimizer, offload_param)
 
-# (stage, offload_optimizer, offload_param), least sharded first.
-CANDIDATES = ((0, False, False), (1, False, False), (2, False, False), (3, False, False), (3, True, False),
-              (3, True, True))
+# Least sharded first.
+CANDIDATES: tuple[Candidate, ...] = ((0, False, False), (1, False, False), (2, False, False), (3, False, False),
+                                    (3, True, False), (3, True, True))
 
 
 def candidate_config(stage: int, off_opt: bool, off_param: bool) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def candidate_config(stage: int, off_opt: bool, off_param: bool) -> dict[str, An
     return zero
 
 
-def candidates(trained: bool, shared_loss: bool) -> list[tuple[int, bool, bool]]:
+def candidates(trained: bool, shared_loss: bool) -> list[Candidate]:
     """Stages 1-2 shard nothing of a frozen model; a shared loss needs ZeRO >= 1 (DSG403)."""
     out = [c for c in CANDIDATES if trained or c[0] in (0, 3)]
     out = [c for c in out if trained or not c[1]]
@@ -49,13 +50,13 @@ def has_auto(pipeline: ir.Pipeline) -> bool:
     return any(m.zero == ir.ZERO_AUTO for m in pipeline.models.values())
 
 
-def _offload_words(candidate) -> str:
+def _offload_words(candidate: Candidate) -> str:
     _, opt, param = candidate
     words = [w for w, on in (("optimizer", opt), ("parameters", param)) if on]
     return f" with {' and '.join(words)} offloaded to the CPU" if words else ""
 
 
-def _name(candidate) -> str:
+def _name(candidate: Candidate) -> str:
     return f"ZeRO-{candidate[0]}{_offload_words(candidate)}"
 
 
@@ -86,7 +87,7 @@ def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
             return _assign(p, {a.name: (CANDIDATES[-1], None) for a in auto})
     budget = device_budget(device_memory, world)
 
-    def estimate(m: ir.Model, candidate=None) -> memory.ModelEstimate:
+    def estimate(m: ir.Model, candidate: Candidate | None = None) -> memory.ModelEstimate:
         role = "trained" if m.name in trained else "frozen"
         config = resolve(p, m, role == "trained", world_size).config
         if candidate is not None:
@@ -134,7 +135,7 @@ def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
     return _assign(p, reasons)
 
 
-def _assign(p: ir.Pipeline, chosen: dict) -> ir.Pipeline:
+def _assign(p: ir.Pipeline, chosen: Mapping[str, tuple[Candidate, str | None]]) -> ir.Pipeline:
     """The pipeline with each auto model on an inline config `<model>.zero` of its stage."""
     zeros, models = dict(p.zeros), dict(p.models)
     for name, ((stage, opt, param), reason) in chosen.items():

@@ -3,8 +3,9 @@ bytes of parameters, gradients and optimizer states that DeepSpeed keeps for the
 stage, offload, precision and role, computed from the plan and the model's element counts.
 
 The element counts come from building each model on the meta device with the runtime's own
-builders (dsgraph.runtime.meta: no weights are read or allocated); this module imports no torch. The rules below were read off DeepSpeed
-0.19.8 (runtime/zero/stage_1_and_2.py, stage3.py, engine.py) and held against what the runtime
+builders (dsgraph.runtime.meta: no weights are read or allocated); this module imports no torch.
+The rules below were read off DeepSpeed 0.19.8 (runtime/zero/stage_1_and_2.py, stage3.py,
+engine.py) and held against what the runtime
 measures (tests/test_memory.py). They describe the state as an optimizer step begins: the
 step's gradients are reduced and the optimizer states exist. Not counted: activations,
 communication buckets, temporary copies, the allocator's cache, the CUDA context."""
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from dsgraph.dsconfig.sizes import human
 from dsgraph.plan import Plan
@@ -65,11 +67,11 @@ class ModelEstimate:
     def host_total(self) -> int:
         return sum(self.host.values())
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total, "host_total": self.host_total}
 
 
-def _states(optimizer: dict | None) -> int:
+def _states(optimizer: dict[str, Any] | None) -> int:
     if not optimizer:
         return 0
     kind = str(optimizer.get("type", "")).lower()
@@ -78,13 +80,15 @@ def _states(optimizer: dict | None) -> int:
     return _STATES.get(kind, 2)          # an unknown optimizer: counted like Adam
 
 
-def _offload(zero: dict) -> tuple[bool, bool]:
-    dev = lambda key: str((zero.get(key) or {}).get("device", "none")) if isinstance(zero.get(key), dict) \
-        else "none"  # noqa: E731
-    return dev("offload_optimizer") != "none", dev("offload_param") != "none"
+def _offload(zero: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the optimizer states and the parameters are offloaded."""
+    def device(key: str) -> str:
+        block = zero.get(key)
+        return str(block.get("device", "none")) if isinstance(block, dict) else "none"
+    return device("offload_optimizer") != "none", device("offload_param") != "none"
 
 
-def estimate_model(name: str, role: str, stage: int, precision: str, config: dict, counts: Counts,
+def estimate_model(name: str, role: str, stage: int, precision: str, config: dict[str, Any], counts: Counts,
                    world: int) -> ModelEstimate:
     """Bytes per rank of one model (every rank holds the same: DeepSpeed pads the partitions)."""
     zero = config.get("zero_optimization", {})
@@ -92,7 +96,9 @@ def estimate_model(name: str, role: str, stage: int, precision: str, config: dic
     trained = role == "trained"
     pb = _PRECISION_BYTES[precision]
     mixed = pb != FP32
-    part = lambda n: math.ceil(n / world)  # noqa: E731
+
+    def part(n: int) -> int:         # this rank's share of n elements
+        return math.ceil(n / world)
     host = {"params": 0, "grads": 0, "optimizer_states": 0}
     if stage == 3:
         # Every tensor is split (DeepSpeed pads each to a multiple of the world size). Measured:
@@ -147,7 +153,7 @@ class Estimate:
     def fits(self) -> bool | None:
         return None if self.device_memory is None else self.total <= self.device_memory
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "world_size": self.world_size, "per_rank": True,
                 "models": [m.to_json() for m in self.models], "total": self.total, "host_total": self.host_total,
                 "device_memory": self.device_memory, "device_source": self.device_source, "fits": self.fits}
@@ -162,7 +168,7 @@ class Estimate:
         right = set(range(5, 9))
         lines = [f"memory estimate of {self.pipeline}, per rank, world size {self.world_size}"]
         lines += ["  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+                                   for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
         lines.append(f"  total per device: {human(self.total)} ({self.total} bytes)")
         if self.host_total:
             lines.append(f"  offloaded to host RAM, per rank: {human(self.host_total)}")
@@ -183,7 +189,8 @@ def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = 
     world = world_size or plan.world_size or 1
     models = []
     for m in plan.models:
-        est = estimate_model(m.name, m.role.value, m.stage, m.precision.value, m.deepspeed_config, counts[m.name], world)
+        est = estimate_model(m.name, m.role.value, m.stage, m.precision.value, m.deepspeed_config, counts[m.name],
+                             world)
         est.zero_auto = m.zero_auto
         models.append(est)
     return Estimate(plan.pipeline, world, models)

@@ -85,7 +85,7 @@ def resolve(pipeline: ir.Pipeline, model: ir.Model, trained: bool, world_size: i
     return Resolved(cfg, tuple(sorted(out.runtime, key=lambda f: f.value)), tuple(out.problems))
 
 
-def _precision(pipeline, model, zero, out: _Building) -> None:
+def _precision(pipeline: ir.Pipeline, model: ir.Model, zero: ir.ZeroConfig | None, out: _Building) -> None:
     precision = precision_of(pipeline, model)
     if model.precision and zero and zero.precision and zero.precision is not model.precision:
         out.problem("DSG414", "", f"model `{model.name}` asks for "
@@ -93,8 +93,8 @@ def _precision(pipeline, model, zero, out: _Building) -> None:
                     f"{zero.precision.value}", "make the two agree, or remove one of them")
     for key in ("bf16", "fp16"):
         if precision.value == key:
-            block = out.config.get(key) if isinstance(out.config.get(key), dict) else {}
-            out.config[key] = {**block, "enabled": True}
+            block = out.config.get(key)
+            out.config[key] = {**(block if isinstance(block, dict) else {}), "enabled": True}
         elif isinstance(out.config.get(key), dict):
             out.config[key]["enabled"] = False
 
@@ -154,10 +154,11 @@ def _optimizer(model: ir.Model, out: _Building) -> None:
                             f"`{model.name}` declares no optimizer to fill it from",
                             f"add `optimizer = adamw(lr=...)` to `{model.name}`, or write the value")
     if str(cfg["optimizer"].get("type", "")).lower() not in ("adam", "adamw"):
-        cfg["zero_allow_untested_optimizer"] = True     # DeepSpeed builds it from torch.optim; ZeRO vouches for Adam(W) only
+        # DeepSpeed builds it from torch.optim; ZeRO vouches for Adam(W) only.
+        cfg["zero_allow_untested_optimizer"] = True
 
 
-def _lr(cfg: dict) -> Any:
+def _lr(cfg: dict[str, Any]) -> Any:
     return cfg.get("optimizer", {}).get("params", {}).get("lr")
 
 

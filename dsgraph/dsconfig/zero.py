@@ -64,7 +64,7 @@ class ZeroBuilder:
             return None
         return args[0].value.value
 
-    def _load_json(self, rel: str, call: ast.CallValue) -> tuple[dict, dict[str, Span]]:
+    def _load_json(self, rel: str, call: ast.CallValue) -> tuple[dict[str, Any], dict[str, Span]]:
         path = self.base / rel
         arg_span = call.args[0].value.span
         if not path.is_file():
@@ -98,7 +98,7 @@ class ZeroBuilder:
         _check_types(data, "", spans, arg_span, self.diags)
         return data, spans
 
-    def _check_keys(self, obj: dict, path: str, spans: dict[str, Span], fallback: Span) -> None:
+    def _check_keys(self, obj: dict[str, Any], path: str, spans: dict[str, Span], fallback: Span) -> None:
         """DSG408 for each unknown key, which is then dropped (as DeepSpeed would ignore it)."""
         allowed = dskeys.known_children(path)
         if allowed is None:
@@ -119,7 +119,7 @@ class ZeroBuilder:
 
     # -- inline blocks -------------------------------------------------------------------------
 
-    def _apply_block(self, block: ast.Block, config: dict, spans: dict[str, Span]) -> Precision | None:
+    def _apply_block(self, block: ast.Block, config: dict[str, Any], spans: dict[str, Span]) -> Precision | None:
         precision = None
         for entry in block.entries:
             key, span = entry.key.text, entry.span
@@ -137,7 +137,7 @@ class ZeroBuilder:
                 continue
             if key in ("offload_optimizer", "offload_param") and isinstance(value, str):
                 if value not in OFFLOAD_DEVICES:
-                    self.diags.add("DSG209", entry.value.span, f"`{key}` must be one of "
+                    self.diags.add("DSG209", entry.value.span if entry.value else span, f"`{key}` must be one of "
                                    f"{', '.join(OFFLOAD_DEVICES)}, not {describe(value)}",
                                    f"write `{key} = cpu`, or a block `{key} = {{ device = nvme  nvme_path = \"/x\" }}`")
                     continue
@@ -174,7 +174,7 @@ def _nested_spans(block: ast.Block, path: str, entries: dict[str, Span], values:
             _nested_spans(entry.value, full, entries, values)
 
 
-def _check_types(config: dict, under: str, spans: dict[str, Span], fallback: Span,
+def _check_types(config: dict[str, Any], under: str, spans: dict[str, Span], fallback: Span,
                  diags: Diagnostics) -> None:
     """DSG411 for the keys of dskeys.TYPES set in `config` at `under` or inside it ("": all),
     and DSG209 for a stage other than 0-3. A value reported is dropped from `config`, so that
@@ -183,7 +183,8 @@ def _check_types(config: dict, under: str, spans: dict[str, Span], fallback: Spa
     for path, kind in dskeys.TYPES.items():
         if under and path != under and not path.startswith(under + "."):
             continue
-        parent, parts = config, path.split(".")
+        parent: Any = config
+        parts = path.split(".")
         for part in parts[:-1]:
             parent = parent.get(part) if isinstance(parent, dict) else None
         if not isinstance(parent, dict) or parts[-1] not in parent:
@@ -214,7 +215,7 @@ def _type_ok(kind: str, value: Any) -> bool:
             dskeys.BOOL: isinstance(value, bool)}[kind]
 
 
-def _precision_of_json(config: dict, spans: dict[str, Span], fallback: Span,
+def _precision_of_json(config: dict[str, Any], spans: dict[str, Span], fallback: Span,
                        diags: Diagnostics) -> Precision | None:
     enabled = [p for p in ("bf16", "fp16")
                if isinstance(config.get(p), dict) and config[p].get("enabled") is True]
@@ -253,7 +254,7 @@ def _too_deep_json(text: str) -> int | None:
 _KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
 
 
-def _locate_keys(data: dict, source: SourceFile) -> dict[str, Span]:
+def _locate_keys(data: dict[str, Any], source: SourceFile) -> dict[str, Span]:
     """Spans of the keys of a JSON object, as dotted paths: a single left-to-right scan that
     follows the nesting of braces, so equal key names in different objects are told apart."""
     spans: dict[str, Span] = {}

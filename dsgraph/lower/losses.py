@@ -2,9 +2,16 @@
 a data field or another loss."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TypeAlias
+
 from dsgraph import catalogue, ir
 from dsgraph.diagnostics import Diagnostics, did_you_mean
+from dsgraph.source import Span
 from dsgraph.syntax import ast
+
+Positional: TypeAlias = tuple[ir.LossExpr, ...]
+Keywords: TypeAlias = tuple[tuple[str, ir.LossExpr], ...]
 
 
 class LossLowering:
@@ -41,14 +48,15 @@ class LossLowering:
                 return ir.Neg(operand, s) if operand is not None else None
         raise TypeError(f"not an expression: {expr!r}")
 
-    def _ref(self, name: ast.Name, span) -> ir.LossExpr | None:
+    def _ref(self, name: ast.Name, span: Span) -> ir.LossExpr | None:
         text = name.text
         if text in ("true", "false") and text not in self.losses | set(self.data) | self.models:
             return ir.Const(text == "true", span)       # `shift=true`
         if text in self.losses:
             return ir.LossRef(text, span)
         if text in self.data:
-            fields = self.data[text].fields if self.data[text] is not None else None
+            data = self.data[text]
+            fields = data.fields if data is not None else None
             example = f"{text}.{fields[0]}" if fields else f"{text}.FIELD"
             self.diags.add("DSG212", span, f"data set `{text}` is used without a field",
                            f"name the field: `{example}`")
@@ -59,7 +67,7 @@ class LossLowering:
             self._undefined(text, span, self.losses | set(self.data) | self.models)
         return None
 
-    def _attr(self, obj: ast.Expr, name: ast.Name, span) -> ir.LossExpr | None:
+    def _attr(self, obj: ast.Expr, name: ast.Name, span: Span) -> ir.LossExpr | None:
         if isinstance(obj, ast.Ref) and obj.name.text in self.data:
             data = self.data[obj.name.text]
             if data is None:            # already reported where it is declared
@@ -79,10 +87,11 @@ class LossLowering:
             return None
         return ir.Project(inner, name.text, span)
 
-    def _call(self, callee: ast.Expr, args: tuple[ast.Arg, ...], span) -> ir.LossExpr | None:
-        positional, keywords = self._args(args)
-        if positional is None:
+    def _call(self, callee: ast.Expr, args: tuple[ast.Arg[ast.Expr], ...], span: Span) -> ir.LossExpr | None:
+        lowered = self._args(args)
+        if lowered is None:
             return None
+        positional, keywords = lowered
         match callee:
             case ast.FactoryRef(target=t):
                 return ir.LossFn(t, False, positional, keywords, span)
@@ -101,18 +110,22 @@ class LossLowering:
                                "call a model by name (`student(x)`), a built-in loss (`ce(...)`), or `pkg.mod:fn(...)`")
         return None
 
-    def _args(self, args: tuple[ast.Arg, ...]):
-        positional, keywords, ok = [], [], True
+    def _args(self, args: tuple[ast.Arg[ast.Expr], ...]) -> tuple[Positional, Keywords] | None:
+        positional: list[ir.LossExpr] = []
+        keywords: list[tuple[str, ir.LossExpr]] = []
+        ok = True
         for arg in args:
             value = self.lower(arg.value)
-            ok = ok and value is not None
-            if arg.name is None:
+            if value is None:
+                ok = False
+            elif arg.name is None:
                 positional.append(value)
             else:
                 keywords.append((arg.name.text, value))
-        return (tuple(positional), tuple(keywords)) if ok else (None, None)
+        return (tuple(positional), tuple(keywords)) if ok else None
 
-    def _builtin_loss(self, spec: catalogue.Builtin, positional, keywords, span, args) -> ir.LossExpr | None:
+    def _builtin_loss(self, spec: catalogue.Builtin, positional: Positional, keywords: Keywords, span: Span,
+                      args: tuple[ast.Arg[ast.Expr], ...]) -> ir.LossExpr | None:
         tensors = [p for p in spec.params if p.type == "tensor" and p.default is catalogue.REQUIRED]
         options = {p.name: p for p in spec.params if p not in tensors}
         ok = True
@@ -123,10 +136,11 @@ class LossLowering:
                            f"write `{spec.name}({', '.join(p.name for p in tensors)}"
                            f"{', ' if options else ''}{', '.join(f'{o}=...' for o in options)})`")
             ok = False
-        for (name, value), arg in zip(keywords, [a for a in args if a.name is not None]):
+        named = [(a, a.name) for a in args if a.name is not None]
+        for (name, value), (arg, arg_name) in zip(keywords, named, strict=True):
             param = options.get(name)
             if param is None:
-                self.diags.add("DSG204", arg.name.span, f"loss `{spec.name}` has no option `{name}`"
+                self.diags.add("DSG204", arg_name.span, f"loss `{spec.name}` has no option `{name}`"
                                f"{did_you_mean(name, options)}",
                                f"its options are: {', '.join(options) or 'none'}")
                 ok = False
@@ -139,7 +153,7 @@ class LossLowering:
                 ok = False
         return ir.LossFn(spec.name, True, positional, keywords, span) if ok else None
 
-    def _undefined(self, text: str, span, candidates) -> None:
+    def _undefined(self, text: str, span: Span, candidates: Iterable[str]) -> None:
         self.diags.add("DSG201", span, f"`{text}` is not defined{did_you_mean(text, candidates)}",
                        "declare it with `model`, `data` or `loss`, or use a built-in loss "
                        f"({', '.join(catalogue.LOSSES)})")

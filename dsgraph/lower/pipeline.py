@@ -48,26 +48,26 @@ class _Lowerer:
             if self._declare(decl.name, self.zero_names, "ZeRO config"):
                 local = builder if filename == self.filename else ZeroBuilder(filename, self.diags, self.sources)
                 zeros[decl.name.text] = local.build(decl.name.text, decl.span, decl.file, decl.block)
-        data = {}
-        for decl in (i for i in items if isinstance(i, ast.DataDecl)):
-            if self._declare(decl.name, self.names, "name"):
-                data[decl.name.text] = self._data(decl)
+        data: dict[str, ir.DataSet | None] = {}       # None: declared, with errors
+        for data_decl in (i for i in items if isinstance(i, ast.DataDecl)):
+            if self._declare(data_decl.name, self.names, "name"):
+                data[data_decl.name.text] = self._data(data_decl)
         model_decls = [i for i in items if isinstance(i, ast.ModelDecl)]
         loss_decls = [i for i in items if isinstance(i, ast.LossDecl)]
         models_ok = [d for d in model_decls if self._declare(d.name, self.names, "name")]
         losses_ok = [d for d in loss_decls if self._declare(d.name, self.names, "name")]
-        models = {}
-        for decl in models_ok:
-            model = self._model(decl, zeros, builder)
+        models: dict[str, ir.Model] = {}
+        for model_decl in models_ok:
+            model = self._model(model_decl, zeros, builder)
             if model is not None:
                 models[model.name] = model
         lowering = LossLowering(data,
                                 {d.name.text for d in models_ok}, {d.name.text for d in losses_ok}, self.diags)
-        losses = {}
-        for decl in losses_ok:
-            expr = lowering.lower(decl.expr)
+        losses: dict[str, ir.Loss] = {}
+        for loss_decl in losses_ok:
+            expr = lowering.lower(loss_decl.expr)
             if expr is not None:
-                losses[decl.name.text] = ir.Loss(decl.name.text, expr, decl.span)
+                losses[loss_decl.name.text] = ir.Loss(loss_decl.name.text, expr, loss_decl.span)
         trains = self._trains([i for i in items if isinstance(i, ast.TrainStmt)],
                               {d.name.text for d in models_ok}, {d.name.text for d in losses_ok})
         if settings is None:
@@ -131,7 +131,8 @@ class _Lowerer:
         if any(v is INVALID for v in values.values()) or "micro_batch" not in values \
                 or ("steps" not in values and "epochs" not in values):
             return None
-        get = lambda k: values.get(k, catalogue.SETTINGS[k].default)  # noqa: E731
+        def get(key: str) -> Any:
+            return values.get(key, catalogue.SETTINGS[key].default)
         return ir.Settings(get("seed"), get("steps"), get("epochs"), get("micro_batch"), get("grad_accum"),
                            "grad_accum" in values, get("log_every"), get("checkpoint_every"),
                            Precision(get("precision")), spans)
@@ -154,7 +155,8 @@ class _Lowerer:
                 return None
             named = dict(args)
             if "task" in named and named["task"] not in catalogue.HF_TASKS:
-                self.diags.add("DSG209", _keyword_span(node, "task"), f"hf task must be one of {', '.join(catalogue.HF_TASKS)}, "
+                self.diags.add("DSG209", _keyword_span(node, "task"),
+                               f"hf task must be one of {', '.join(catalogue.HF_TASKS)}, "
                                f"not {describe(named['task'])}", "leave `task` out to use the class the model's "
                                'config names (its "architectures"), or write e.g. `task="causal_lm"`')
                 return None
@@ -180,7 +182,7 @@ class _Lowerer:
                        f"{' or `hf(...)`' if kind == 'model' else ''}")
         return None
 
-    def _free_args(self, args: tuple[ast.Arg, ...]) -> tuple[tuple[str, Any], ...] | None:
+    def _free_args(self, args: tuple[ast.Arg[ast.Value], ...]) -> tuple[tuple[str, Any], ...] | None:
         out, ok = [], True
         for i, arg in enumerate(args):
             value = to_python(arg.value, self.diags)
@@ -223,7 +225,8 @@ class _Lowerer:
         if source is not None and isinstance(lora, Lora) and lora.targets is None \
                 and source.kind is not SourceKind.HF:
             call = next(e.value for e in decl.block.entries if e.key.text == "lora") if decl.block else None
-            self.diags.add("DSG205", call.span if call else spans["lora"], f"lora on `{name}` needs `targets`: PEFT knows default "
+            self.diags.add("DSG205", call.span if call else spans["lora"],
+                           f"lora on `{name}` needs `targets`: PEFT knows default "
                            "targets only for Hugging Face architectures",
                            'name the layers to adapt, e.g. `lora(r=8, targets=["0", "2"])` for an '
                            "mlp's first two Linear layers")
@@ -234,7 +237,8 @@ class _Lowerer:
                         props.get("optimizer"), props.get("scheduler"), props.get("clip"),
                         props.get("precision"), decl.span, spans, props.get("lora"))
 
-    def _property(self, model: str, key: str, entry: ast.Entry, zeros, builder: ZeroBuilder) -> Any:
+    def _property(self, model: str, key: str, entry: ast.Entry, zeros: dict[str, ir.ZeroConfig],
+                  builder: ZeroBuilder) -> Any:
         value = entry.value
         if key == "frozen":
             if value is None:
@@ -306,7 +310,7 @@ class _Lowerer:
         targets = tuple(bound["targets"]) if bound["targets"] is not None else None
         return Lora(bound["r"], float(bound["alpha"]), float(bound["dropout"]), targets, bound["merge"])
 
-    def _zero_ref(self, model: str, value: ast.Value, zeros, builder: ZeroBuilder) -> Any:
+    def _zero_ref(self, model: str, value: ast.Value, zeros: dict[str, ir.ZeroConfig], builder: ZeroBuilder) -> Any:
         if isinstance(value, ast.Ident):
             if value.name in zeros:
                 return value.name

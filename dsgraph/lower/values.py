@@ -54,7 +54,7 @@ def check_type(kind: str, value: Any, span: Span, what: str, diags: Diagnostics)
     return False
 
 
-def bind_args(spec: Builtin, kind: str, args: tuple[ast.Arg, ...], span: Span,
+def bind_args(spec: Builtin, kind: str, args: tuple[ast.Arg[ast.Value], ...], span: Span,
               diags: Diagnostics) -> dict[str, Any] | None:
     """Match a call's arguments to a built-in's parameters: unknown, missing and mistyped ones
     are reported; defaults are filled. Returns None when anything was wrong."""

@@ -33,7 +33,7 @@ def apply_lora(model: torch.nn.Module, lora: Lora, seed: int, task: str | None) 
 
 def trainable_elements(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter elements; ZeRO-3 parameters count by their full size."""
-    def size(p):
+    def size(p: torch.nn.Parameter) -> int:
         return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
     params = list(model.parameters())
     return sum(size(p) for p in params if p.requires_grad), sum(size(p) for p in params)

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from dsgraph.runtime.tokenizer import load_tokenizer
+from dsgraph.runtime.tokenizer import Tokenizer, load_tokenizer
 
 # -- models ------------------------------------------------------------------------------------
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
-def mlp(inputs: int, outputs: int, hidden: list[int] = (), dropout: float = 0.0,
+def mlp(inputs: int, outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0,
         activation: str = "gelu") -> nn.Module:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, not {activation!r}")
@@ -68,7 +70,7 @@ def causal_lm(vocab: int = 256, dim: int = 64, layers: int = 2, heads: int = 4, 
     return CausalLM(vocab, dim, layers, heads, max_len, dropout)
 
 
-MODELS = {"mlp": mlp, "causal_lm": causal_lm}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "causal_lm": causal_lm}
 
 # -- data sets -----------------------------------------------------------------------------------
 
@@ -126,7 +128,7 @@ def jsonl(path: str, fields: list[str] | None = None) -> Dataset:
     return TensorRecords(columns)
 
 
-def _records(path: str, keys: tuple[str, ...]) -> list[dict]:
+def _records(path: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -144,7 +146,8 @@ def _records(path: str, keys: tuple[str, ...]) -> list[dict]:
     return records
 
 
-def _encode_pair(tokenizer, prompt: str, answer: str, max_length: int, where: str) -> tuple[list, list]:
+def _encode_pair(tokenizer: Tokenizer, prompt: str, answer: str, max_length: int,
+                 where: str) -> tuple[list[int], list[int]]:
     """Token ids of `prompt + answer` and their labels: -100 on the prompt, the ids on the answer
     (so losses and log-probabilities count only the answer), cut at max_length."""
     start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -159,7 +162,7 @@ def _encode_pair(tokenizer, prompt: str, answer: str, max_length: int, where: st
     return ids, labels
 
 
-def _padded(rows: list[tuple[list, list]], max_length: int, pad: int) -> dict[str, torch.Tensor]:
+def _padded(rows: list[tuple[list[int], list[int]]], max_length: int, pad: int) -> dict[str, torch.Tensor]:
     """Right padding to max_length: every batch has one shape (no recompilation, no ragged sync)."""
     ids = torch.full((len(rows), max_length), pad, dtype=torch.long)
     labels = torch.full((len(rows), max_length), -100, dtype=torch.long)
@@ -193,13 +196,15 @@ def preference_pairs(path: str, tokenizer: str = "bytes", max_length: int = 128)
     return TensorRecords(columns)
 
 
-DATA = {"synthetic_classification": synthetic_classification, "synthetic_tokens": synthetic_tokens,
-        "jsonl": jsonl, "prompt_completion": prompt_completion, "preference_pairs": preference_pairs}
+DATA: dict[str, Callable[..., Dataset]] = {
+    "synthetic_classification": synthetic_classification, "synthetic_tokens": synthetic_tokens,
+    "jsonl": jsonl, "prompt_completion": prompt_completion, "preference_pairs": preference_pairs}
 
 # -- losses --------------------------------------------------------------------------------------
 
 
-def _flatten_logits(logits: torch.Tensor, target: torch.Tensor | None = None):
+def _flatten_logits(logits: torch.Tensor,
+                    target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if logits.dim() > 2:
         logits = logits.reshape(-1, logits.shape[-1])
         target = target.reshape(-1) if target is not None else None
@@ -240,7 +245,7 @@ _recording: dict[str, torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
-def recording_stats():
+def recording_stats() -> Iterator[dict[str, torch.Tensor]]:
     """Collects what the losses evaluated inside report (`dpo`: reward_margin, reward_accuracy)."""
     global _recording
     previous, _recording = _recording, {}
@@ -286,6 +291,6 @@ def cosine(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(input.float(), target.float(), dim=-1)).mean()
 
 
-LOSSES = {"ce": ce, "kl": kl, "mse": mse, "cosine": cosine, "dpo": dpo}
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"ce": ce, "kl": kl, "mse": mse, "cosine": cosine, "dpo": dpo}
 
 __all__ = ["DATA", "LOSSES", "MODELS"]

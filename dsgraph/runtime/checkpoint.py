@@ -57,11 +57,11 @@ def source_json(source: Source) -> dict[str, Any]:
     return {"kind": source.kind.value, "target": source.target, "args": [[k, v] for k, v in source.args]}
 
 
-def digest(ident: dict) -> str:
+def digest(ident: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def differences(saved: dict, current: dict) -> list[tuple[str, str | None]]:
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str | None]]:
     """What differs, in words, with the model/loss it concerns (to point at its declaration)."""
     out: list[tuple[str, str | None]] = []
     for key in ("seed", "micro_batch", "grad_accum"):
@@ -98,7 +98,7 @@ def _changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
 
 # -- finding the newest complete checkpoint (no torch needed) --------------------------------
 
-def latest(run_dir: Path) -> tuple[dict, Path] | None:
+def latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The newest manifest whose model folders all exist, or None."""
     folder = run_dir / "ckpt" / "manifests"
     for path in sorted(folder.glob("step-*.json"), reverse=True) if folder.is_dir() else []:

@@ -26,7 +26,7 @@ class Heartbeat:
         path = folder / f"rank{rank}"
         with open(path, "wb") as f:
             f.write(b"\0" * _SIZE)
-        self._file = open(path, "r+b")
+        self._file = open(path, "r+b")  # noqa: SIM115 - stays open under the memory map for the whole run
         self._map = mmap.mmap(self._file.fileno(), _SIZE)
         self.beat(SETUP, 0)
 

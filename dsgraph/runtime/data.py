@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
@@ -53,11 +54,11 @@ class RankBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.batches) // self.world
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position,
                 "generator": base64.b64encode(self._epoch_state.numpy().tobytes()).decode()}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         """The next iteration replays the saved epoch's shuffle and skips what was served."""
         raw = base64.b64decode(state["generator"])
         self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
@@ -74,18 +75,18 @@ def sharded_loader(dataset: Dataset, micro_batch: int, seed: int, rank: int, wor
 class Batches:
     """Endless iteration over a loader: a new epoch (a new shuffle) when one ends."""
 
-    def __init__(self, loader, name: str):
+    def __init__(self, loader: DataLoader, name: str):
         self.loader = loader
         self.name = name
         if len(loader) == 0:
             raise ValueError(f"data set `{name}` has fewer samples than one global batch")
-        self._it = None
+        self._it: Iterator[dict[str, Any]] | None = None
 
     @property
     def sampler(self) -> RankBatchSampler:
         return self.loader.batch_sampler
 
-    def next(self) -> dict:
+    def next(self) -> dict[str, Any]:
         if self._it is None:
             self._it = iter(self.loader)
         try:

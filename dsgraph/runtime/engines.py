@@ -222,6 +222,8 @@ class Backend:
                     _seen[0] += 1
                     if _seen[0] == MEASURED_STEP:
                         _handle.memory = measure.measure(_handle.engine)    # walks every tensor: once
+                        if torch.cuda.is_available():       # all of this rank's tensors, every model's
+                            _handle.memory["cuda_allocated"] = torch.cuda.memory_allocated()
                         _handle.engine.step = _step
                 return _step(*args, **kwargs)
 

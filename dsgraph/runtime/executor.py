@@ -294,7 +294,8 @@ class Executor:
                     digests[m.name] = state_digest(state)
         kinds = {s.id: s.kind for s in self.plan.setup}
         op_kinds = {op.id: op.kind for op in self.plan.step}
-        report = {"rank": self.rank,
+        report = {"rank": self.rank, "device": str(self.backend.device()),
+                  "process_group": str(torch.distributed.get_backend()),
                   "executed": [{"id": i, "kind": kinds[i]} for i in self.executed],
                   "executed_step": [{"id": i, "kind": op_kinds[i]} for i in self.executed_step],
                   "frozen_digests": digests, "backend_calls": self.backend.calls,

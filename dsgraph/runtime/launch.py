@@ -7,6 +7,7 @@ collective (DeepSpeed's CPU all-reduce ignores the process-group timeout) ends t
 every worker is gone when `dsgraph run` returns."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 from dsgraph.runtime import control, env
 
@@ -67,8 +70,8 @@ def launch(run_dir: Path, procs: int, hang_timeout: float, resume: Path | None =
     return outcome(run_dir, procs, code)
 
 
-def _watch(process: subprocess.Popen, run_dir: Path, procs: int, hang_timeout: float) -> tuple[int, bool]:
-    last_progress: dict[int, tuple[int, float]] = {}
+def _watch(process: subprocess.Popen[bytes], run_dir: Path, procs: int, hang_timeout: float) -> tuple[int, bool]:
+    last_progress: dict[int, tuple[tuple[int, int], float]] = {}     # rank -> ((phase, step), when first seen)
     while True:
         try:
             return process.wait(timeout=1.0), False
@@ -92,40 +95,32 @@ def _watch(process: subprocess.Popen, run_dir: Path, procs: int, hang_timeout: f
                 return -1, True
 
 
-def _terminate(signum, frame):
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def _interrupt(process: subprocess.Popen, run_dir: Path, procs: int) -> int:
+def _interrupt(process: subprocess.Popen[bytes], run_dir: Path, procs: int) -> int:
     """Ctrl-C: ask the ranks to stop after a step none has finished (they checkpoint it when
     checkpointing is on); a second Ctrl-C, or 60 s, stops them at once."""
     step = control.request_stop(run_dir, procs)
     print(f"\ndsgraph: stopping after step {step} (Ctrl-C again to stop at once)", file=sys.stderr)
-    try:
+    with contextlib.suppress(KeyboardInterrupt, subprocess.TimeoutExpired):
         process.wait(timeout=60)
-    except (KeyboardInterrupt, subprocess.TimeoutExpired):
-        pass
     _kill_all(process, run_dir, procs)
     return EXIT_INTERRUPTED
 
 
-def _kill_all(process: subprocess.Popen, run_dir: Path, procs: int) -> None:
+def _kill_all(process: subprocess.Popen[bytes], run_dir: Path, procs: int) -> None:
     """Leave no process behind: the launcher's group, and every worker by the pid its heartbeat
     names (torch's launcher starts workers in sessions of their own)."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     for _, _, _, pid in control.read_heartbeats(run_dir, procs).values():
         if _is_worker_of(pid, run_dir):         # a pid may have been reused: check it is ours
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _is_worker_of(pid: int, run_dir: Path) -> bool:

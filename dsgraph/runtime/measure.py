@@ -43,7 +43,7 @@ class _Counter:
     """Bytes by category, each byte of a storage counted once: a view counts its own bytes, not
     the rest of the buffer it lies in (ZeRO slices partitions out of larger flat buffers)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.spans: dict[tuple[str, int], list[tuple[int, int]]] = {}    # storage -> byte ranges taken
         self.bytes = dict.fromkeys(CATEGORIES, 0)
         self.host = 0               # of the above, bytes on the CPU while the model is not
@@ -54,7 +54,7 @@ class _Counter:
                 continue
             size = t.element_size()
             start = t.storage_offset() * size
-            extent = (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * size
+            extent = (sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1) * size
             taken = self.spans.setdefault((str(t.device), t.untyped_storage().data_ptr()), [])
             new = _uncovered(start, start + extent, taken)
             if not new:
@@ -78,19 +78,19 @@ def _uncovered(start: int, end: int, taken: list[tuple[int, int]]) -> int:
     return new
 
 
-def _zero_optimizer(engine) -> Any:
+def _zero_optimizer(engine: Any) -> Any:
     """The ZeRO (or BF16/FP16) optimizer wrapper of an engine, or None."""
     optimizer = getattr(engine, "optimizer", None)
     return optimizer if optimizer is not None and hasattr(optimizer, "optimizer") else None
 
 
-def _inner_optimizer(engine) -> Any:
+def _inner_optimizer(engine: Any) -> Any:
     optimizer = getattr(engine, "optimizer", None)
     inner = getattr(optimizer, "optimizer", optimizer)
     return inner if isinstance(inner, torch.optim.Optimizer) else None
 
 
-def measure(engine, device_type: str | None = None) -> dict[str, int]:
+def measure(engine: Any, device_type: str | None = None) -> dict[str, int]:
     """Bytes of this rank's local tensors of one engine, by category, and `host` (the part of
     them on the CPU when the model runs on an accelerator: offloaded states)."""
     params = list(engine.module.parameters())

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 class Metrics:
@@ -22,9 +23,9 @@ class Metrics:
             if first_step and path.exists():    # resuming: keep what led up to the checkpoint
                 kept = [line for line in path.read_text().splitlines()
                         if line.strip() and json.loads(line)["step"] <= first_step]
-            self.file = open(path, "w", encoding="utf-8")
+            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - written every step, closed in close()
             self.file.writelines(line + "\n" for line in kept)
-        self.last: dict = {}
+        self.last: dict[str, Any] = {}
         self.bar = None
         if rank == 0:
             from tqdm import tqdm
@@ -38,7 +39,7 @@ class Metrics:
             self.step_times, self.loop_start = [], time.time()
             self._tick = time.perf_counter()
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         record["wall_time"] = round(time.perf_counter() - self.start, 4)
         self.last = record
         if self.file is not None:

@@ -27,7 +27,7 @@ def set_import_path(dsg_file: str) -> None:
         sys.path.insert(0, here)
 
 
-def resolve_factory(target: str) -> Callable:
+def resolve_factory(target: str) -> Callable[..., Any]:
     module_name, _, function = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -65,7 +65,7 @@ _HF_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "
                "model": "AutoModel"}
 
 
-def hf_task(config, task: str | None) -> str:
+def hf_task(config: Any, task: str | None) -> str:
     """The task written in the file, else the one the config's "architectures" names
     (`GPT2LMHeadModel` -> causal_lm, `BertForSequenceClassification` -> sequence_classification),
     else causal_lm."""
@@ -86,7 +86,7 @@ def model_task(source: Source, model: Any) -> str | None:
     return hf_task(getattr(model, "config", None), source.arg("task"))
 
 
-def hf_config(positional: list, keywords: dict, base_dir: Path):
+def hf_config(positional: list[Any], keywords: dict[str, Any], base_dir: Path) -> Any:
     """The model's config: from its directory, a config file, or the block written in the file."""
     import transformers
 
@@ -106,7 +106,7 @@ def hf_config(positional: list, keywords: dict, base_dir: Path):
     return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
 
 
-def build_hf(positional: list, keywords: dict, base_dir: Path, weights: bool = True) -> Any:
+def build_hf(positional: list[Any], keywords: dict[str, Any], base_dir: Path, weights: bool = True) -> Any:
     """An AutoModelFor... from a local directory (with its weights) or from a config (fresh
     weights). weights=False builds a directory's model from its config alone (the memory estimate
     builds on the meta device)."""
@@ -125,9 +125,9 @@ def build_hf(positional: list, keywords: dict, base_dir: Path, weights: bool = T
                                 **keywords)
 
 
-def model_table() -> dict[str, Callable]:
+def model_table() -> dict[str, Callable[..., Any]]:
     return builtins.MODELS
 
 
-def data_table() -> dict[str, Callable]:
+def data_table() -> dict[str, Callable[..., Any]]:
     return builtins.DATA

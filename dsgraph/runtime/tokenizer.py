@@ -3,6 +3,7 @@ download, for tests and demos) or a Hugging Face tokenizer from a local director
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeAlias
 
 
 class ByteTokenizer:
@@ -41,6 +42,9 @@ class HfTokenizer:
         return self.inner.decode(ids)
 
 
-def load_tokenizer(spec: str, base_dir: Path):
+Tokenizer: TypeAlias = ByteTokenizer | HfTokenizer
+
+
+def load_tokenizer(spec: str, base_dir: Path) -> Tokenizer:
     """`"bytes"`, or a directory relative to the .dsg file."""
     return ByteTokenizer() if spec == "bytes" else HfTokenizer(base_dir / spec)

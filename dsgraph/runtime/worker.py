@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from dsgraph.plan import Plan, PlanError
+from dsgraph.plan import Plan, PlanError, lint
 from dsgraph.runtime import control
 
 EXIT_FAILED = 1
@@ -45,6 +45,9 @@ def run(run_dir: Path) -> int:
     started = time.perf_counter()
     try:
         plan = Plan.from_json((run_dir / "plan.json").read_text(encoding="utf-8"))
+        problems = lint(plan)
+        if problems:
+            raise PlanError(f"the plan does not hold together: {'; '.join(problems)}")
     except (OSError, PlanError) as error:
         _report_failure(run_dir, rank, RuntimeError(f"{run_dir / 'plan.json'}: {error}"), internal=False)
         os._exit(EXIT_FAILED)

@@ -3,10 +3,12 @@
 `dump()` prints any node as a deterministic, indented tree (the `--emit ast` form)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Union
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Generic, TypeAlias, TypeVar
 
 from dsgraph.source import Span
+
+V = TypeVar("V")        # what an argument holds: a value or an expression
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +51,12 @@ class ListValue:
 
 
 @dataclass(frozen=True, slots=True)
-class Arg:
-    """`value` or `name = value`, in a call's argument list (values or expressions)."""
+class Arg(Generic[V]):
+    """`value` or `name = value`, in a call's argument list: values (`Arg[Value]`) in a source or a
+    call value, expressions (`Arg[Expr]`) in a call in a loss."""
 
     name: Name | None
-    value: Value | Expr
+    value: V
     span: Span
 
 
@@ -62,7 +65,7 @@ class CallValue:
     """`adamw(lr=1e-3)`, `file("zero2.json")`: a named constructor with arguments."""
 
     name: Name
-    args: tuple[Arg, ...]
+    args: tuple[Arg[Value], ...]
     span: Span
 
 
@@ -81,7 +84,7 @@ class Block:
     span: Span
 
 
-Value = Union[Number, String, Bool, Ident, ListValue, CallValue, Block]
+Value: TypeAlias = Number | String | Bool | Ident | ListValue | CallValue | Block
 
 
 # -- expressions: loss definitions ---------------------------------------------------------------
@@ -108,7 +111,7 @@ class Attr:
 @dataclass(frozen=True, slots=True)
 class Call:
     callee: Expr
-    args: tuple[Arg, ...]
+    args: tuple[Arg[Expr], ...]
     span: Span
 
 
@@ -126,7 +129,7 @@ class Neg:
     span: Span
 
 
-Expr = Union[Number, String, Ref, FactoryRef, Attr, Call, BinOp, Neg]
+Expr: TypeAlias = Number | String | Ref | FactoryRef | Attr | Call | BinOp | Neg
 
 
 # -- declarations ------------------------------------------------------------------------------
@@ -137,7 +140,7 @@ class Source:
 
     path: tuple[Name, ...]
     factory: str | None
-    args: tuple[Arg, ...]
+    args: tuple[Arg[Value], ...]
     span: Span
 
 
@@ -187,7 +190,7 @@ class TrainStmt:
     span: Span
 
 
-Item = Union[Setting, DataDecl, ZeroDecl, ModelDecl, LossDecl, TrainStmt]
+Item: TypeAlias = Setting | DataDecl | ZeroDecl | ModelDecl | LossDecl | TrainStmt
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +234,8 @@ def _dump(node: object, indent: int, out: list[str], label: str) -> None:
     if isinstance(node, Name):
         out.append(f"{pad}{label}{node.text} @{node.span.line}:{node.span.col}")
         return
-    span = node.span
+    assert is_dataclass(node) and not isinstance(node, type), node
+    span: Span = getattr(node, "span")  # noqa: B009 - every AST node has one
     simple = [f for f in fields(node) if f.name != "span"]
     out.append(f"{pad}{label}{type(node).__name__} @{span.line}:{span.col}")
     for f in simple:

@@ -3,6 +3,7 @@ tokens as a reader would (`a name`, `` `)` ``), and inputs too large or too deep
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from lark import Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
@@ -112,14 +113,15 @@ def _expected_words(expected: set[str]) -> str:
     if keywords and "a name" not in words:
         words.append("a declaration (" + ", ".join(_describe_terminal(k) for k in keywords) + ")")
     if len(words) > 6:
-        words = words[:6] + ["..."]
+        words = [*words[:6], "..."]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def report_syntax_error(error: UnexpectedInput, source: SourceFile, diags: Diagnostics) -> None:
     if isinstance(error, UnexpectedCharacters):
         span = Span(source.name, error.line, error.column, error.line, error.column + 1)
-        char = source.text[error.pos_in_stream] if error.pos_in_stream < len(source.text) else ""
+        pos = error.pos_in_stream or 0
+        char = source.text[pos] if pos < len(source.text) else ""
         if char == '"':
             diags.add("DSG104", span, "this string has no closing quote on its line",
                       'close the string with `"`; strings cannot span lines')
@@ -131,11 +133,13 @@ def report_syntax_error(error: UnexpectedInput, source: SourceFile, diags: Diagn
     if isinstance(error, UnexpectedEOF) or (isinstance(token, Token) and token.type == "$END"):
         _report_unexpected_end(source, diags)
         return
-    assert isinstance(error, UnexpectedToken)
+    assert isinstance(error, UnexpectedToken) and isinstance(token, Token)
+    assert token.line is not None and token.column is not None
     span = Span(source.name, token.line, token.column, token.end_line or token.line,
                 token.end_column or token.column + len(token.value))
+    parser: Any = error.interactive_parser          # (untyped in Lark)
     try:  # the exact set of tokens the parser could take here; error.expected over-approximates
-        accepted = set(error.interactive_parser.accepts())
+        accepted = set(parser.accepts())
     except Exception:
         accepted = set(error.expected)
     expected = _expected_words(accepted or set(error.expected))

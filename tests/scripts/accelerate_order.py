@@ -17,11 +17,11 @@ accelerator = Accelerator(deepspeed_plugins={"m": DeepSpeedPlugin(hf_ds_config=c
 rank, world = accelerator.process_index, accelerator.num_processes
 dataset = TensorRecords({"i": torch.arange(50)})
 seed = 1234
-reference = accelerator.prepare(DataLoader(dataset, batch_size=4, drop_last=True,
-                                           sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))))
+shuffled = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+reference = accelerator.prepare(DataLoader(dataset, batch_size=4, drop_last=True, sampler=shuffled))
 ours = Batches(sharded_loader(dataset, 4, seed, rank, world), "d")
 expected = [b["i"].tolist() for _ in range(3) for b in reference]
 actual = [ours.next()["i"].tolist() for _ in range(len(expected))]
-json.dump({"rank": rank, "world": world, "expected": expected, "actual": actual},
-          open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as out:
+    json.dump({"rank": rank, "world": world, "expected": expected, "actual": actual}, out)
 accelerator.end_training()

@@ -10,19 +10,18 @@ A value has one home. A model's ZeRO stage, its precision and whether it is buil
 `zero.Init` are read off its resolved DeepSpeed config; its role and engine follow from its train
 group. The JSON form (`to_json`/`from_json`) is versioned: a plan of another version is refused.
 
-This module imports nothing of the compiler or the runtime (only `dsgraph.source`)."""
+The package imports nothing of the compiler or the runtime (only `dsgraph.source`)."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from functools import cached_property
-from typing import Any, ClassVar, TypeAlias, Union
+from typing import Any, ClassVar, TypeAlias
 
+from dsgraph.plan.codec import decode, encode, without_spans
 from dsgraph.source import Span
 
 PLAN_VERSION = 2
@@ -304,7 +303,7 @@ class Neg:
     span: Span
 
 
-Expr = Union[Const, Field, CallOutput, Attr, LossCall, LossValue, BinOp, Neg]  # noqa: UP007 - a runtime value
+Expr: TypeAlias = Const | Field | CallOutput | Attr | LossCall | LossValue | BinOp | Neg
 
 
 @dataclass(frozen=True)
@@ -416,8 +415,8 @@ class ShardData:
     span: Span
 
 
-SetupStep = Union[InitProcessGroup, BuildData, CompleteConfig, CreateAccelerator, SelectPlugin,  # noqa: UP007
-                  BuildModel, Prepare, Initialize, ShardData]
+SetupStep: TypeAlias = (InitProcessGroup | BuildData | CompleteConfig | CreateAccelerator | SelectPlugin
+                        | BuildModel | Prepare | Initialize | ShardData)
 
 
 # -- the ops of one training step --------------------------------------------------------------
@@ -480,7 +479,7 @@ class OptimizerStep:
     span: Span
 
 
-StepOp = Union[NextBatch, Forward, ComputeLoss, Backward, OptimizerStep]  # noqa: UP007
+StepOp: TypeAlias = NextBatch | Forward | ComputeLoss | Backward | OptimizerStep
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -539,10 +538,11 @@ class Plan:
     @cached_property
     def digest(self) -> str:
         """A hash of the plan without spans and file names: it changes only when the plan does."""
-        return hashlib.sha256(json.dumps(_without_spans(_encode(self)), sort_keys=True).encode()).hexdigest()[:16]
+        content = json.dumps(without_spans(encode(self, TAGGED)), sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        document = {"dsgraph_plan": PLAN_VERSION, **_encode(self), "digest": self.digest}
+        document = {"dsgraph_plan": PLAN_VERSION, **encode(self, TAGGED), "digest": self.digest}
         return json.dumps(document, indent=2) + "\n"
 
     @staticmethod
@@ -557,7 +557,7 @@ class Plan:
                             f"{PLAN_VERSION}: compile the .dsg file again with this dsgraph")
         body = {k: v for k, v in document.items() if k not in ("dsgraph_plan", "digest")}
         try:
-            plan: Plan = _decode(Plan, body)
+            plan: Plan = decode(Plan, body, TAGGED)
         except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"not a valid dsgraph plan of version {PLAN_VERSION}: {error}") from None
         if document.get("digest") != plan.digest:
@@ -566,74 +566,5 @@ class Plan:
         return plan
 
 
-# -- the JSON form -----------------------------------------------------------------------------
-# Dataclasses become objects (a union member gets its `kind`), enums their values, tuples lists.
-# Decoding follows the type annotations, so the two directions cannot drift apart.
-
-_TAGGED: frozenset[type] = frozenset(typing.get_args(SetupStep) + typing.get_args(StepOp) + typing.get_args(Expr))
-
-
-def _encode(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {"kind": getattr(value, "kind")} if type(value) in _TAGGED else {}  # noqa: B009
-        out.update({f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)})
-        return out
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, (tuple, list)):
-        return [_encode(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    return value
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _decode(tp: Any, value: Any) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:
-            return _decode(members[0], value)
-        if all(m in _TAGGED for m in members):          # a step, an op or an expression
-            return _decode({getattr(m, "kind"): m for m in members}[value["kind"]], value)  # noqa: B009
-        if not any(isinstance(value, m) for m in members if isinstance(m, type)):
-            raise TypeError(f"{value!r} is none of {tp}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise TypeError(f"expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(args[0], v) for v in value)
-        return tuple(_decode(a, v) for a, v in zip(args, value, strict=True))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"expected an object, got {value!r}")
-        return value
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        return tp(value)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise TypeError(f"expected an object for {tp.__name__}, got {value!r}")
-        hints = _HINTS.get(tp)
-        if hints is None:
-            hints = _HINTS[tp] = typing.get_type_hints(tp)
-        return tp(**{f.name: _decode(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)})
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise TypeError(f"expected {tp.__name__}, got {value!r}")
-    return value
-
-
-def _without_spans(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_spans(v) for k, v in value.items() if k not in ("span", "file")}
-    if isinstance(value, list):
-        return [_without_spans(v) for v in value]
-    return value
+# The union members: each is written with its `kind`, by which it is read back.
+TAGGED: frozenset[type] = frozenset(typing.get_args(SetupStep) + typing.get_args(StepOp) + typing.get_args(Expr))

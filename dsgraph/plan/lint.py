@@ -1,0 +1,170 @@
+"""The plan's own consistency, checked where it is made (the planner) and where it is read (every
+worker): what each step refers to exists and comes before it, so that the executor, which runs
+the steps in order, never meets a model it has not built or a value nobody computed."""
+from __future__ import annotations
+
+from dsgraph.plan.schema import (
+    Attr,
+    Backward,
+    BinOp,
+    BuildData,
+    BuildModel,
+    CallOutput,
+    CompleteConfig,
+    ComputeLoss,
+    Const,
+    CreateAccelerator,
+    Engine,
+    Expr,
+    Field,
+    Forward,
+    Initialize,
+    InitProcessGroup,
+    LossCall,
+    LossValue,
+    Neg,
+    NextBatch,
+    OptimizerStep,
+    Plan,
+    Prepare,
+    SelectPlugin,
+    ShardData,
+    Width,
+)
+
+
+def lint(plan: Plan) -> list[str]:
+    """What is wrong with the plan, in words; empty when nothing is."""
+    return _declarations(plan) + _setup(plan) + _step(plan)
+
+
+def _declarations(plan: Plan) -> list[str]:
+    out = []
+    for kind, names in (("model", [m.name for m in plan.models]), ("data set", [d.name for d in plan.data]),
+                        ("loss", [loss.name for loss in plan.losses]), ("group", [g.index for g in plan.groups])):
+        if len(set(names)) != len(names):
+            out.append(f"a {kind} is declared twice")
+    groups = {g.index for g in plan.groups}
+    for m in plan.models:
+        if m.group is not None and m.group not in groups:
+            out.append(f"model `{m.name}` is in group {m.group}, which does not exist")
+        if m.group is None and plan.frozen is None:
+            out.append(f"frozen model `{m.name}`, but the plan says how no frozen model runs")
+        if (m.accelerator is not None) != (plan.engine_of(m) is Engine.ACCELERATE):
+            out.append(f"model `{m.name}` has an Accelerator exactly when it runs on Accelerate")
+        for fill in m.fills:
+            *parents, leaf = fill.value.split(".")
+            node = m.deepspeed_config
+            for part in parents:
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            if not isinstance(node, dict) or node.get(leaf) != "auto":
+                out.append(f"model `{m.name}`: `{fill.value}` is to be filled but is not \"auto\"")
+        if (m.width is not None) != any(f.needs_width for f in m.fills):
+            out.append(f"model `{m.name}`: a width source exactly when a fill needs the width")
+    for g in plan.groups:
+        if not plan.models_of(g.index):
+            out.append(f"group {g.index} trains no model")
+    return out
+
+
+def _setup(plan: Plan) -> list[str]:
+    out: list[str] = []
+    ids = [s.id for s in plan.setup]
+    if ids != sorted(set(ids)):
+        out.append("setup step ids are not increasing")
+    built_data: set[str] = set()
+    completed: set[str] = set()
+    built: set[str] = set()
+    engines: set[str] = set()
+    accelerators: set[int] = set()
+    grouped = any(m.accelerator is not None for m in plan.models)
+    for step in plan.setup:
+        where = f"setup step {step.id} ({step.kind})"
+        match step:
+            case InitProcessGroup():
+                if grouped:
+                    out.append(f"{where}: the first Accelerator creates the process group")
+            case BuildData(data=name):
+                built_data.add(name)
+            case ShardData(data=name) if name not in built_data:
+                out.append(f"{where}: data set `{name}` is not built yet")
+            case CompleteConfig(model=name):
+                if plan.model(name).width is Width.MODEL and name not in built:
+                    out.append(f"{where}: `{name}` is measured once built, and is not built yet")
+                completed.add(name)
+            case CreateAccelerator(accelerator=index, plugins=plugins):
+                out += [f"{where}: the config of `{p}` is not complete yet" for p in plugins if p not in completed]
+                accelerators.add(index)
+            case SelectPlugin(model=name) | Prepare(model=name) if 0 not in accelerators:
+                out.append(f"{where}: `{name}`'s plugin is in Accelerator 0, which does not exist yet")
+            case BuildModel(model=name):
+                if plan.model(name).zero_init and name not in completed:
+                    out.append(f"{where}: `{name}` is built under zero.Init before its config is complete")
+                built.add(name)
+            case Prepare(model=name) | Initialize(model=name):
+                if name not in built or name not in completed:
+                    out.append(f"{where}: `{name}` is not built, or its config not complete, yet")
+                engines.add(name)
+    if not grouped and not any(isinstance(s, InitProcessGroup) for s in plan.setup):
+        out.append("no Accelerator and no process group: nothing starts torch.distributed")
+    missing = {m.name for m in plan.models} - engines
+    out += [f"model `{name}` gets no engine in the setup" for name in sorted(missing)]
+    out += [f"data set `{d.name}` is not built in the setup" for d in plan.data if d.name not in built_data]
+    return out
+
+
+def _step(plan: Plan) -> list[str]:
+    out: list[str] = []
+    batches: set[str] = set()
+    calls: set[str] = set()
+    losses: set[str] = set()
+    backward: set[int] = set()
+    stepped: set[int] = set()
+
+    def refs(expr: Expr, where: str) -> None:
+        match expr:
+            case Field(data=data) if data not in batches:
+                out.append(f"{where}: reads data set `{data}` before its batch")
+            case CallOutput(call=call) if call not in calls:
+                out.append(f"{where}: reads `{call}` before it is called")
+            case LossValue(loss=loss) if loss not in losses:
+                out.append(f"{where}: reads loss `{loss}` before its group computes it")
+            case Attr(of=inner) | Neg(operand=inner):
+                refs(inner, where)
+            case BinOp(left=left, right=right):
+                refs(left, where)
+                refs(right, where)
+            case LossCall(args=args, kwargs=kwargs):
+                for arg in (*args, *(v for _, v in kwargs)):
+                    refs(arg, where)
+            case Const() | Field() | CallOutput() | LossValue():
+                pass
+
+    for op in plan.step:
+        where = f"op {op.id} ({op.kind})"
+        match op:
+            case NextBatch(data=name):
+                batches.add(name)
+            case Forward(call=call, args=args, kwargs=kwargs):
+                for arg in (*args, *(v for _, v in kwargs)):
+                    refs(arg, where)
+                if call in calls:
+                    out.append(f"{where}: `{call}` is called twice")
+                calls.add(call)
+            case ComputeLoss(loss=name):
+                for term in plan.loss(name).terms:
+                    refs(term.expr, where)
+                losses.add(name)
+            case Backward(group=group):
+                if plan.group(group).loss not in losses:
+                    out.append(f"{where}: group {group}'s loss is not computed before its backward")
+                backward.add(group)
+                losses.clear()      # a group's losses are spent by its backward
+            case OptimizerStep(group=group):
+                if group not in backward:
+                    out.append(f"{where}: group {group} steps before its backward")
+                stepped.add(group)
+    for g in plan.groups:
+        if g.index not in stepped:
+            out.append(f"group {g.index} has no optimizer step")
+    return out
