@@ -14,6 +14,7 @@ ranks logged every 10 steps. The DeepSpeed configs below are the ones dsgraph re
 
 Rank 0 writes --out: the loss of every step (mean over ranks), the wall time of every step, and
 the start-up time (process start to the first step)."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-PROCESS_START = psutil.Process().create_time()      # unix time this process was started
+PROCESS_START = psutil.Process().create_time()  # unix time this process was started
 
 # The environment dsgraph gives its workers (DS_ACCELERATOR=cpu, OMP_NUM_THREADS,
 # TORCH_EXTENSIONS_DIR, ACCELERATE_USE_DEEPSPEED): set before torch and DeepSpeed are imported.
@@ -49,25 +50,36 @@ STUDENT_CONFIG = {
     "bf16": {"enabled": False},
     "gradient_accumulation_steps": 1,
     "gradient_clipping": 1.0,
-    "optimizer": {"type": "AdamW",
-                  "params": {"lr": 0.005, "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.01,
-                             "torch_adam": True}},
-    "scheduler": {"type": "WarmupLR",
-                  "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.005, "warmup_num_steps": 10,
-                             "warmup_type": "linear"}},
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": 0.005, "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.01, "torch_adam": True},
+    },
+    "scheduler": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.005, "warmup_num_steps": 10, "warmup_type": "linear"},
+    },
     "steps_per_print": 1000000,
     "train_batch_size": 32,
     "train_micro_batch_size_per_gpu": 16,
-    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                          "reduce_bucket_size": 1024, "allgather_bucket_size": 1024},
+    "zero_optimization": {
+        "stage": 2,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 1024,
+        "allgather_bucket_size": 1024,
+    },
 }
 TEACHER_CONFIG = {
     "gradient_accumulation_steps": 1,
     "steps_per_print": 1000000000,
     "train_batch_size": 32,
     "train_micro_batch_size_per_gpu": 16,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                          "reduce_bucket_size": 16384, "stage3_prefetch_bucket_size": 14745},
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "reduce_bucket_size": 16384,
+        "stage3_prefetch_bucket_size": 14745,
+    },
 }
 
 
@@ -75,8 +87,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file written by rank 0")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--deepspeed-configs", type=Path, default=None,
-                        help="a dsgraph run's deepspeed_configs/ folder (student.json, teacher.json)")
+    parser.add_argument(
+        "--deepspeed-configs",
+        type=Path,
+        default=None,
+        help="a dsgraph run's deepspeed_configs/ folder (student.json, teacher.json)",
+    )
     parser.add_argument("--save-dir", type=Path, default=None, help="save the trained student here")
     args = parser.parse_args()
 
@@ -88,10 +104,13 @@ def main() -> None:
     # One Accelerator, two plugins: the student's first. gloo must be named on CPU, or Accelerate
     # silently runs single-process while DeepSpeed runs with the launcher's world size.
     accelerator = Accelerator(
-        deepspeed_plugins={"student": DeepSpeedPlugin(hf_ds_config=student_config),
-                           "teacher": DeepSpeedPlugin(hf_ds_config=teacher_config)},
+        deepspeed_plugins={
+            "student": DeepSpeedPlugin(hf_ds_config=student_config),
+            "teacher": DeepSpeedPlugin(hf_ds_config=teacher_config),
+        },
         mixed_precision="no",
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     assert world == int(os.environ["WORLD_SIZE"]), "Accelerate does not see every process"
 
@@ -99,7 +118,7 @@ def main() -> None:
     accelerator.state.select_deepspeed_plugin("student")
     torch.manual_seed(model_seed(SEED, "student"))
     student = mlp(inputs=32, hidden=[32], outputs=8)
-    optimizer = DummyOptim(student.parameters())          # AdamW and WarmupLR come from the config
+    optimizer = DummyOptim(student.parameters())  # AdamW and WarmupLR come from the config
     scheduler = DummyScheduler(optimizer)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student.train()
@@ -117,13 +136,13 @@ def main() -> None:
     dataset = synthetic_classification(samples=4096, features=32, classes=8)
     loader = sharded_loader(dataset, MICRO_BATCH, data_seed(SEED, 0), rank, world)
 
-    def batches():                  # endless: a new epoch (a new shuffle) when one ends
+    def batches():  # endless: a new epoch (a new shuffle) when one ends
         while True:
             yield from loader
 
-    accelerator.state.select_deepspeed_plugin("student")      # the training plugin, for the loop
+    accelerator.state.select_deepspeed_plugin("student")  # the training plugin, for the loop
 
-    torch.manual_seed(SEED * 7919 + rank)       # dropout RNG per rank, as dsgraph seeds it
+    torch.manual_seed(SEED * 7919 + rank)  # dropout RNG per rank, as dsgraph seeds it
     local_losses, step_times = [], []
     data = batches()
     first_step = time.time()
@@ -133,16 +152,16 @@ def main() -> None:
         x, y = batch["x"], batch["y"]
         with accelerator.accumulate(student):
             logits = student(x)
-            with torch.no_grad():               # frozen teacher: no graph; ZeRO-3 gathers each layer
+            with torch.no_grad():  # frozen teacher: no graph; ZeRO-3 gathers each layer
                 teacher_logits = teacher(x)
             loss = 0.5 * kl(logits, teacher_logits, temperature=2.0) + 0.5 * ce(logits, y)
-            accelerator.backward(loss)          # DeepSpeed: engine.backward + engine.step
-            optimizer.step()                    # no-ops under DeepSpeed, as in any Accelerate loop
+            accelerator.backward(loss)  # DeepSpeed: engine.backward + engine.step
+            optimizer.step()  # no-ops under DeepSpeed, as in any Accelerate loop
             scheduler.step()
             optimizer.zero_grad()
         local_losses.append(loss.item())
         if step % LOG_EVERY == 0 or step == args.steps:
-            mean = accelerator.reduce(loss.detach(), reduction="mean").item()   # sync point
+            mean = accelerator.reduce(loss.detach(), reduction="mean").item()  # sync point
             if rank == 0 and os.environ.get("VERBOSE"):
                 print(f"step {step}  loss {mean:.6f}", flush=True)
         now = time.perf_counter()
@@ -166,17 +185,29 @@ def main() -> None:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(args.save_dir / "model.safetensors"))
 
     if rank == 0:
-        result = {"steps": args.steps, "world_size": world,
-                  "process_start_unix": PROCESS_START, "first_step_unix": first_step,
-                  "startup_s": first_step - PROCESS_START, "train_s": train_time,
-                  "losses": losses.tolist(), "step_times": step_times,
-                  "deepspeed_configs": {"student": student_config, "teacher": teacher_config},
-                  "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                               "accelerate": __import__("accelerate").__version__}}
+        result = {
+            "steps": args.steps,
+            "world_size": world,
+            "process_start_unix": PROCESS_START,
+            "first_step_unix": first_step,
+            "startup_s": first_step - PROCESS_START,
+            "train_s": train_time,
+            "losses": losses.tolist(),
+            "step_times": step_times,
+            "deepspeed_configs": {"student": student_config, "teacher": teacher_config},
+            "versions": {
+                "torch": torch.__version__,
+                "deepspeed": deepspeed.__version__,
+                "accelerate": __import__("accelerate").__version__,
+            },
+        }
         args.out.write_text(json.dumps(result) + "\n")
-        print(f"done: {args.steps} steps in {train_time:.2f} s, start-up {first_step - PROCESS_START:.2f} s, "
-              f"last loss {losses[-1].item():.6f}", flush=True)
-    accelerator.end_training()                  # also ends the process group
+        print(
+            f"done: {args.steps} steps in {train_time:.2f} s, start-up {first_step - PROCESS_START:.2f} s, "
+            f"last loss {losses[-1].item():.6f}",
+            flush=True,
+        )
+    accelerator.end_training()  # also ends the process group
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -12,6 +12,7 @@ inside the libraries (engine forward, accelerator.backward, the optimizer/schedu
 loss functions, the data loader, all_reduce; the same wrappers time both loops) and the loop's
 own Python. The difference of the latter is dsgraph's per-step overhead, free of launch noise;
 the time each of dsgraph's per-step helpers takes (in the loop, caches cold) is listed too."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from dsgraph.runtime.env import worker_environment  # noqa: E402
 
 os.environ.update(worker_environment(int(os.environ.get("WORLD_SIZE", "1"))))
-os.environ["DSGRAPH_STEP_TIMES"] = "1"          # Metrics records dsgraph's step times
+os.environ["DSGRAPH_STEP_TIMES"] = "1"  # Metrics records dsgraph's step times
 
 import torch  # noqa: E402
 
@@ -41,14 +42,15 @@ from dsgraph.compiler import compile_file  # noqa: E402
 from dsgraph.runtime import control, engines, meter, metrics  # noqa: E402
 
 LOG_EVERY = 10
-ACTIVE = ["hand"]                                   # which loop is running
-LIBRARY = {"dsgraph": 0.0, "hand": 0.0}             # seconds inside library calls, per loop
-HELPERS: dict[str, float] = {}                      # dsgraph helpers, library time excluded
+ACTIVE = ["hand"]  # which loop is running
+LIBRARY = {"dsgraph": 0.0, "hand": 0.0}  # seconds inside library calls, per loop
+HELPERS: dict[str, float] = {}  # dsgraph helpers, library time excluded
 _depth = [0]
 
 
 def library(fn):
     """Times the outermost library call (a collective inside backward is not counted twice)."""
+
     @functools.wraps(fn)
     def timed(*args, **kwargs):
         if _depth[0]:
@@ -60,6 +62,7 @@ def library(fn):
         finally:
             LIBRARY[ACTIVE[0]] += time.perf_counter() - start
             _depth[0] -= 1
+
     return timed
 
 
@@ -71,6 +74,7 @@ def helper(name: str, fn):
             return fn(*args, **kwargs)
         finally:
             HELPERS[name] = HELPERS.get(name, 0.0) + time.perf_counter() - start - (LIBRARY[ACTIVE[0]] - inside)
+
     return timed
 
 
@@ -88,7 +92,6 @@ def time_helpers() -> None:
         setattr(engines.Backend, name, helper(f"Backend.{name}", getattr(engines.Backend, name)))
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=20, help="chunks of each loop, alternated")
@@ -100,7 +103,7 @@ def main() -> None:
 
     plan = compile_file(str(ROOT / "pipelines" / "distill.dsg"), world).plan
     assert plan is not None
-    run_dir = Path(tempfile.mkdtemp(prefix=f"dsgraph-loop-rank{rank}-"))     # metrics, heartbeat
+    run_dir = Path(tempfile.mkdtemp(prefix=f"dsgraph-loop-rank{rank}-"))  # metrics, heartbeat
     executor = executor_module.Executor(plan, run_dir, rank, world)
     executor.setup()
     backend = executor.backend
@@ -119,7 +122,7 @@ def main() -> None:
     builtins.LOSSES["kl"], builtins.LOSSES["ce"] = kl, ce
     data_module.Batches.next = library(data_module.Batches.next)
     torch.distributed.all_reduce = library(torch.distributed.all_reduce)
-    if args.helpers:        # their wrappers cost ~1 us a call, counted in dsgraph's own code
+    if args.helpers:  # their wrappers cost ~1 us a call, counted in dsgraph's own code
         time_helpers()
 
     def hand_loop(first: int, last: int) -> list[float]:
@@ -138,7 +141,7 @@ def main() -> None:
                 scheduler.step()
                 optimizer.zero_grad()
             loss.item()
-            if step % LOG_EVERY == 0 or step == last:       # dsgraph logs a chunk's last step too
+            if step % LOG_EVERY == 0 or step == last:  # dsgraph logs a chunk's last step too
                 accelerator.reduce(loss.detach(), reduction="mean").item()
             now = time.perf_counter()
             times.append(now - tick)
@@ -151,7 +154,7 @@ def main() -> None:
         for which in ("dsgraph", "hand") if chunk % 2 == 0 else ("hand", "dsgraph"):
             ACTIVE[0] = which
             if which == "dsgraph":
-                executor.first_step, executor._total_steps = step, step + args.chunk_steps   # one chunk
+                executor.first_step, executor._total_steps = step, step + args.chunk_steps  # one chunk
                 record = executor.train()
                 if record.bar is not None:
                     record.bar.close()
@@ -182,13 +185,17 @@ def report(times: dict[str, list[list[float]]], args) -> None:
     print("| loop | per-step median (ms) | per-step mean (ms) | in libraries (us/step) | own code (us/step) |")
     print("|---|---|---|---|---|")
     for k, label in (("dsgraph", "dsgraph Executor.train"), ("hand", "hand-written")):
-        print(f"| {label} | {statistics.median(flat[k]) * 1e3:.2f} | {mean[k] * 1e3:.2f} | "
-              f"{inside[k] * 1e6:.0f} | {own[k] * 1e6:.0f} |")
+        print(
+            f"| {label} | {statistics.median(flat[k]) * 1e3:.2f} | {mean[k] * 1e3:.2f} | "
+            f"{inside[k] * 1e6:.0f} | {own[k] * 1e6:.0f} |"
+        )
     extra = own["dsgraph"] - own["hand"]
     ratio = statistics.median(flat["dsgraph"]) / statistics.median(flat["hand"])
-    print(f"\ndsgraph's own code costs {extra * 1e6:.0f} us more per step: {extra / mean['hand'] * 100:.2f} % "
-          f"of the hand-written step; median ratio of the step times {ratio:.4f}, "
-          f"median of per-chunk-pair ratios {statistics.median(pairs):.4f}")
+    print(
+        f"\ndsgraph's own code costs {extra * 1e6:.0f} us more per step: {extra / mean['hand'] * 100:.2f} % "
+        f"of the hand-written step; median ratio of the step times {ratio:.4f}, "
+        f"median of per-chunk-pair ratios {statistics.median(pairs):.4f}"
+    )
     if HELPERS:
         print("\ndsgraph helpers, per step (library time excluded; nested helpers are included in their callers):")
     for name, seconds in sorted(HELPERS.items(), key=lambda kv: -kv[1]):

@@ -1,5 +1,6 @@
 """What the graph decides: each model's role, the train groups, which calls need gradients for
 which group, and where a value must be detached so that one group's backward stays its own."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ from dsgraph import ir
 
 class Role(str, Enum):
     TRAINED = "trained"
-    FROZEN = "frozen"           # declared `frozen`, or used but never trained (DSG309)
+    FROZEN = "frozen"  # declared `frozen`, or used but never trained (DSG309)
     UNUSED = "unused"
 
 
@@ -26,7 +27,7 @@ class Group:
     index: int
     models: tuple[str, ...]
     loss: str
-    reach: frozenset[str]       # the dataflow nodes the loss depends on
+    reach: frozenset[str]  # the dataflow nodes the loss depends on
 
     @property
     def shared(self) -> bool:
@@ -35,13 +36,13 @@ class Group:
 
 @dataclass(frozen=True)
 class Analysis:
-    order: tuple[str, ...]                      # evaluation order of all dataflow nodes
-    position: dict[str, int]                    # node -> its index in `order`
+    order: tuple[str, ...]  # evaluation order of all dataflow nodes
+    position: dict[str, int]  # node -> its index in `order`
     roles: dict[str, Role]
     groups: tuple[Group, ...]
-    call_groups: dict[str, frozenset[int]]     # call id -> the groups whose gradients pass through it
+    call_groups: dict[str, frozenset[int]]  # call id -> the groups whose gradients pass through it
     group_of_model: dict[str, int]
-    reached: frozenset[str]                    # the dataflow nodes some train group depends on
+    reached: frozenset[str]  # the dataflow nodes some train group depends on
 
     def group(self, index: int) -> Group | None:
         return next((grp for grp in self.groups if grp.index == index), None)
@@ -70,11 +71,16 @@ def analyse(pipeline: ir.Pipeline, graph: Graph) -> Analysis | None:
     if not nx.is_directed_acyclic_graph(flow):
         return None
     order = tuple(nx.lexicographical_topological_sort(flow))
-    trains = [t for t in pipeline.trains
-              if t.loss in pipeline.losses and any(m in pipeline.models for m in t.models)]
-    groups = tuple(Group(t.index, tuple(m for m in t.models if m in pipeline.models), t.loss,
-                         frozenset(nx.ancestors(flow, g.loss_id(t.loss))) | {g.loss_id(t.loss)})
-                   for t in trains)
+    trains = [t for t in pipeline.trains if t.loss in pipeline.losses and any(m in pipeline.models for m in t.models)]
+    groups = tuple(
+        Group(
+            t.index,
+            tuple(m for m in t.models if m in pipeline.models),
+            t.loss,
+            frozenset(nx.ancestors(flow, g.loss_id(t.loss))) | {g.loss_id(t.loss)},
+        )
+        for t in trains
+    )
     group_of_model: dict[str, int] = {}
     for group in groups:
         for name in group.models:

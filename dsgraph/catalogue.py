@@ -2,6 +2,7 @@
 
 The runtime implements each of them (dsgraph/runtime/builtins.py); a test holds the two lists
 equal. Nothing here imports torch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str           # int, float, str, bool, ints (a list of ints), floats, strs, any, tensor
+    type: str  # int, float, str, bool, ints (a list of ints), floats, strs, any, tensor
     default: Any = REQUIRED
 
 
@@ -21,9 +22,9 @@ class Param:
 class Builtin:
     name: str
     params: tuple[Param, ...]
-    fields: tuple[str, ...] | None = None      # data sets only
+    fields: tuple[str, ...] | None = None  # data sets only
     summary: str = ""
-    stats: tuple[str, ...] = ()                 # losses only: what the run logs beside the loss
+    stats: tuple[str, ...] = ()  # losses only: what the run logs beside the loss
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -31,34 +32,74 @@ class Builtin:
 
 P = Param
 
-MODELS = {b.name: b for b in (
-    Builtin("mlp", (P("inputs", "int"), P("outputs", "int"), P("hidden", "ints", []),
-                    P("dropout", "float", 0.0), P("activation", "str", "gelu")),
-            summary="a multi-layer perceptron"),
-    Builtin("causal_lm", (P("vocab", "int", 256), P("dim", "int", 64), P("layers", "int", 2),
-                          P("heads", "int", 4), P("max_len", "int", 128), P("dropout", "float", 0.0)),
-            summary="a small causal transformer language model"),
-)}
+MODELS = {
+    b.name: b
+    for b in (
+        Builtin(
+            "mlp",
+            (
+                P("inputs", "int"),
+                P("outputs", "int"),
+                P("hidden", "ints", []),
+                P("dropout", "float", 0.0),
+                P("activation", "str", "gelu"),
+            ),
+            summary="a multi-layer perceptron",
+        ),
+        Builtin(
+            "causal_lm",
+            (
+                P("vocab", "int", 256),
+                P("dim", "int", 64),
+                P("layers", "int", 2),
+                P("heads", "int", 4),
+                P("max_len", "int", 128),
+                P("dropout", "float", 0.0),
+            ),
+            summary="a small causal transformer language model",
+        ),
+    )
+}
 
-DATA = {b.name: b for b in (
-    Builtin("synthetic_classification",
+DATA = {
+    b.name: b
+    for b in (
+        Builtin(
+            "synthetic_classification",
             (P("samples", "int"), P("features", "int"), P("classes", "int"), P("seed", "int", 0)),
-            fields=("x", "y"), summary="Gaussian clusters, one per class"),
-    Builtin("synthetic_tokens",
+            fields=("x", "y"),
+            summary="Gaussian clusters, one per class",
+        ),
+        Builtin(
+            "synthetic_tokens",
             (P("samples", "int"), P("length", "int"), P("vocab", "int", 256), P("seed", "int", 0)),
-            fields=("input_ids", "attention_mask", "labels"), summary="random token sequences"),
-    Builtin("jsonl", (P("path", "str"), P("fields", "strs", None)), fields=None,
-            summary="one JSON object per line"),
-    Builtin("prompt_completion",
+            fields=("input_ids", "attention_mask", "labels"),
+            summary="random token sequences",
+        ),
+        Builtin(
+            "jsonl", (P("path", "str"), P("fields", "strs", None)), fields=None, summary="one JSON object per line"
+        ),
+        Builtin(
+            "prompt_completion",
             (P("path", "str"), P("tokenizer", "str", "bytes"), P("max_length", "int", 128)),
             fields=("input_ids", "attention_mask", "labels"),
-            summary="JSONL {prompt, completion}, tokenized and padded; labels only on the completion"),
-    Builtin("preference_pairs",
+            summary="JSONL {prompt, completion}, tokenized and padded; labels only on the completion",
+        ),
+        Builtin(
+            "preference_pairs",
             (P("path", "str"), P("tokenizer", "str", "bytes"), P("max_length", "int", 128)),
-            fields=("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
-                    "rejected_input_ids", "rejected_attention_mask", "rejected_labels"),
-            summary="JSONL {prompt, chosen, rejected}, each answer tokenized after the prompt"),
-)}
+            fields=(
+                "chosen_input_ids",
+                "chosen_attention_mask",
+                "chosen_labels",
+                "rejected_input_ids",
+                "rejected_attention_mask",
+                "rejected_labels",
+            ),
+            summary="JSONL {prompt, chosen, rejected}, each answer tokenized after the prompt",
+        ),
+    )
+}
 
 # The byte-level tokenizer `tokenizer = "bytes"` names (dsgraph/runtime/tokenizer.py): one id per
 # byte, then padding, start and end of text.
@@ -66,52 +107,112 @@ BYTE_VOCAB = 259
 
 # A "tensor" parameter without a default is a positional argument; one with the default None is an
 # optional keyword (`mask=train.attention_mask`); the others are constant options.
-LOSSES = {b.name: b for b in (
-    Builtin("ce", (P("logits", "tensor"), P("target", "tensor"), P("ignore_index", "int", -100),
-                   P("label_smoothing", "float", 0.0), P("shift", "bool", False)),
-            summary="cross-entropy; shift=true predicts the next token (causal LMs)"),
-    Builtin("kl", (P("student", "tensor"), P("teacher", "tensor"), P("temperature", "float", 1.0),
-                   P("mask", "tensor", None)),
-            summary="KL(teacher || student) of softened distributions, scaled by T^2, over the mask's tokens"),
-    Builtin("mse", (P("input", "tensor"), P("target", "tensor")), summary="mean squared error"),
-    Builtin("cosine", (P("input", "tensor"), P("target", "tensor")),
-            summary="1 - cosine similarity, averaged"),
-    Builtin("dpo", (P("policy_chosen", "tensor"), P("policy_rejected", "tensor"),
-                    P("reference_chosen", "tensor"), P("reference_rejected", "tensor"),
-                    P("chosen_labels", "tensor"), P("rejected_labels", "tensor"), P("beta", "float", 0.1)),
+LOSSES = {
+    b.name: b
+    for b in (
+        Builtin(
+            "ce",
+            (
+                P("logits", "tensor"),
+                P("target", "tensor"),
+                P("ignore_index", "int", -100),
+                P("label_smoothing", "float", 0.0),
+                P("shift", "bool", False),
+            ),
+            summary="cross-entropy; shift=true predicts the next token (causal LMs)",
+        ),
+        Builtin(
+            "kl",
+            (P("student", "tensor"), P("teacher", "tensor"), P("temperature", "float", 1.0), P("mask", "tensor", None)),
+            summary="KL(teacher || student) of softened distributions, scaled by T^2, over the mask's tokens",
+        ),
+        Builtin("mse", (P("input", "tensor"), P("target", "tensor")), summary="mean squared error"),
+        Builtin("cosine", (P("input", "tensor"), P("target", "tensor")), summary="1 - cosine similarity, averaged"),
+        Builtin(
+            "dpo",
+            (
+                P("policy_chosen", "tensor"),
+                P("policy_rejected", "tensor"),
+                P("reference_chosen", "tensor"),
+                P("reference_rejected", "tensor"),
+                P("chosen_labels", "tensor"),
+                P("rejected_labels", "tensor"),
+                P("beta", "float", 0.1),
+            ),
             summary="DPO over the sequence log-probabilities of the labelled tokens (logits in, labels -100 elsewhere)",
-            stats=("reward_margin", "reward_accuracy")),
-)}
+            stats=("reward_margin", "reward_accuracy"),
+        ),
+    )
+}
 
-ADAPTERS = {b.name: b for b in (
-    Builtin("lora", (P("r", "int", 8), P("alpha", "float", 16.0), P("dropout", "float", 0.0),
-                     P("targets", "strs", None), P("merge", "bool", False)),
-            summary="a LoRA adapter (PEFT): only the adapter is trained; merge=true also exports merged weights"),
-)}
+ADAPTERS = {
+    b.name: b
+    for b in (
+        Builtin(
+            "lora",
+            (
+                P("r", "int", 8),
+                P("alpha", "float", 16.0),
+                P("dropout", "float", 0.0),
+                P("targets", "strs", None),
+                P("merge", "bool", False),
+            ),
+            summary="a LoRA adapter (PEFT): only the adapter is trained; merge=true also exports merged weights",
+        ),
+    )
+}
 
-OPTIMIZERS = {b.name: b for b in (
-    Builtin("adamw", (P("lr", "float"), P("weight_decay", "float", 0.01), P("betas", "floats", [0.9, 0.999]),
-                      P("eps", "float", 1e-8))),
-    Builtin("adam", (P("lr", "float"), P("weight_decay", "float", 0.0), P("betas", "floats", [0.9, 0.999]),
-                     P("eps", "float", 1e-8))),
-    Builtin("sgd", (P("lr", "float"), P("momentum", "float", 0.0), P("weight_decay", "float", 0.0))),
-)}
+OPTIMIZERS = {
+    b.name: b
+    for b in (
+        Builtin(
+            "adamw",
+            (
+                P("lr", "float"),
+                P("weight_decay", "float", 0.01),
+                P("betas", "floats", [0.9, 0.999]),
+                P("eps", "float", 1e-8),
+            ),
+        ),
+        Builtin(
+            "adam",
+            (
+                P("lr", "float"),
+                P("weight_decay", "float", 0.0),
+                P("betas", "floats", [0.9, 0.999]),
+                P("eps", "float", 1e-8),
+            ),
+        ),
+        Builtin("sgd", (P("lr", "float"), P("momentum", "float", 0.0), P("weight_decay", "float", 0.0))),
+    )
+}
 
 # DeepSpeed optimizer types; DeepSpeed falls back to torch.optim for names it does not know.
 DEEPSPEED_OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 
-SCHEDULERS = {b.name: b for b in (
-    Builtin("constant", ()),
-    Builtin("warmup", (P("warmup_steps", "int"), P("min_lr", "float", 0.0))),
-    Builtin("warmup_decay", (P("warmup_steps", "int"), P("min_lr", "float", 0.0))),
-    Builtin("warmup_cosine", (P("warmup_steps", "int"), P("min_ratio", "float", 0.0))),
-)}
+SCHEDULERS = {
+    b.name: b
+    for b in (
+        Builtin("constant", ()),
+        Builtin("warmup", (P("warmup_steps", "int"), P("min_lr", "float", 0.0))),
+        Builtin("warmup_decay", (P("warmup_steps", "int"), P("min_lr", "float", 0.0))),
+        Builtin("warmup_cosine", (P("warmup_steps", "int"), P("min_ratio", "float", 0.0))),
+    )
+}
 
-SETTINGS = {p.name: p for p in (
-    P("seed", "int", 0), P("steps", "int", None), P("epochs", "int", None),
-    P("micro_batch", "int"), P("grad_accum", "int", 1), P("log_every", "int", 10),
-    P("checkpoint_every", "int", 0), P("precision", "str", "fp32"),
-)}
+SETTINGS = {
+    p.name: p
+    for p in (
+        P("seed", "int", 0),
+        P("steps", "int", None),
+        P("epochs", "int", None),
+        P("micro_batch", "int"),
+        P("grad_accum", "int", 1),
+        P("log_every", "int", 10),
+        P("checkpoint_every", "int", 0),
+        P("precision", "str", "fp32"),
+    )
+}
 
 MODEL_PROPERTIES = ("zero", "frozen", "optimizer", "scheduler", "clip", "precision", "lora")
 # hf("dir", task=...): the AutoModel class; without it, the class the config names
@@ -123,6 +224,7 @@ OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 def type_matches(kind: str, value: Any) -> bool:
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     match kind:
         case "int":
             return isinstance(value, int) and not isinstance(value, bool)
@@ -141,6 +243,14 @@ def type_matches(kind: str, value: Any) -> bool:
     return True
 
 
-TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
-              "ints": "a list of whole numbers", "floats": "a list of numbers", "strs": "a list of strings",
-              "tensor": "a tensor", "any": "a value"}
+TYPE_WORDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "ints": "a list of whole numbers",
+    "floats": "a list of numbers",
+    "strs": "a list of strings",
+    "tensor": "a tensor",
+    "any": "a value",
+}

@@ -1,6 +1,7 @@
 """The checks: one pure function per rule, listed in CHECKS. Each reads the `Context` (the
 pipeline, its graph and what the earlier stages decided from them) and yields diagnostics; none
 computes or changes anything another check reads, so their order does not matter."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +38,7 @@ Check = Callable[[Context], Iterator[Diagnostic]]
 
 def check_loss_cycles(ctx: Context) -> Iterator[Diagnostic]:
     """DSG305: losses that refer to each other, directly or through a model call's argument."""
-    if ctx.analysis is not None:        # the analysis exists exactly when the dataflow is acyclic
+    if ctx.analysis is not None:  # the analysis exists exactly when the dataflow is acyclic
         return
     losses, seen = ctx.pipeline.losses, set()
     for cycle in nx.simple_cycles(g.dataflow(ctx.graph)):
@@ -45,15 +46,20 @@ def check_loss_cycles(ctx: Context) -> Iterator[Diagnostic]:
         if not names or frozenset(names) in seen:
             continue
         seen.add(frozenset(names))
-        yield diagnostic("DSG305", losses[names[0]].span, "losses refer to each other in a cycle: "
-                         f"{' -> '.join([*names, names[0]])}", "break the cycle: a loss cannot depend on itself",
-                         *(Note(f"`{n}` is declared here", losses[n].span) for n in names[1:]))
+        yield diagnostic(
+            "DSG305",
+            losses[names[0]].span,
+            f"losses refer to each other in a cycle: {' -> '.join([*names, names[0]])}",
+            "break the cycle: a loss cannot depend on itself",
+            *(Note(f"`{n}` is declared here", losses[n].span) for n in names[1:]),
+        )
 
 
 def check_something_trained(ctx: Context) -> Iterator[Diagnostic]:
     if not ctx.pipeline.trains and ctx.pipeline.complete:
-        yield diagnostic("DSG308", ctx.pipeline.span, f"pipeline `{ctx.pipeline.name}` trains nothing",
-                         "add `train MODEL on LOSS`")
+        yield diagnostic(
+            "DSG308", ctx.pipeline.span, f"pipeline `{ctx.pipeline.name}` trains nothing", "add `train MODEL on LOSS`"
+        )
 
 
 def check_train_statements(ctx: Context) -> Iterator[Diagnostic]:
@@ -65,18 +71,30 @@ def check_train_statements(ctx: Context) -> Iterator[Diagnostic]:
         for name, span in zip(train.models, train.model_spans, strict=True):
             model = models.get(name)
             if model is not None and model.frozen:
-                yield diagnostic("DSG301", span, f"model `{name}` is frozen but `train` asks to update it",
-                                 f"remove `{name}` from `train`, or drop `frozen` from its declaration",
-                                 Note(f"`{name}` is declared frozen here", model.spans.get("frozen", model.span)))
+                yield diagnostic(
+                    "DSG301",
+                    span,
+                    f"model `{name}` is frozen but `train` asks to update it",
+                    f"remove `{name}` from `train`, or drop `frozen` from its declaration",
+                    Note(f"`{name}` is declared frozen here", model.spans.get("frozen", model.span)),
+                )
             if name in first_model:
-                yield diagnostic("DSG306", span, f"model `{name}` is trained by two `train` statements",
-                                 f"train it once on a combined loss: `loss both = a + b` then `train {name} on both`",
-                                 Note("first trained here", first_model[name]))
+                yield diagnostic(
+                    "DSG306",
+                    span,
+                    f"model `{name}` is trained by two `train` statements",
+                    f"train it once on a combined loss: `loss both = a + b` then `train {name} on both`",
+                    Note("first trained here", first_model[name]),
+                )
             first_model.setdefault(name, span)
         if train.loss in first_loss:
-            yield diagnostic("DSG311", train.loss_span, f"loss `{train.loss}` is used by two `train` statements",
-                             f"list every model it trains in one statement: `train a, b on {train.loss}`",
-                             Note("first used here", first_loss[train.loss]))
+            yield diagnostic(
+                "DSG311",
+                train.loss_span,
+                f"loss `{train.loss}` is used by two `train` statements",
+                f"list every model it trains in one statement: `train a, b on {train.loss}`",
+                Note("first used here", first_loss[train.loss]),
+            )
         first_loss.setdefault(train.loss, train.loss_span)
 
 
@@ -88,26 +106,46 @@ def check_unused(ctx: Context) -> Iterator[Diagnostic]:
     trained_models = {m for t in p.trains for m in t.models}
     for name, model in p.models.items():
         called = any(True for _ in ctx.graph.successors(g.model_id(name)))
-        if not called and name not in trained_models:      # frozen or not, nothing runs it
-            yield diagnostic("DSG303", model.span, f"model `{name}` is declared but no loss uses it",
-                             f"use it in a loss (`{name}(data.field)`) or remove it")
+        if not called and name not in trained_models:  # frozen or not, nothing runs it
+            yield diagnostic(
+                "DSG303",
+                model.span,
+                f"model `{name}` is declared but no loss uses it",
+                f"use it in a loss (`{name}(data.field)`) or remove it",
+            )
         elif roles[name] is Role.FROZEN and not model.frozen and name not in trained_models:
-            yield diagnostic("DSG309", model.span, f"model `{name}` is used but never trained; it runs frozen",
-                             "say so with `frozen` in its block, or add it to a `train` statement")
+            yield diagnostic(
+                "DSG309",
+                model.span,
+                f"model `{name}` is used but never trained; it runs frozen",
+                "say so with `frozen` in its block, or add it to a `train` statement",
+            )
     reached = ctx.analysis.reached
     for name, loss in p.losses.items():
         if g.loss_id(name) not in reached:
-            yield diagnostic("DSG304", loss.span, f"loss `{name}` is computed by no `train` statement",
-                             f"train a model on it (`train MODEL on {name}`) or remove it")
+            yield diagnostic(
+                "DSG304",
+                loss.span,
+                f"loss `{name}` is computed by no `train` statement",
+                f"train a model on it (`train MODEL on {name}`) or remove it",
+            )
     for name, data in p.data.items():
         if not any(True for _ in ctx.graph.successors(g.data_id(name))):
-            yield diagnostic("DSG310", data.span, f"data set `{name}` is declared but no loss or model reads it",
-                             f"read a field of it (`{name}.FIELD`) or remove it")
+            yield diagnostic(
+                "DSG310",
+                data.span,
+                f"data set `{name}` is declared but no loss or model reads it",
+                f"read a field of it (`{name}.FIELD`) or remove it",
+            )
     used_zeros = {m.zero for m in p.models.values()}
     for name, zero in p.zeros.items():
         if name not in used_zeros and "." not in name and zero.span.file == p.file:
-            yield diagnostic("DSG310", zero.span, f"ZeRO config `{name}` is declared but no model uses it",
-                             f"use it with `zero = {name}` in a model block, or remove it")
+            yield diagnostic(
+                "DSG310",
+                zero.span,
+                f"ZeRO config `{name}` is declared but no model uses it",
+                f"use it with `zero = {name}` in a model block, or remove it",
+            )
 
 
 def check_trained_models_reached(ctx: Context) -> Iterator[Diagnostic]:
@@ -123,9 +161,13 @@ def check_trained_models_reached(ctx: Context) -> Iterator[Diagnostic]:
             if name not in p.models:
                 continue
             if not any(call in group.reach for call in ctx.graph.successors(g.model_id(name))):
-                yield diagnostic("DSG302", span, f"loss `{train.loss}` does not depend on model `{name}`",
-                                 f"use `{name}(...)` in `{train.loss}`, or train `{name}` on a loss that does",
-                                 Note(f"`{train.loss}` is declared here", p.losses[train.loss].span))
+                yield diagnostic(
+                    "DSG302",
+                    span,
+                    f"loss `{train.loss}` does not depend on model `{name}`",
+                    f"use `{name}(...)` in `{train.loss}`, or train `{name}` on a loss that does",
+                    Note(f"`{train.loss}` is declared here", p.losses[train.loss].span),
+                )
 
 
 def check_gradient_groups(ctx: Context) -> Iterator[Diagnostic]:
@@ -134,7 +176,7 @@ def check_gradient_groups(ctx: Context) -> Iterator[Diagnostic]:
     if ctx.analysis is None:
         return
     a, trains = ctx.analysis, {t.index: t for t in ctx.pipeline.trains}
-    trained_in: dict[str, int] = {}     # a model trained twice is DSG306's, not ours
+    trained_in: dict[str, int] = {}  # a model trained twice is DSG306's, not ours
     for train in ctx.pipeline.trains:
         for name in set(train.models):
             trained_in[name] = trained_in.get(name, 0) + 1
@@ -144,18 +186,26 @@ def check_gradient_groups(ctx: Context) -> Iterator[Diagnostic]:
         home = a.group_of_model.get(model) if a.roles.get(model) is Role.TRAINED else None
         if len(owners) > 1:
             groups = [trains[i] for i in sorted(owners)]
-            yield diagnostic("DSG307", node["span"], f"gradients of `{node['text']}` would flow into "
-                             f"{len(owners)} train groups ({', '.join(t.loss for t in groups)})",
-                             "train these models on one shared loss (`train a, b on total`), or keep each "
-                             "model's output out of the other group's loss",
-                             *(Note(f"train group of `{t.loss}`", t.span) for t in groups))
+            yield diagnostic(
+                "DSG307",
+                node["span"],
+                f"gradients of `{node['text']}` would flow into "
+                f"{len(owners)} train groups ({', '.join(t.loss for t in groups)})",
+                "train these models on one shared loss (`train a, b on total`), or keep each "
+                "model's output out of the other group's loss",
+                *(Note(f"train group of `{t.loss}`", t.span) for t in groups),
+            )
         elif owners and home is not None and home not in owners and trained_in.get(model) == 1:
             (other,) = owners
-            yield diagnostic("DSG307", node["span"], f"the backward of `{trains[other].loss}` would run through "
-                             f"`{model}`, which `train ... on {trains[home].loss}` updates",
-                             f"train `{model}` in the same statement (`train ..., {model} on ...`), or make "
-                             f"`{trains[other].loss}` use a call of `{model}` that does not depend on a trained model",
-                             Note(f"`{model}` is trained here", trains[home].span))
+            yield diagnostic(
+                "DSG307",
+                node["span"],
+                f"the backward of `{trains[other].loss}` would run through "
+                f"`{model}`, which `train ... on {trains[home].loss}` updates",
+                f"train `{model}` in the same statement (`train ..., {model} on ...`), or make "
+                f"`{trains[other].loss}` use a call of `{model}` that does not depend on a trained model",
+                Note(f"`{model}` is trained here", trains[home].span),
+            )
 
 
 def check_frozen_configs(ctx: Context) -> Iterator[Diagnostic]:
@@ -167,16 +217,23 @@ def check_frozen_configs(ctx: Context) -> Iterator[Diagnostic]:
             continue
         for prop in ("optimizer", "scheduler", "clip", "lora"):
             if prop in model.spans and model.frozen:
-                yield diagnostic("DSG401", model.spans[prop], f"frozen model `{name}` has `{prop}`",
-                                 f"remove `{prop}`: a frozen model is never updated")
+                yield diagnostic(
+                    "DSG401",
+                    model.spans[prop],
+                    f"frozen model `{name}` has `{prop}`",
+                    f"remove `{prop}`: a frozen model is never updated",
+                )
         stage = zero_stage(ctx.configs[name].config)
         if stage in (1, 2):
             zero = zero_of(ctx.pipeline, model)
-            yield diagnostic("DSG402", zero.span_of("zero_optimization.stage") if zero else model.span,
-                             f"frozen model `{name}` uses ZeRO-{stage}, which shards only optimizer state "
-                             "and gradients: a frozen model has neither",
-                             "use `stage = 3` to shard its parameters, or `stage = 0`",
-                             Note(f"`{name}` is declared here", model.span))
+            yield diagnostic(
+                "DSG402",
+                zero.span_of("zero_optimization.stage") if zero else model.span,
+                f"frozen model `{name}` uses ZeRO-{stage}, which shards only optimizer state "
+                "and gradients: a frozen model has neither",
+                "use `stage = 3` to shard its parameters, or `stage = 0`",
+                Note(f"`{name}` is declared here", model.span),
+            )
 
 
 def check_shared_groups(ctx: Context) -> Iterator[Diagnostic]:
@@ -192,12 +249,19 @@ def check_shared_groups(ctx: Context) -> Iterator[Diagnostic]:
             if model is None:
                 continue
             if zero_stage(ctx.configs[name].config) == 0:
-                yield diagnostic("DSG403", span, f"model `{name}` shares loss `{group.loss}` but runs ZeRO-0",
-                                 "DeepSpeed refuses a direct backward into a ZeRO-0 engine: use stage 1, 2 or 3")
+                yield diagnostic(
+                    "DSG403",
+                    span,
+                    f"model `{name}` shares loss `{group.loss}` but runs ZeRO-0",
+                    "DeepSpeed refuses a direct backward into a ZeRO-0 engine: use stage 1, 2 or 3",
+                )
             if precision_of(ctx.pipeline, model) is Precision.FP16:
-                yield diagnostic("DSG404", span, f"model `{name}` shares loss `{group.loss}` in fp16",
-                                 "each fp16 engine has its own loss scaler, so one loss cannot be scaled for "
-                                 "all: use bf16 or fp32")
+                yield diagnostic(
+                    "DSG404",
+                    span,
+                    f"model `{name}` shares loss `{group.loss}` in fp16",
+                    "each fp16 engine has its own loss scaler, so one loss cannot be scaled for all: use bf16 or fp32",
+                )
 
 
 def check_offload_param(ctx: Context) -> Iterator[Diagnostic]:
@@ -207,9 +271,12 @@ def check_offload_param(ctx: Context) -> Iterator[Diagnostic]:
         device = offload.get("device") if isinstance(offload, dict) else None
         stage = zero_stage(zero.config)
         if device not in (None, "none") and stage is not None and stage != 3:
-            yield diagnostic("DSG407", zero.span_of("zero_optimization.offload_param"),
-                             f"ZeRO config `{zero.name}` offloads parameters at stage {stage}",
-                             "parameter offload needs `stage = 3`; use `offload_optimizer` at stages 1-2")
+            yield diagnostic(
+                "DSG407",
+                zero.span_of("zero_optimization.offload_param"),
+                f"ZeRO config `{zero.name}` offloads parameters at stage {stage}",
+                "parameter offload needs `stage = 3`; use `offload_optimizer` at stages 1-2",
+            )
 
 
 def check_resolved_configs(ctx: Context) -> Iterator[Diagnostic]:
@@ -222,14 +289,23 @@ def check_resolved_configs(ctx: Context) -> Iterator[Diagnostic]:
         for problem in ctx.configs[name].problems:
             span = _config_span(zero, problem.path) if zero else None
             message = problem.message
-            if problem.code == "DSG405" and shared_accumulation and ctx.strategy is not None \
-                    and ctx.strategy.engine_of(name, ctx.analysis) is Engine.ACCELERATE:
+            if (
+                problem.code == "DSG405"
+                and shared_accumulation
+                and ctx.strategy is not None
+                and ctx.strategy.engine_of(name, ctx.analysis) is Engine.ACCELERATE
+            ):
                 message += "; Accelerators share one gradient-accumulation state"
             if problem.code == "DSG414" and "precision" in model.spans:
                 span = model.spans["precision"]
-            named = not span or f"model `{name}`" in message     # located in the config: say whose
-            yield diagnostic(problem.code, span or model.span, message if named else f"{message} (model `{name}`)",
-                             problem.help, *((Note(f"model `{name}` is declared here", model.span),) if span else ()))
+            named = not span or f"model `{name}`" in message  # located in the config: say whose
+            yield diagnostic(
+                problem.code,
+                span or model.span,
+                message if named else f"{message} (model `{name}`)",
+                problem.help,
+                *((Note(f"model `{name}` is declared here", model.span),) if span else ()),
+            )
 
 
 def _config_span(zero: ir.ZeroConfig, path: str) -> Span | None:

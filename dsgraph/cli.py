@@ -2,6 +2,7 @@
 
 Exit codes: 0 ok, 1 user error (diagnostics), 2 usage, 4 a worker failed or hung, 70 internal
 error (traceback only with --debug), 130 interrupted."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,23 +31,36 @@ EPILOG = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsgraph", description="Declare, check and run several "
-                                     "models together under DeepSpeed ZeRO.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dsgraph",
+        description="Declare, check and run several models together under DeepSpeed ZeRO.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="check a .dsg file and print its plan")
     p.add_argument("file")
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--emit", choices=("ast", "ir", "graph", "plan"), default="plan",
-                   help="print this stage instead of the plan")
-    p.add_argument("--world-size", type=_positive, default=None,
-                   help="plan for this many processes (resolves train_batch_size)")
-    p.add_argument("--memory", action="store_true",
-                   help="print the memory estimate per model and rank (builds the models on the meta device)")
-    p.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
-                   help="memory of one device, e.g. 16GiB or 24e9: what `zero = auto` and --memory plan for")
+    p.add_argument(
+        "--emit", choices=("ast", "ir", "graph", "plan"), default="plan", help="print this stage instead of the plan"
+    )
+    p.add_argument(
+        "--world-size", type=_positive, default=None, help="plan for this many processes (resolves train_batch_size)"
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="print the memory estimate per model and rank (builds the models on the meta device)",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="memory of one device, e.g. 16GiB or 24e9: what `zero = auto` and --memory plan for",
+    )
 
     p = sub.add_parser("check", help="report the diagnostics of .dsg files")
     p.add_argument("files", nargs="+")
@@ -55,17 +69,38 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="compile, then train on DeepSpeed engines with N processes")
     p.add_argument("file")
-    p.add_argument("--procs", type=_positive, default=None,
-                   help="processes to start (default: one per GPU, or 2 without a GPU)")
+    p.add_argument(
+        "--procs", type=_positive, default=None, help="processes to start (default: one per GPU, or 2 without a GPU)"
+    )
     p.add_argument("--run-dir", default=None, help="default: runs/<pipeline>-<time>")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting (steps=40) or a model property (student.optimizer.lr=1e-4)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue the run in RUN_DIR from its newest complete checkpoint")
-    p.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
-                   help="memory of one device, e.g. 16GiB: what `zero = auto` plans for (default: the device's)")
-    p.add_argument("--hang-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="stop the run when a rank makes no progress for this long (default 600)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting (steps=40) or a model property (student.optimizer.lr=1e-4)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its newest complete checkpoint",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="memory of one device, e.g. 16GiB: what `zero = auto` plans for (default: the device's)",
+    )
+    p.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="stop the run when a rank makes no progress for this long (default 600)",
+    )
 
     p = sub.add_parser("dot", help="draw the pipeline graph (DOT, or SVG/PNG through Graphviz)")
     p.add_argument("file")
@@ -109,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             kind = type(sys.exc_info()[1]).__name__
-            print(f"dsgraph: internal error ({kind}); run again with --debug for the traceback, "
-                  "and please report it", file=sys.stderr)
+            print(
+                f"dsgraph: internal error ({kind}); run again with --debug for the traceback, and please report it",
+                file=sys.stderr,
+            )
         return EXIT_INTERNAL
 
 
-def _load(path: str, world_size: int | None, overrides: tuple[str, ...] = (),
-          device_memory: int | None = None) -> Compilation | None:
+def _load(
+    path: str, world_size: int | None, overrides: tuple[str, ...] = (), device_memory: int | None = None
+) -> Compilation | None:
     from dsgraph.compiler import compile_file
 
     if not Path(path).is_file():
@@ -139,6 +177,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.emit == "ast" and result.ast is not None:
         from dsgraph.syntax.ast import dump
+
         sys.stdout.write(dump(result.ast))
         return EXIT_OK
     if args.format == "json" and not result.ok:
@@ -148,18 +187,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not result.ok:
         return EXIT_USER
     plan, pipeline, graph = result.plan, result.ir, result.graph
-    assert plan is not None and pipeline is not None and graph is not None     # no error: every stage ran
+    assert plan is not None and pipeline is not None and graph is not None  # no error: every stage ran
     if args.memory:
         return _print_memory(plan, args)
     if args.emit == "ir":
         sys.stdout.write(pipeline.show())
     elif args.emit == "graph":
         from dsgraph.graph import show
+
         sys.stdout.write(show(graph))
     elif args.format == "json":
         sys.stdout.write(plan.to_json())
     else:
         from dsgraph.render import to_text
+
         sys.stdout.write(to_text(plan))
     return EXIT_OK
 
@@ -172,8 +213,7 @@ def _print_memory(plan: Plan, args: argparse.Namespace) -> int:
     try:
         counts = count_plan(plan)
     except Exception as error:
-        print(f"dsgraph: cannot build the models on the meta device: {type(error).__name__}: {error}",
-              file=sys.stderr)
+        print(f"dsgraph: cannot build the models on the meta device: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_USER
     est = estimate(plan, counts, args.world_size)
     if args.device_memory is not None:
@@ -211,7 +251,7 @@ def cmd_dot(args: argparse.Namespace) -> int:
         return EXIT_USER
     from dsgraph.dot import to_dot
 
-    assert result.graph is not None and result.plan is not None     # no error: every stage ran
+    assert result.graph is not None and result.plan is not None  # no error: every stage ran
     text = to_dot(result.graph, result.plan)
     if not args.output:
         sys.stdout.write(text)
@@ -226,9 +266,12 @@ def cmd_dot(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     dot = shutil.which("dot")
     if dot is None:
-        print("dsgraph: drawing SVG/PNG needs Graphviz's `dot` program, which is not installed.\n"
-              "  install it: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS),\n"
-              "  or `conda install graphviz`; or write DOT with `-o out.dot`", file=sys.stderr)
+        print(
+            "dsgraph: drawing SVG/PNG needs Graphviz's `dot` program, which is not installed.\n"
+            "  install it: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS),\n"
+            "  or `conda install graphviz`; or write DOT with `-o out.dot`",
+            file=sys.stderr,
+        )
         return EXIT_USER
     done = subprocess.run([dot, f"-T{fmt}", "-o", str(out)], input=text.encode(), capture_output=True)
     if done.returncode != 0:
@@ -252,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not result.ok:
         return EXIT_USER
     plan = result.plan
-    assert plan is not None                                         # no error: it was planned
+    assert plan is not None  # no error: it was planned
     manifest = None
     if args.resume:
         run_dir = Path(args.resume)
@@ -287,19 +330,36 @@ def _resume_checks(run_dir: Path, plan: Plan, procs: int, result: Compilation) -
     if found is None:
         partial = checkpoint.incomplete(run_dir) if run_dir.is_dir() else []
         why = f"; {len(partial)} incomplete checkpoint folder(s) are ignored" if partial else ""
-        diags.append(Diagnostic("DSG502", f"{run_dir} holds no complete dsgraph checkpoint{why}", file_span,
-                                "resume a run directory that `dsgraph run` checkpointed (checkpoint_every > 0)"))
+        diags.append(
+            Diagnostic(
+                "DSG502",
+                f"{run_dir} holds no complete dsgraph checkpoint{why}",
+                file_span,
+                "resume a run directory that `dsgraph run` checkpointed (checkpoint_every > 0)",
+            )
+        )
     else:
         manifest, path = found
         for message, name in checkpoint.differences(manifest["identity"], checkpoint.identity(plan)):
-            diags.append(Diagnostic("DSG501", f"the checkpoint at step {manifest['step']} was saved by a "
-                                    f"different plan: {message}", spans.get(name or "", file_span),
-                                    "resume with the file the run was started with, or start a new run",
-                                    (Note(f"checkpoint: {path}"),)))
+            diags.append(
+                Diagnostic(
+                    "DSG501",
+                    f"the checkpoint at step {manifest['step']} was saved by a different plan: {message}",
+                    spans.get(name or "", file_span),
+                    "resume with the file the run was started with, or start a new run",
+                    (Note(f"checkpoint: {path}"),),
+                )
+            )
         if manifest["world_size"] != procs:
-            diags.append(Diagnostic("DSG501", f"the checkpoint was saved by {manifest['world_size']} processes, "
-                                    f"this run has {procs}", file_span,
-                                    f"resume with --procs {manifest['world_size']}", (Note(f"checkpoint: {path}"),)))
+            diags.append(
+                Diagnostic(
+                    "DSG501",
+                    f"the checkpoint was saved by {manifest['world_size']} processes, this run has {procs}",
+                    file_span,
+                    f"resume with --procs {manifest['world_size']}",
+                    (Note(f"checkpoint: {path}"),),
+                )
+            )
     for diag in diags:
         print(render_text(diag, result.sources), file=sys.stderr)
     if diags:

@@ -1,6 +1,7 @@
 """The registry of diagnostic codes. Every code has a corpus case in tests/errors/ and an
 entry in docs/diagnostics.md (a test holds both). Codes are grouped by the stage that finds them:
 1xx syntax, 2xx names and values, 3xx graph, 4xx DeepSpeed configuration, 5xx run time."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,16 +38,21 @@ _ALL = (
     Code("DSG203", "wrong-type", E, "a value of the wrong type"),
     Code("DSG204", "unknown-argument", E, "an argument the built-in does not take"),
     Code("DSG205", "missing-argument", E, "a required argument is missing"),
-    Code("DSG206", "unknown-builtin", E,
-         "a built-in model, data set, loss, optimizer or scheduler that does not exist"),
+    Code(
+        "DSG206", "unknown-builtin", E, "a built-in model, data set, loss, optimizer or scheduler that does not exist"
+    ),
     Code("DSG207", "unknown-setting", E, "a setting or property that does not exist here"),
     Code("DSG208", "duplicate-setting", E, "a setting given twice"),
     Code("DSG209", "invalid-value", E, "a value outside what the setting accepts"),
     Code("DSG210", "missing-setting", E, "a required pipeline setting is missing"),
     Code("DSG211", "unknown-field", E, "a data field the data set does not have"),
     Code("DSG212", "wrong-kind", E, "a name used as something it is not"),
-    Code("DSG213", "bad-source", E,
-         "a model, data or loss source that is not builtin.X, package.module:function or hf(...)"),
+    Code(
+        "DSG213",
+        "bad-source",
+        E,
+        "a model, data or loss source that is not builtin.X, package.module:function or hf(...)",
+    ),
     # 3xx: the graph.
     Code("DSG301", "frozen-model-trained", E, "a frozen model listed in `train`"),
     Code("DSG302", "trained-model-unreached", E, "a trained model that its loss does not depend on"),
@@ -71,7 +77,7 @@ _ALL = (
     Code("DSG409", "missing-config-file", E, "a DeepSpeed JSON file that does not exist"),
     Code("DSG410", "invalid-config-file", E, "a DeepSpeed JSON file that is not valid JSON or not an object"),
     Code("DSG411", "wrong-deepspeed-type", E, "a DeepSpeed key with a value of the wrong type"),
-    Code("DSG412", "unresolvable-auto", E, "an \"auto\" value that nothing in the pipeline can fill"),
+    Code("DSG412", "unresolvable-auto", E, 'an "auto" value that nothing in the pipeline can fill'),
     Code("DSG413", "no-optimizer", E, "a trained model without an optimizer"),
     Code("DSG414", "conflicting-precision", E, "a model asked to be fp16 and bf16 at once"),
     Code("DSG415", "zero-auto-nothing-fits", E, "`zero = auto`: no stage fits, not even ZeRO-3 with offload"),

@@ -7,6 +7,7 @@ Diagnostics are collected along the way; only a syntax error stops early, and th
 only when no check reported an error. Imports no torch, deepspeed, accelerate and no user code
 (a test holds this), unless the file says `zero = auto`: then its models are sized on the meta
 device (dsgraph.dsconfig.auto)."""
+
 from __future__ import annotations
 
 import gc
@@ -39,7 +40,7 @@ class Compilation:
     """Everything one compile produced; a stage's result is None when it could not run."""
 
     source: SourceFile
-    sources: dict[str, SourceFile]          # every file read: carets of diagnostics in any of them
+    sources: dict[str, SourceFile]  # every file read: carets of diagnostics in any of them
     diagnostics: list[Diagnostic]
     ast: ast_mod.File | None = None
     ir: ir_mod.Pipeline | None = None
@@ -67,16 +68,18 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def compile_source(source: SourceFile, world_size: int | None = None,
-                   overrides: tuple[str, ...] = (), device_memory: int | None = None) -> Compilation:
+def compile_source(
+    source: SourceFile, world_size: int | None = None, overrides: tuple[str, ...] = (), device_memory: int | None = None
+) -> Compilation:
     """`overrides` are `--set key=value` strings, applied to the AST before lowering;
     `device_memory` (bytes per device) is what `zero = auto` plans for."""
     with _no_gc():
         return _compile(source, world_size, overrides, device_memory)
 
 
-def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, ...],
-             device_memory: int | None) -> Compilation:
+def _compile(
+    source: SourceFile, world_size: int | None, overrides: tuple[str, ...], device_memory: int | None
+) -> Compilation:
     diags = Diagnostics()
     sources = {source.name: source}
     tree = parse(source, diags)
@@ -88,7 +91,7 @@ def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, .
     if pipeline is None:
         return Compilation(source, sources, diags.sorted(), tree)
     if any(m.zero == ir_mod.ZERO_AUTO for m in pipeline.models.values()):
-        from dsgraph.dsconfig.auto import resolve_auto   # sizes the models on the meta device: torch
+        from dsgraph.dsconfig.auto import resolve_auto  # sizes the models on the meta device: torch
 
         pipeline = resolve_auto(pipeline, diags, world_size, device_memory)
     graph = graph_mod.build(pipeline)
@@ -102,6 +105,7 @@ def _compile(source: SourceFile, world_size: int | None, overrides: tuple[str, .
     return Compilation(source, sources, diags.sorted(), tree, pipeline, graph, analysis, strategy, configs, plan)
 
 
-def compile_file(path: str | Path, world_size: int | None = None,
-                 overrides: tuple[str, ...] = (), device_memory: int | None = None) -> Compilation:
+def compile_file(
+    path: str | Path, world_size: int | None = None, overrides: tuple[str, ...] = (), device_memory: int | None = None
+) -> Compilation:
     return compile_source(SourceFile.read(path), world_size, overrides, device_memory)

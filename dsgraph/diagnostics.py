@@ -2,6 +2,7 @@
 
 Rendered as `file:line:col: error[DSG301]: message`, then the source line with carets, then
 `= help:` and `= note:` lines. The JSON form carries the same fields."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -45,8 +46,7 @@ class Diagnostic:
             "message": self.message,
             "span": self.span.to_json(),
             "help": self.help,
-            "notes": [{"message": n.message, "span": n.span.to_json() if n.span else None}
-                      for n in self.notes],
+            "notes": [{"message": n.message, "span": n.span.to_json() if n.span else None} for n in self.notes],
         }
 
 
@@ -76,19 +76,16 @@ class Diagnostics:
         return [unique[k] for k in sorted(unique)]
 
 
-
 def render_snippet(span: Span, source: SourceFile | None) -> list[str]:
     if source is None:
         return []
     raw = source.line_text(span.line)
     end = span.end_col if span.end_line == span.line else len(raw) + 1
     # Columns count characters; a tab is drawn 4 wide, so measure the caret on the drawn text.
-    start = len(raw[:span.col - 1].expandtabs(4))
-    width = max(1, len(raw[:end - 1].expandtabs(4)) - start)
+    start = len(raw[: span.col - 1].expandtabs(4))
+    width = max(1, len(raw[: end - 1].expandtabs(4)) - start)
     gutter = " " * len(str(span.line))
-    return [f"{gutter} |",
-            f"{span.line} | {raw.expandtabs(4)}",
-            f"{gutter} | {' ' * start}{'^' * width}"]
+    return [f"{gutter} |", f"{span.line} | {raw.expandtabs(4)}", f"{gutter} | {' ' * start}{'^' * width}"]
 
 
 def render_text(diag: Diagnostic, sources: dict[str, SourceFile]) -> str:

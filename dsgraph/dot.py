@@ -1,5 +1,6 @@
 """The graph in DOT: one cluster per Accelerator or native engine group, frozen and trained
 models styled apart, ZeRO stage and precision on each model, loss weights on the edges."""
+
 from __future__ import annotations
 
 
@@ -18,8 +19,12 @@ def _attrs(**attrs: object) -> str:
 
 def to_dot(graph: Graph, plan: Plan) -> str:
     models = {m.name: m for m in plan.models}
-    out = [f"digraph {_q(plan.pipeline)} {{", "  rankdir=LR;", "  node [fontname=\"Helvetica\", fontsize=11];",
-           "  edge [fontname=\"Helvetica\", fontsize=10];"]
+    out = [
+        f"digraph {_q(plan.pipeline)} {{",
+        "  rankdir=LR;",
+        '  node [fontname="Helvetica", fontsize=11];',
+        '  edge [fontname="Helvetica", fontsize=10];',
+    ]
     clusters: dict[str, list[str]] = {}
     for name, m in models.items():
         if plan.engine_of(m) is Engine.ACCELERATE:
@@ -31,14 +36,19 @@ def to_dot(graph: Graph, plan: Plan) -> str:
         clusters.setdefault(key, []).append(name)
     for index, (label, names) in enumerate(sorted(clusters.items())):
         out.append(f"  subgraph cluster_{index} {{")
-        out.append(f"    label={_q(label)}; style=\"rounded,dashed\"; color=\"gray40\";")
+        out.append(f'    label={_q(label)}; style="rounded,dashed"; color="gray40";')
         for name in sorted(names):
             m = models[name]
             trained = m.trained
-            out.append(f"    {_q('model:' + name)} " + _attrs(
-                label=f"{name}\n{m.role.value} · ZeRO-{m.stage.value} · {m.precision.value}",
-                shape="box", style="filled,bold" if trained else "filled,dashed",
-                fillcolor="#cfe8ff" if trained else "#eeeeee"))
+            out.append(
+                f"    {_q('model:' + name)} "
+                + _attrs(
+                    label=f"{name}\n{m.role.value} · ZeRO-{m.stage.value} · {m.precision.value}",
+                    shape="box",
+                    style="filled,bold" if trained else "filled,dashed",
+                    fillcolor="#cfe8ff" if trained else "#eeeeee",
+                )
+            )
         out.append("  }")
     for node in sorted(graph.nodes):
         attrs = graph.nodes[node]
@@ -54,8 +64,10 @@ def to_dot(graph: Graph, plan: Plan) -> str:
         elif kind == "term":
             out.append(f"  {_q(node)} " + _attrs(label=attrs["text"], shape="note"))
         elif kind == "loss":
-            out.append(f"  {_q(node)} " + _attrs(label=attrs["name"], shape="doubleoctagon",
-                                                  style="filled", fillcolor="#ffe6cc"))
+            out.append(
+                f"  {_q(node)} "
+                + _attrs(label=attrs["name"], shape="doubleoctagon", style="filled", fillcolor="#ffe6cc")
+            )
     for u, v in sorted(graph.edges):
         e = graph.edges[u, v]
         match e["kind"]:

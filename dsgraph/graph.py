@@ -4,6 +4,7 @@ Edges carry a `kind`: `input` (a value flows), `weights` (a model's parameters f
 `term` (a weighted term of a loss) and `trains` (a `train` statement: loss -> model). The
 dataflow view (everything but `trains`) is acyclic once the checks pass; its lexicographic
 topological order is the evaluation order."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import networkx as nx
 
 from dsgraph import ir
 
-Graph: TypeAlias = "nx.DiGraph[str]"        # node ids: `data:train`, `call:student(train.x)`, ...
+Graph: TypeAlias = "nx.DiGraph[str]"  # node ids: `data:train`, `call:student(train.x)`, ...
 
 
 def data_id(name: str) -> str:
@@ -49,8 +50,10 @@ def split_terms(expr: ir.LossExpr) -> list[Term]:
             return split_terms(left) + [Term(-t.weight, t.expr) for t in split_terms(right)]
         case ir.Neg(operand=operand):
             return [Term(-t.weight, t.expr) for t in split_terms(operand)]
-        case ir.BinOp(op="*", left=ir.Const(value=int() | float() as c), right=other) \
-                | ir.BinOp(op="*", left=other, right=ir.Const(value=int() | float() as c)) if _number(c):
+        case (
+            ir.BinOp(op="*", left=ir.Const(value=int() | float() as c), right=other)
+            | ir.BinOp(op="*", left=other, right=ir.Const(value=int() | float() as c))
+        ) if _number(c):
             return [Term(c * t.weight, t.expr) for t in split_terms(other)] if _single(other) else [Term(c, other)]
         case ir.BinOp(op="/", left=left, right=ir.Const(value=int() | float() as c)) if _number(c) and c != 0:
             return [Term(t.weight / c, t.expr) for t in split_terms(left)] if _single(left) else [Term(1 / c, left)]
@@ -65,22 +68,27 @@ def _single(expr: ir.LossExpr) -> bool:
     return len(split_terms(expr)) == 1
 
 
-
 def build(pipeline: ir.Pipeline) -> Graph:
     """The graph stage; the graph is frozen (networkx raises on any change)."""
     graph: Graph = nx.DiGraph(name=pipeline.name)
     for data in pipeline.data.values():
         graph.add_node(data_id(data.name), kind="data", name=data.name, span=data.span)
     for model in pipeline.models.values():
-        graph.add_node(model_id(model.name), kind="model", name=model.name, span=model.span,
-                       frozen=model.frozen)
+        graph.add_node(model_id(model.name), kind="model", name=model.name, span=model.span, frozen=model.frozen)
     for loss in pipeline.losses.values():
         graph.add_node(loss_id(loss.name), kind="loss", name=loss.name, span=loss.span)
     for loss in pipeline.losses.values():
         for index, term in enumerate(split_terms(loss.expr)):
             term_id = f"term:{loss.name}#{index}"
-            graph.add_node(term_id, kind="term", loss=loss.name, weight=term.weight,
-                           text=ir.show_expr(term.expr), expr=term.expr, span=term.expr.span)
+            graph.add_node(
+                term_id,
+                kind="term",
+                loss=loss.name,
+                weight=term.weight,
+                text=ir.show_expr(term.expr),
+                expr=term.expr,
+                span=term.expr.span,
+            )
             graph.add_edge(term_id, loss_id(loss.name), kind="term", weight=term.weight)
             _add_inputs(graph, term.expr, term_id, pipeline)
     for train in pipeline.trains:
@@ -119,8 +127,6 @@ def dataflow(graph: Graph) -> Graph:
     flow.add_nodes_from(graph.nodes)
     flow.add_edges_from((u, v) for u, v, data in graph.edges(data=True) if data["kind"] != "trains")
     return flow
-
-
 
 
 def show(graph: Graph) -> str:

@@ -1,6 +1,7 @@
 """The IR: the pipeline with names resolved, values typed and defaults filled. Frozen dataclasses.
 
 `show()` prints the whole IR deterministically (the `--emit ir` form)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,7 @@ from dsgraph.plan import Lora, Precision, Source
 from dsgraph.source import Span
 
 
-
-ZERO_AUTO = "auto"          # Model.zero of `zero = auto` until dsgraph.dsconfig.auto picks the stage
+ZERO_AUTO = "auto"  # Model.zero of `zero = auto` until dsgraph.dsconfig.auto picks the stage
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Settings:
 class DataSet:
     name: str
     source: Source
-    fields: tuple[str, ...] | None              # None: known only at run time
+    fields: tuple[str, ...] | None  # None: known only at run time
     span: Span
 
 
@@ -44,12 +44,12 @@ class ZeroConfig:
     """A DeepSpeed config as declared: an inline block, a JSON file, or a file with overrides."""
 
     name: str
-    config: dict[str, Any]                      # DeepSpeed's own shape, "auto" kept
-    file: str | None                            # the JSON path, relative to the .dsg file
-    precision: Precision | None                 # from `precision =` or the file's fp16/bf16
-    key_spans: dict[str, Span] = field(compare=False)   # "zero_optimization.stage" -> span
+    config: dict[str, Any]  # DeepSpeed's own shape, "auto" kept
+    file: str | None  # the JSON path, relative to the .dsg file
+    precision: Precision | None  # from `precision =` or the file's fp16/bf16
+    key_spans: dict[str, Span] = field(compare=False)  # "zero_optimization.stage" -> span
     span: Span = field(compare=False)
-    auto: str | None = field(default=None, compare=False)   # `zero = auto`: why this stage
+    auto: str | None = field(default=None, compare=False)  # `zero = auto`: why this stage
 
     def span_of(self, path: str) -> Span:
         return self.key_spans.get(path, self.span)
@@ -57,14 +57,14 @@ class ZeroConfig:
 
 @dataclass(frozen=True)
 class Optimizer:
-    kind: str                                   # adamw, adam, sgd
+    kind: str  # adamw, adam, sgd
     params: dict[str, Any]
     span: Span
 
 
 @dataclass(frozen=True)
 class Scheduler:
-    kind: str                                   # constant, warmup, warmup_decay, warmup_cosine
+    kind: str  # constant, warmup, warmup_decay, warmup_cosine
     params: dict[str, Any]
     span: Span
 
@@ -73,18 +73,19 @@ class Scheduler:
 class Model:
     name: str
     source: Source
-    zero: str | None                            # a ZeroConfig name (inline blocks get `<model>.zero`)
+    zero: str | None  # a ZeroConfig name (inline blocks get `<model>.zero`)
     frozen: bool
     optimizer: Optimizer | None
     scheduler: Scheduler | None
     clip: float | None
-    precision: Precision | None                 # the model's own `precision =`, if any
+    precision: Precision | None  # the model's own `precision =`, if any
     span: Span
-    spans: dict[str, Span] = field(compare=False)   # property name -> span
+    spans: dict[str, Span] = field(compare=False)  # property name -> span
     lora: Lora | None = None
 
 
 # -- loss expressions --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Const:
@@ -118,7 +119,7 @@ class Project:
 
 @dataclass(frozen=True)
 class LossFn:
-    fn: str                                     # "kl" for built-ins, "pkg.mod:fn" for factories
+    fn: str  # "kl" for built-ins, "pkg.mod:fn" for factories
     builtin: bool
     args: tuple[LossExpr, ...]
     kwargs: tuple[tuple[str, LossExpr], ...]
@@ -230,10 +231,12 @@ class Pipeline:
 
     def show(self) -> str:
         s = self.settings
-        out = [f"pipeline {self.name}",
-               f"  settings seed={s.seed} steps={s.steps} epochs={s.epochs} "
-               f"micro_batch={s.micro_batch} grad_accum={s.grad_accum} log_every={s.log_every} "
-               f"checkpoint_every={s.checkpoint_every} precision={s.precision.value}"]
+        out = [
+            f"pipeline {self.name}",
+            f"  settings seed={s.seed} steps={s.steps} epochs={s.epochs} "
+            f"micro_batch={s.micro_batch} grad_accum={s.grad_accum} log_every={s.log_every} "
+            f"checkpoint_every={s.checkpoint_every} precision={s.precision.value}",
+        ]
         for d in self.data.values():
             fields = ",".join(d.fields) if d.fields is not None else "?"
             out.append(f"  data {d.name} = {d.source.show()} fields=[{fields}]")

@@ -2,6 +2,7 @@
 stages decided: the analysis (roles, groups, evaluation order, gradient ownership), the strategy
 (engines and Accelerators) and the resolved DeepSpeed configs. Nothing is decided here that the
 plan does not show: the setup order, the ops of one training step and the ids that join them."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -19,25 +20,52 @@ from dsgraph.plan import Engine, SourceKind, Width
 from dsgraph.strategy import Strategy
 
 
-def build_plan(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, strategy: Strategy,
-               configs: Mapping[str, Resolved], world_size: int | None) -> P.Plan:
-    models = tuple(_model(pipeline, name, analysis, strategy, configs[name])
-                   for name in pipeline.models if analysis.roles[name] is not Role.UNUSED)
+def build_plan(
+    pipeline: ir.Pipeline,
+    graph: Graph,
+    analysis: Analysis,
+    strategy: Strategy,
+    configs: Mapping[str, Resolved],
+    world_size: int | None,
+) -> P.Plan:
+    models = tuple(
+        _model(pipeline, name, analysis, strategy, configs[name])
+        for name in pipeline.models
+        if analysis.roles[name] is not Role.UNUSED
+    )
     trains = {t.index: t for t in pipeline.trains}
-    groups = tuple(P.Group(grp.index, grp.loss, strategy.groups[grp.index].engine, strategy.groups[grp.index].reason,
-                           trains[grp.index].span) for grp in analysis.groups)
+    groups = tuple(
+        P.Group(
+            grp.index,
+            grp.loss,
+            strategy.groups[grp.index].engine,
+            strategy.groups[grp.index].reason,
+            trains[grp.index].span,
+        )
+        for grp in analysis.groups
+    )
     frozen = P.FrozenEngine(strategy.frozen.engine, strategy.frozen.reason) if strategy.frozen else None
     calls = _call_ids(graph, analysis)
     data = tuple(P.DataSet(d.name, d.source, d.fields, d.span) for d in pipeline.data.values())
     s = pipeline.settings
-    settings = P.Settings(s.seed, s.steps, s.epochs, s.micro_batch, s.grad_accum, s.log_every, s.checkpoint_every,
-                          s.precision)
-    losses = tuple(_loss(loss, calls) for name, loss in pipeline.losses.items()
-                   if g.loss_id(name) in analysis.reached)
-    plan = P.Plan(pipeline.name, pipeline.file, world_size, settings, data, models, groups, frozen,
-                  _setup(pipeline, models, engines={m.name: strategy.engine_of(m.name, analysis) for m in models}),
-                  _training_step(pipeline, graph, analysis, calls), losses)
-    for model in plan.models:           # one home for each value: the config says what resolution decided
+    settings = P.Settings(
+        s.seed, s.steps, s.epochs, s.micro_batch, s.grad_accum, s.log_every, s.checkpoint_every, s.precision
+    )
+    losses = tuple(_loss(loss, calls) for name, loss in pipeline.losses.items() if g.loss_id(name) in analysis.reached)
+    plan = P.Plan(
+        pipeline.name,
+        pipeline.file,
+        world_size,
+        settings,
+        data,
+        models,
+        groups,
+        frozen,
+        _setup(pipeline, models, engines={m.name: strategy.engine_of(m.name, analysis) for m in models}),
+        _training_step(pipeline, graph, analysis, calls),
+        losses,
+    )
+    for model in plan.models:  # one home for each value: the config says what resolution decided
         assert model.precision is precision_of(pipeline, pipeline.models[model.name]), model.name
         assert plan.engine_of(model) is strategy.engine_of(model.name, analysis), model.name
     problems = P.lint(plan)
@@ -49,10 +77,20 @@ def _model(pipeline: ir.Pipeline, name: str, analysis: Analysis, strategy: Strat
     model = pipeline.models[name]
     zero = zero_of(pipeline, model)
     stage = zero_stage(resolved.config)
-    assert stage is not None, f"`{name}`: an \"auto\" stage is DSG412, reported before planning"
-    return P.Model(name, analysis.group_of_model[name] if analysis.roles[name] is Role.TRAINED else None,
-                   strategy.accelerator_of.get(name), model.source, model.zero, model.lora, _sorted(resolved.config),
-                   resolved.fills, _width(model, stage, resolved.fills), zero.auto if zero else None, model.span)
+    assert stage is not None, f'`{name}`: an "auto" stage is DSG412, reported before planning'
+    return P.Model(
+        name,
+        analysis.group_of_model[name] if analysis.roles[name] is Role.TRAINED else None,
+        strategy.accelerator_of.get(name),
+        model.source,
+        model.zero,
+        model.lora,
+        _sorted(resolved.config),
+        resolved.fills,
+        _width(model, stage, resolved.fills),
+        zero.auto if zero else None,
+        model.span,
+    )
 
 
 def _width(model: ir.Model, stage: int, fills: tuple[P.Fill, ...]) -> Width | None:
@@ -73,6 +111,7 @@ def _sorted(config: dict[str, Any]) -> dict[str, Any]:
 
 # -- setup -------------------------------------------------------------------------------------
 
+
 def _setup(pipeline: ir.Pipeline, models: tuple[P.Model, ...], engines: dict[str, Engine]) -> tuple[P.SetupStep, ...]:
     """The order Accelerate needs: the first Accelerator holds every plugin (the first trained
     model's first, so it is the default); each model is built and prepared with its own plugin
@@ -84,8 +123,9 @@ def _setup(pipeline: ir.Pipeline, models: tuple[P.Model, ...], engines: dict[str
     accel = [m for m in models if engines[m.name] is Engine.ACCELERATE]
     accel_trained = sorted((m for m in accel if m.trained), key=lambda m: m.accelerator or 0)
     accel_frozen = [m for m in accel if not m.trained]
-    native = sorted((m for m in models if engines[m.name] is Engine.DEEPSPEED),
-                    key=lambda m: (m.trained, m.group or 0, m.name))
+    native = sorted(
+        (m for m in models if engines[m.name] is Engine.DEEPSPEED), key=lambda m: (m.trained, m.group or 0, m.name)
+    )
     if not accel:
         steps.append(P.InitProcessGroup(step_id(), pipeline.span))
     for data in pipeline.data.values():
@@ -128,6 +168,7 @@ def _setup(pipeline: ir.Pipeline, models: tuple[P.Model, ...], engines: dict[str
 
 # -- one training step -------------------------------------------------------------------------
 
+
 def _call_ids(graph: Graph, analysis: Analysis) -> dict[str, str]:
     """Graph call node -> its id in the plan: `student#1` is the first call of `student` in
     evaluation order. Only calls some train group depends on are made."""
@@ -141,8 +182,9 @@ def _call_ids(graph: Graph, analysis: Analysis) -> dict[str, str]:
     return ids
 
 
-def _training_step(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis,
-                   calls: dict[str, str]) -> tuple[P.StepOp, ...]:
+def _training_step(
+    pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: dict[str, str]
+) -> tuple[P.StepOp, ...]:
     ops: list[P.StepOp] = []
     op_id = iter(range(1, 10**9)).__next__
     for data in pipeline.data.values():
@@ -151,14 +193,28 @@ def _training_step(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis,
         call: ir.ModelCall = graph.nodes[node]["call"]
         owners = sorted(analysis.call_groups[node])
         owner = owners[0] if owners else None
-        ops.append(P.Forward(op_id(), call_id, ir.show_expr(call), call.model,
-                             tuple(_expr(a, calls) for a in call.args),
-                             tuple((k, _expr(v, calls)) for k, v in call.kwargs), owner,
-                             tuple(calls[d] for d in analysis.detached_inputs(node, owner, graph)), call.span))
+        ops.append(
+            P.Forward(
+                op_id(),
+                call_id,
+                ir.show_expr(call),
+                call.model,
+                tuple(_expr(a, calls) for a in call.args),
+                tuple((k, _expr(v, calls)) for k, v in call.kwargs),
+                owner,
+                tuple(calls[d] for d in analysis.detached_inputs(node, owner, graph)),
+                call.span,
+            )
+        )
     trains = {t.index: t for t in pipeline.trains}
     for group in analysis.groups:
-        detach = tuple(sorted(calls[c] for c in analysis.in_order(group.reach, "call:")
-                              if analysis.call_groups[c] and group.index not in analysis.call_groups[c]))
+        detach = tuple(
+            sorted(
+                calls[c]
+                for c in analysis.in_order(group.reach, "call:")
+                if analysis.call_groups[c] and group.index not in analysis.call_groups[c]
+            )
+        )
         for loss in analysis.in_order(group.reach, "loss:"):
             name = graph.nodes[loss]["name"]
             ops.append(P.ComputeLoss(op_id(), name, group.index, detach, pipeline.losses[name].span))
@@ -204,6 +260,7 @@ def _loss(loss: ir.Loss, calls: dict[str, str]) -> P.Loss:
         seen[short] = seen.get(short, 0) + 1
         name = short if seen[short] == 1 else f"{short}#{seen[short]}"
         stats = catalogue.LOSSES[term.expr.fn].stats if isinstance(term.expr, ir.LossFn) and term.expr.builtin else ()
-        terms.append(P.Term(f"{loss.name}/{name}", float(term.weight), _expr(term.expr, calls),
-                            ir.show_expr(term.expr), stats))
+        terms.append(
+            P.Term(f"{loss.name}/{name}", float(term.weight), _expr(term.expr, calls), ir.show_expr(term.expr), stats)
+        )
     return P.Loss(loss.name, ir.show_expr(loss.expr), tuple(terms), loss.span)

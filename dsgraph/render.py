@@ -1,6 +1,7 @@
 """The plan as text: readable, deterministic and aligned (`dsgraph compile`). Every setup step and
 every op of the training step is printed with its id and its .dsg line, in the order the run
 executes them."""
+
 from __future__ import annotations
 
 import json
@@ -39,24 +40,37 @@ def to_text(plan: P.Plan) -> str:
     s = plan.settings
     world = plan.world_size if plan.world_size is not None else "set at launch"
     length = f"{s.steps} steps" if s.steps is not None else f"{s.epochs} epochs"
-    out = [f"plan {plan.pipeline}  ({plan.file}, digest {plan.digest})",
-           f"  {length}, micro_batch {s.micro_batch} per process, grad_accum {s.grad_accum}, "
-           f"seed {s.seed}, world size {world}", ""]
+    out = [
+        f"plan {plan.pipeline}  ({plan.file}, digest {plan.digest})",
+        f"  {length}, micro_batch {s.micro_batch} per process, grad_accum {s.grad_accum}, "
+        f"seed {s.seed}, world size {world}",
+        "",
+    ]
     out.append("models")
     rows = [["name", "role", "engine", "acc", "zero", "precision", "group", "source"]]
     for m in plan.models:
         accelerator = "-" if m.accelerator is None else str(m.accelerator)
-        rows.append([m.name, m.role.value, plan.engine_of(m).value, accelerator,
-                     f"stage {m.stage.value}", m.precision.value, "-" if m.group is None else str(m.group),
-                     f"{m.source.kind.value}:{m.source.target}" + _lora_text(m.lora)])
+        rows.append(
+            [
+                m.name,
+                m.role.value,
+                plan.engine_of(m).value,
+                accelerator,
+                f"stage {m.stage.value}",
+                m.precision.value,
+                "-" if m.group is None else str(m.group),
+                f"{m.source.kind.value}:{m.source.target}" + _lora_text(m.lora),
+            ]
+        )
     out += _table(rows)
     out += [f"  {m.name}: {m.zero_auto}" for m in plan.models if m.zero_auto] + [""]
     out.append("groups")
     for grp in plan.groups:
         models = [m.name for m in plan.models_of(grp.index)]
         kind = "shared loss" if len(models) > 1 else "single"
-        out.append(f"  {grp.index}  train {', '.join(models)} on {grp.loss}  "
-                   f"[{kind}, {grp.engine.value}: {grp.reason}]")
+        out.append(
+            f"  {grp.index}  train {', '.join(models)} on {grp.loss}  [{kind}, {grp.engine.value}: {grp.reason}]"
+        )
     if plan.frozen:
         out.append(f"  frozen models: {plan.frozen.engine.value}: {plan.frozen.reason}")
     out += ["", "setup"]
@@ -74,8 +88,11 @@ def to_text(plan: P.Plan) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-_WIDTH_WORDS = {P.Width.SOURCE: "width from its source", P.Width.MODEL: "width measured on the built model",
-                P.Width.DEFAULT: "width 1024: a factory's ZeRO-3 model is partitioned as it is built"}
+_WIDTH_WORDS = {
+    P.Width.SOURCE: "width from its source",
+    P.Width.MODEL: "width measured on the built model",
+    P.Width.DEFAULT: "width 1024: a factory's ZeRO-3 model is partitioned as it is built",
+}
 
 
 def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
@@ -89,7 +106,7 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
         case P.CompleteConfig(model=name):
             m = plan.model(name)
             count = len(m.fills)
-            values = f"{count} \"auto\" value{'s' if count != 1 else ''}" if count else "nothing \"auto\""
+            values = f'{count} "auto" value{"s" if count != 1 else ""}' if count else 'nothing "auto"'
             return f"{name} ({values}" + (f"; {_WIDTH_WORDS[m.width]})" if m.width else ")")
         case P.CreateAccelerator(accelerator=index, plugins=plugins):
             listed = f" plugins=[{', '.join(plugins)}]" if plugins else " (plugins shared)"
@@ -99,8 +116,11 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
             return name + (f"  ({why})" if why else "")
         case P.BuildModel(model=name):
             m = plan.model(name)
-            return name + ("  under zero.Init" if m.zero_init else "") + \
-                ("  + LoRA adapter (base weights frozen)" if m.lora else "")
+            return (
+                name
+                + ("  under zero.Init" if m.zero_init else "")
+                + ("  + LoRA adapter (base weights frozen)" if m.lora else "")
+            )
         case P.Prepare(model=name):
             m = plan.model(name)
             return f"{name} on acc{m.accelerator}: {', '.join(m.engine_objects)}" + ("" if m.trained else "  (eval)")
@@ -127,7 +147,7 @@ def op_detail(plan: P.Plan, op: P.StepOp) -> str:
             return f"group {index}: {grp.loss} -> {models} ({grp.engine.value})"
         case P.OptimizerStep(group=index):
             models = ", ".join(m.name for m in plan.models_of(index))
-            if plan.group(index).engine is P.Engine.ACCELERATE:     # Accelerate's loop calls; no-ops under DeepSpeed
+            if plan.group(index).engine is P.Engine.ACCELERATE:  # Accelerate's loop calls; no-ops under DeepSpeed
                 return f"group {index}: step + zero_grad {models} (the engine steps in accelerator.backward)"
             return f"group {index}: step + zero_grad {models} (engine.step)"
         case _:

@@ -1,4 +1,5 @@
 """Source files and spans: every diagnostic and plan step points back here."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,13 @@ class Span:
         return f"{self.file}:{self.line}:{self.col}"
 
     def to_json(self) -> dict[str, str | int]:
-        return {"file": self.file, "line": self.line, "col": self.col,
-                "end_line": self.end_line, "end_col": self.end_col}
+        return {
+            "file": self.file,
+            "line": self.line,
+            "col": self.col,
+            "end_line": self.end_line,
+            "end_col": self.end_col,
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Span:

@@ -4,6 +4,7 @@ Accelerate holds one trained engine per Accelerator and one `mixed_precision` fo
 and treats models prepared together as completely disjoint. So: a group of one trained model runs
 on its own Accelerator; a shared loss (one backward into several engines) and per-model precision
 need native engines. Frozen models follow the first Accelerator when there is one."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ class Decision:
 @dataclass(frozen=True)
 class Strategy:
     groups: dict[int, Decision]
-    frozen: Decision | None                  # for all frozen models
-    accelerator_of: dict[str, int]           # model -> accelerator index (Accelerate models only)
+    frozen: Decision | None  # for all frozen models
+    accelerator_of: dict[str, int]  # model -> accelerator index (Accelerate models only)
 
     def engine_of(self, model: str, analysis: Analysis) -> Engine:
         group = analysis.group_of_model.get(model)
@@ -42,21 +43,27 @@ def decide(pipeline: ir.Pipeline, analysis: Analysis) -> Strategy:
     groups: dict[int, Decision] = {}
     for group in analysis.groups:
         if group.shared:
-            groups[group.index] = Decision(Engine.DEEPSPEED, "shared loss: one backward must reach "
-                                           f"{len(group.models)} engines; Accelerate treats models as disjoint")
+            groups[group.index] = Decision(
+                Engine.DEEPSPEED,
+                "shared loss: one backward must reach "
+                f"{len(group.models)} engines; Accelerate treats models as disjoint",
+            )
         elif mixed:
-            groups[group.index] = Decision(Engine.DEEPSPEED, "per-model precision "
-                                           f"({', '.join(precisions)}): Accelerate has one mixed_precision")
+            groups[group.index] = Decision(
+                Engine.DEEPSPEED, f"per-model precision ({', '.join(precisions)}): Accelerate has one mixed_precision"
+            )
         else:
-            groups[group.index] = Decision(Engine.ACCELERATE, "one trained model: its own Accelerator "
-                                           "with its plugin selected")
+            groups[group.index] = Decision(
+                Engine.ACCELERATE, "one trained model: its own Accelerator with its plugin selected"
+            )
     accelerate_groups = [g for g in single if groups[g.index].engine is Engine.ACCELERATE]
     accelerator_of = {g.models[0]: i for i, g in enumerate(accelerate_groups)}
     frozen_decision = None
     if frozen:
         if accelerate_groups:
-            frozen_decision = Decision(Engine.ACCELERATE, "prepared for inference by the first "
-                                       "Accelerator, with its own plugin selected")
+            frozen_decision = Decision(
+                Engine.ACCELERATE, "prepared for inference by the first Accelerator, with its own plugin selected"
+            )
             accelerator_of.update({m: 0 for m in frozen})
         else:
             why = "per-model precision" if mixed else "no Accelerator in this pipeline"

@@ -6,6 +6,7 @@ Their vocabulary is dsgraph's byte-level tokenizer's (259 ids).
     python pipelines/make_tiny_models.py --teach 300          # and pre-train the teacher on the sums
 
 With real models, point `hf("...")` at their directories instead and skip this script."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 259           # dsgraph's byte tokenizer: 256 bytes + pad, start, end
+VOCAB = 259  # dsgraph's byte tokenizer: 256 bytes + pad, start, end
 SIZES = {
     "teacher": {"n_embd": 64, "n_layer": 2, "n_head": 4},
     "student": {"n_embd": 32, "n_layer": 1, "n_head": 2},
@@ -27,8 +28,17 @@ def build(name: str, seed: int):
     torch.manual_seed(seed)
     # No dropout, as TRL's DPO does by default: the policy and its frozen reference then agree
     # exactly before training (margin 0, loss log 2).
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, bos_token_id=257, eos_token_id=258, pad_token_id=256,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SIZES[name])
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=32,
+        bos_token_id=257,
+        eos_token_id=258,
+        pad_token_id=256,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **SIZES[name],
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -54,8 +64,9 @@ def teach(model, data: Path, steps: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", default=str(Path(__file__).parent / "tiny"))
-    parser.add_argument("--teach", type=int, default=0, metavar="STEPS",
-                        help="pre-train the teacher this many steps on data/sums.jsonl")
+    parser.add_argument(
+        "--teach", type=int, default=0, metavar="STEPS", help="pre-train the teacher this many steps on data/sums.jsonl"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     from transformers.utils import logging
@@ -64,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     for seed, name in enumerate(SIZES):
         model = build(name, seed)
         if name == "teacher" and args.teach:
-            print(f"teacher: loss {teach(model, Path(__file__).parent / 'data' / 'sums.jsonl', args.teach):.3f} "
-                  f"after {args.teach} steps")
+            print(
+                f"teacher: loss {teach(model, Path(__file__).parent / 'data' / 'sums.jsonl', args.teach):.3f} "
+                f"after {args.teach} steps"
+            )
         model.save_pretrained(out / name)
         print(f"wrote {out / name} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 

@@ -7,8 +7,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_addoption(parser):
-    parser.addoption("--update-goldens", action="store_true",
-                     help="rewrite tests/golden/ from the current output; review the diff")
+    parser.addoption(
+        "--update-goldens", action="store_true", help="rewrite tests/golden/ from the current output; review the diff"
+    )
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ batches (every rank's shard, each evaluated as that rank does), torch optimizers
 hyper-parameters, gradient clipping per model, DeepSpeed's own (pure Python) LR schedules. No
 DeepSpeed engine, no Accelerator, no process group: if dsgraph's orchestration of the engines
 changed the arithmetic, the losses would differ."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ def _optimizer(config: dict, params):
     spec = config["optimizer"]
     p = dict(spec["params"])
     if spec["type"] == "SGD":
-        return torch.optim.SGD(params, lr=p["lr"], momentum=p.get("momentum", 0.0),
-                               weight_decay=p.get("weight_decay", 0.0))
+        return torch.optim.SGD(
+            params, lr=p["lr"], momentum=p.get("momentum", 0.0), weight_decay=p.get("weight_decay", 0.0)
+        )
     cls = torch.optim.AdamW if spec["type"] == "AdamW" or p.get("adam_w_mode", True) else torch.optim.Adam
     return cls(params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=p["weight_decay"])
 
@@ -66,19 +68,22 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
     """The losses of every optimizer step, as {loss name: value}."""
     settings = plan.settings
     base = Path(plan.file).parent
-    if str(base.resolve()) not in sys.path:      # factories live beside the .dsg file
+    if str(base.resolve()) not in sys.path:  # factories live beside the .dsg file
         sys.path.insert(0, str(base.resolve()))
     micro, accum, steps = settings.micro_batch, settings.grad_accum, settings.steps
     assert steps is not None
-    shards = {d.name: _Shards(sources.build(d.source, builtins.DATA, base), micro, data.data_seed(settings.seed, i),
-                              world) for i, d in enumerate(plan.data)}
+    shards = {
+        d.name: _Shards(sources.build(d.source, builtins.DATA, base), micro, data.data_seed(settings.seed, i), world)
+        for i, d in enumerate(plan.data)
+    }
     models, optimizers, schedulers = {}, {}, {}
     for m in plan.models:
         torch.manual_seed(model_seed(settings.seed, m.name))
         model = sources.build(m.source, builtins.MODELS, base)
         if m.lora:
-            model = adapters.apply_lora(model, m.lora, model_seed(settings.seed, f"{m.name}/lora"),
-                                        sources.model_task(m.source, model))
+            model = adapters.apply_lora(
+                model, m.lora, model_seed(settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
+            )
         if m.trained:
             optimizers[m.name] = _optimizer(m.deepspeed_config, [p for p in model.parameters() if p.requires_grad])
             schedulers[m.name] = _scheduler(m.deepspeed_config, optimizers[m.name], steps)
@@ -102,7 +107,7 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
             for r in range(world):
                 torch.set_rng_state(rng[r])
                 scope = Scope()
-                for op in plan.step:        # the plan's ops, by plain PyTorch
+                for op in plan.step:  # the plan's ops, by plain PyTorch
                     match op:
                         case P.NextBatch(data=name):
                             scope.batches[name] = per_rank[name][r]
@@ -123,7 +128,7 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
                             (scope.losses[plan.group(group).loss] / (accum * world)).backward()
                             scope.losses.clear()
                         case P.OptimizerStep():
-                            pass        # below, once every rank's gradients are in
+                            pass  # below, once every rank's gradients are in
                 rng[r] = torch.get_rng_state()
         for name, optimizer in optimizers.items():
             clip = plan.model(name).deepspeed_config.get("gradient_clipping", 0.0)

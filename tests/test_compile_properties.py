@@ -1,5 +1,6 @@
 """Compiling is deterministic, imports no torch/deepspeed/accelerate, and never raises on any
 input: valid programs, byte mutations and token mutations of the shipped pipelines."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ SHIPPED = {p.name: p.read_text() for p in sorted((ROOT / "pipelines").glob("*.ds
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsgraph", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "dsgraph", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.spawns
@@ -36,9 +38,11 @@ def test_compile_twice_in_fresh_processes_is_byte_identical():
 def test_compiling_imports_no_torch_deepspeed_accelerate_or_user_code(tmp_path):
     (tmp_path / "usercode_probe.py").write_text("raise SystemExit('user code was imported')\n")
     pipeline = tmp_path / "p.dsg"
-    pipeline.write_text(SHIPPED["distill.dsg"].replace(
-        "builtin.mlp(inputs=32, hidden=[32], outputs=8)", "usercode_probe:make(hidden=32)").replace(
-        'file("configs/zero2.json")', "{ stage = 2 }"))
+    pipeline.write_text(
+        SHIPPED["distill.dsg"]
+        .replace("builtin.mlp(inputs=32, hidden=[32], outputs=8)", "usercode_probe:make(hidden=32)")
+        .replace('file("configs/zero2.json")', "{ stage = 2 }")
+    )
     script = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
         "from dsgraph.cli import main\n"
@@ -47,7 +51,8 @@ def test_compiling_imports_no_torch_deepspeed_accelerate_or_user_code(tmp_path):
         " if m in sys.modules)\n"
         "assert code == 0, code\n"
         "assert not heavy, heavy\n"
-        "print('clean')\n")
+        "print('clean')\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("clean")
@@ -72,17 +77,51 @@ def test_byte_mutations_give_diagnostics_not_exceptions(name, data):
         action = data.draw(st.sampled_from(["delete", "insert", "replace"]))
         char = data.draw(st.sampled_from(list('{}()[]=,.:"#+-*/\n 0aZ_\\\x00é')))
         if action == "delete":
-            text = text[:pos] + text[pos + 1:]
+            text = text[:pos] + text[pos + 1 :]
         elif action == "insert":
             text = text[:pos] + char + text[pos:]
         else:
-            text = text[:pos] + char + text[pos + 1:]
+            text = text[:pos] + char + text[pos + 1 :]
     _compile_never_raises(text)
 
 
-TOKENS = ["pipeline", "model", "data", "zero", "loss", "train", "on", "frozen", "include", "{", "}",
-          "(", ")", "=", ",", "stage", "3", "-1", "0.5", '"x.json"', "student", "teacher", "train.x",
-          "kl", "ce", "builtin.mlp", "pkg.mod:fn", "hf", "file", "auto", "true", "[", "]", "+", "*"]
+TOKENS = [
+    "pipeline",
+    "model",
+    "data",
+    "zero",
+    "loss",
+    "train",
+    "on",
+    "frozen",
+    "include",
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    ",",
+    "stage",
+    "3",
+    "-1",
+    "0.5",
+    '"x.json"',
+    "student",
+    "teacher",
+    "train.x",
+    "kl",
+    "ce",
+    "builtin.mlp",
+    "pkg.mod:fn",
+    "hf",
+    "file",
+    "auto",
+    "true",
+    "[",
+    "]",
+    "+",
+    "*",
+]
 
 
 @SETTINGS
@@ -114,8 +153,16 @@ def test_grammar_generated_programs_compile_or_diagnose():
     grammar = Lark(grammar_path().read_text(), parser="lalr", start="start")
 
     @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(from_lark(grammar, explicit={"NAME": st.sampled_from(["a", "b", "x", "train", "stage", "teacher"]),
-                                        "COMMENT": st.just("# c"), "WS": st.just(" ")}))
+    @given(
+        from_lark(
+            grammar,
+            explicit={
+                "NAME": st.sampled_from(["a", "b", "x", "train", "stage", "teacher"]),
+                "COMMENT": st.just("# c"),
+                "WS": st.just(" "),
+            },
+        )
+    )
     def run(text):
         _compile_never_raises(text)
 

@@ -5,6 +5,7 @@ diagnostics it produces in comment lines at its top:
     # expect: DSG410 configs/bad.json:3:5        in another file, relative to tests/errors/
 
 Every code of the registry has at least one case, and an entry in docs/diagnostics.md."""
+
 from __future__ import annotations
 
 import json
@@ -67,6 +68,7 @@ def compiled():
         if case not in cache:
             cache[case] = compile_file(case)
         return cache[case]
+
     return get
 
 
@@ -81,15 +83,16 @@ def test_case_gives_exactly_the_expected_diagnostics(case, compiled):
     assert {code for code, *_ in expected} <= set(REGISTRY), "an expected code is not in the registry"
     result = compiled(case)
     got = actual(result)
-    assert got == expected, (f"\nmissing: {sorted(expected - got)}\nunexpected: {sorted(got - expected)}\n"
-                             f"{_show(result)}")
+    assert got == expected, (
+        f"\nmissing: {sorted(expected - got)}\nunexpected: {sorted(got - expected)}\n{_show(result)}"
+    )
     if result.ok:
         assert result.plan is not None, "a file with only warnings still has a plan"
     else:
         assert result.plan is None
 
 
-RUNTIME_CASES = {"DSG501", "DSG502"}      # found by `dsgraph run --resume`: tests/test_reliability.py
+RUNTIME_CASES = {"DSG501", "DSG502"}  # found by `dsgraph run --resume`: tests/test_reliability.py
 
 
 def test_every_code_has_a_corpus_case():
@@ -134,13 +137,19 @@ def test_cli_check_exit_status(case, compiled, capsys):
     assert status == (1 if has_error else 0), out + err
     (report,) = json.loads(out)
     assert report["ok"] is not has_error
-    assert {(d["code"], _relative(d["span"]["file"]), d["span"]["line"], d["span"]["col"])
-            for d in report["diagnostics"]} == expectations(case)
+    assert {
+        (d["code"], _relative(d["span"]["file"]), d["span"]["line"], d["span"]["col"]) for d in report["diagnostics"]
+    } == expectations(case)
 
 
 # A handful through a real process, from another working directory, with a relative path.
-_SUBPROCESS_CASES = ["dsg101_double_equals.dsg", "dsg107_include_cycle.dsg", "dsg303_unused_model.dsg",
-                     "dsg410_trailing_comma.dsg", "dsg412_auto_without_optimizer.dsg"]
+_SUBPROCESS_CASES = [
+    "dsg101_double_equals.dsg",
+    "dsg107_include_cycle.dsg",
+    "dsg303_unused_model.dsg",
+    "dsg410_trailing_comma.dsg",
+    "dsg412_auto_without_optimizer.dsg",
+]
 
 
 def test_every_code_the_code_gives_is_in_the_registry_and_every_registered_code_is_given():
@@ -148,7 +157,7 @@ def test_every_code_the_code_gives_is_in_the_registry_and_every_registered_code_
     a corpus case and a docs entry; and no registered code is dead."""
     used: dict[str, set[str]] = {}
     for path in sorted((ROOT / "dsgraph").rglob("*.py")):
-        if path.name == "codes.py":         # the registry itself
+        if path.name == "codes.py":  # the registry itself
             continue
         for code in re.findall(r"[\"'](DSG\d{3})[\"']", path.read_text(encoding="utf-8")):
             used.setdefault(code, set()).add(path.relative_to(ROOT).as_posix())
@@ -161,8 +170,13 @@ def test_every_code_the_code_gives_is_in_the_registry_and_every_registered_code_
 def test_cli_check_in_a_fresh_process(name):
     case = ERRORS / name
     has_error = any(d.is_error for d in compile_file(case).diagnostics)
-    done = subprocess.run([sys.executable, "-m", "dsgraph", "check", f"errors/{name}"],
-                          cwd=ROOT / "tests", capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dsgraph", "check", f"errors/{name}"],
+        cwd=ROOT / "tests",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == (1 if has_error else 0), done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     for code, file, line, col in expectations(case):

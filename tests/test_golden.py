@@ -1,5 +1,6 @@
 """Golden files for every stage of every shipped pipeline: `pytest --update-goldens` rewrites
 them; review the diff like code."""
+
 from pathlib import Path
 
 import pytest

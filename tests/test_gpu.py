@@ -1,6 +1,7 @@
 """What only a CUDA machine can show: the NCCL process group, CUDA RNG state in checkpoints, bf16
 engines, the memory estimate against what CUDA allocated, and `zero = auto` sized by the real
 device. Real runs with one process per GPU; skipped where there is no CUDA."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,11 @@ from test_reliability import losses, wait_until, workers_of
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-pytestmark = [pytest.mark.gpu, pytest.mark.runtime,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.runtime,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def procs() -> int:
@@ -26,8 +30,20 @@ def procs() -> int:
 
 
 def run(pipeline: Path, run_dir: Path, *sets: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "dsgraph", "run", str(pipeline), "--procs", str(procs()),
-               "--run-dir", str(run_dir), "--set", "log_every=1", *[a for s in sets for a in ("--set", s)]]
+    command = [
+        sys.executable,
+        "-m",
+        "dsgraph",
+        "run",
+        str(pipeline),
+        "--procs",
+        str(procs()),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "log_every=1",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -42,24 +58,24 @@ def test_a_shipped_pipeline_trains_on_nccl_and_matches_the_replica(tmp_path):
     for report in ranks(run_dir):
         assert report["process_group"] == "nccl"
         assert report["device"].startswith("cuda")
-    expected = replicate(load_plan(run_dir), world=procs())      # plain PyTorch on the CPU
+    expected = replicate(load_plan(run_dir), world=procs())  # plain PyTorch on the CPU
     actual = [json.loads(line)["losses"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for step, (a, e) in enumerate(zip(actual, expected, strict=True), 1):
-        assert abs(a["kd"] - e["kd"]) < 1e-4, (step, a, e)       # CUDA and CPU round differently
+        assert abs(a["kd"] - e["kd"]) < 1e-4, (step, a, e)  # CUDA and CPU round differently
 
 
 def test_the_memory_estimate_holds_against_what_cuda_allocated(tmp_path):
     run_dir = tmp_path / "run"
     done = run(ROOT / "pipelines" / "distill.dsg", run_dir, "steps=4")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_estimate_holds(run_dir, procs())          # tensor by tensor, on the device
+    assert_estimate_holds(run_dir, procs())  # tensor by tensor, on the device
     from dsgraph.dsconfig.estimate import estimate
     from dsgraph.runtime.meta import count_plan
 
     plan = load_plan(run_dir)
     est = estimate(plan, count_plan(plan), procs())
     for report in ranks(run_dir):
-        allocated = report["memory"]["student"]["cuda_allocated"]    # all models, as the student's 2nd step began
+        allocated = report["memory"]["student"]["cuda_allocated"]  # all models, as the student's 2nd step began
         assert est.total <= allocated, (est.total, allocated)
 
 
@@ -70,24 +86,51 @@ def test_bf16_engines_train(tmp_path):
     config = json.loads((run_dir / "deepspeed_configs" / "left.json").read_text())
     assert config["bf16"] == {"enabled": True}
     rows = [json.loads(line)["losses"]["total"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(v == v for v in rows) and rows[-1] < rows[0]          # finite, and training moved it
+    assert all(v == v for v in rows) and rows[-1] < rows[0]  # finite, and training moved it
 
 
 def test_a_resume_restores_the_cuda_rng_state_bit_identically(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert run(FIXTURES / "resume.dsg", straight).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "dsgraph", "run", str(FIXTURES / "resume.dsg"), "--procs",
-                                str(procs()), "--run-dir", str(broken)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsgraph",
+            "run",
+            str(FIXTURES / "resume.dsg"),
+            "--procs",
+            str(procs()),
+            "--run-dir",
+            str(broken),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     manifest = broken / "ckpt" / "manifests" / "step-00000008.json"
     wait_until(lambda: manifest.exists() or process.poll() is not None, 300)
     for worker in workers_of(broken):
         worker.kill()
     process.wait(timeout=60)
     assert all("cuda" in rank["rng"] for rank in json.loads(manifest.read_text())["ranks"])
-    resumed = subprocess.run([sys.executable, "-m", "dsgraph", "run", str(FIXTURES / "resume.dsg"), "--procs",
-                              str(procs()), "--resume", str(broken)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsgraph",
+            "run",
+            str(FIXTURES / "resume.dsg"),
+            "--procs",
+            str(procs()),
+            "--resume",
+            str(broken),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = losses(straight), losses(broken)
     for step in range(9, 17):
@@ -101,4 +144,4 @@ def test_zero_auto_plans_for_the_real_device():
     assert result.plan is not None, [d.message for d in result.diagnostics]
     (model,) = result.plan.models
     assert model.zero_auto and f"free memory of {torch.cuda.get_device_name(0)}" in model.zero_auto
-    assert model.stage == 0                          # a small model fits a GPU unsharded
+    assert model.stage == 0  # a small model fits a GPU unsharded

@@ -1,6 +1,7 @@
 """Text data and Hugging Face sources, in one process: the byte tokenizer, a tokenizer saved to a
 local directory, prompt/completion and preference JSONL, and the AutoModel class chosen from a
 saved config."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def test_prompt_completion_labels_only_the_completion(tmp_path):
-    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "2+2=", "completion": "4"},
-                                         {"prompt": "héllo ", "completion": "wörld"}])
+    data = _jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "2+2=", "completion": "4"}, {"prompt": "héllo ", "completion": "wörld"}]
+    )
     columns = builtins.prompt_completion(str(data), "bytes", 16).columns
     tok = ByteTokenizer()
     ids, mask, labels = columns["input_ids"], columns["attention_mask"], columns["labels"]
@@ -34,19 +36,20 @@ def test_prompt_completion_labels_only_the_completion(tmp_path):
     n = int(mask[0].sum())
     assert tok.decode(ids[0, 1:n].tolist()) == "2+2=4" and ids[0, n - 1] == tok.eos_token_id
     assert (ids[0, n:] == tok.pad_token_id).all() and (labels[0, n:] == -100).all()
-    assert (labels[0, :5] == -100).all()                          # start + "2+2="
-    assert labels[0, 5:n].tolist() == ids[0, 5:n].tolist()        # "4" + end
-    assert tok.decode(ids[1, 1:int(mask[1].sum())].tolist()) == "héllo wörld"   # UTF-8 bytes
+    assert (labels[0, :5] == -100).all()  # start + "2+2="
+    assert labels[0, 5:n].tolist() == ids[0, 5:n].tolist()  # "4" + end
+    assert tok.decode(ids[1, 1 : int(mask[1].sum())].tolist()) == "héllo wörld"  # UTF-8 bytes
 
 
 def test_preference_pairs_share_the_prompt(tmp_path):
     data = _jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "11"}])
     columns = builtins.preference_pairs(str(data), "bytes", 12).columns
-    assert sorted(columns) == sorted(f"{side}_{k}" for side in ("chosen", "rejected")
-                                     for k in ("input_ids", "attention_mask", "labels"))
+    assert sorted(columns) == sorted(
+        f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")
+    )
     assert columns["chosen_input_ids"][0, :5].tolist() == columns["rejected_input_ids"][0, :5].tolist()
-    assert int((columns["chosen_labels"] != -100).sum()) == 2       # "2" + end
-    assert int((columns["rejected_labels"] != -100).sum()) == 3     # "11" + end
+    assert int((columns["chosen_labels"] != -100).sum()) == 2  # "2" + end
+    assert int((columns["rejected_labels"] != -100).sum()) == 3  # "11" + end
 
 
 def test_bad_records_name_the_file_and_line(tmp_path):
@@ -67,8 +70,9 @@ def _save_word_tokenizer(directory: Path) -> None:
     vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, "what": 4, "is": 5, "two": 6, "four": 7, "?": 8}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
-                            unk_token="[UNK]").save_pretrained(directory)
+    PreTrainedTokenizerFast(
+        tokenizer_object=inner, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
+    ).save_pretrained(directory)
 
 
 def test_a_tokenizer_from_a_local_directory(tmp_path):
@@ -77,8 +81,9 @@ def test_a_tokenizer_from_a_local_directory(tmp_path):
     assert tok.encode("what is two ?") == [4, 5, 6, 8] and tok.pad_token_id == 0
     _jsonl(tmp_path / "d.jsonl", [{"prompt": "what is two", "completion": "four"}])
     # As a pipeline names it: relative to the .dsg file's directory.
-    source = Source(SourceKind.BUILTIN, "prompt_completion",
-                    (("path", "d.jsonl"), ("tokenizer", "tok"), ("max_length", 8)), SPAN)
+    source = Source(
+        SourceKind.BUILTIN, "prompt_completion", (("path", "d.jsonl"), ("tokenizer", "tok"), ("max_length", 8)), SPAN
+    )
     dataset = sources.build(source, builtins.DATA, tmp_path)
     assert dataset.columns["input_ids"][0].tolist() == [1, 4, 5, 6, 7, 2, 0, 0]
     assert dataset.columns["labels"][0].tolist() == [-100, -100, -100, -100, 7, 2, -100, -100]
@@ -89,18 +94,19 @@ def test_a_tokenizer_from_a_local_directory(tmp_path):
 def test_the_model_class_comes_from_the_saved_config_or_the_file(tmp_path):
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2, num_labels=3,
-                        pad_token_id=0)
+    config = GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2, num_labels=3, pad_token_id=0)
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "cls")
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "lm")
+
     def hf(*args: tuple[str, object]) -> object:
         return sources.build(Source(SourceKind.HF, "x", args, SPAN), {}, tmp_path)
 
     assert type(hf(("0", "cls"))).__name__ == "GPT2ForSequenceClassification"
     assert type(hf(("0", "lm"))).__name__ == "GPT2LMHeadModel"
     assert type(hf(("0", "cls"), ("task", "model"))).__name__ == "GPT2Model"
-    model = hf(("config", {"model_type": "gpt2", "vocab_size": 32, "n_positions": 8, "n_embd": 8,
-                           "n_layer": 1, "n_head": 2}))
+    model = hf(
+        ("config", {"model_type": "gpt2", "vocab_size": 32, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2})
+    )
     assert type(model).__name__ == "GPT2LMHeadModel"
     with torch.no_grad():
         assert hf(("0", "cls"))(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3)

@@ -1,6 +1,7 @@
 """Language-model post-training on real 2-process DeepSpeed runs (CPU, no mocks): the shipped
 distill_lm, dpo and lora_distill pipelines on tiny GPT-2 models that the test writes with
 `from_config` + `save_pretrained` (pipelines/make_tiny_models.py), loaded back from disk."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,7 @@ import torch
 
 from replica import load_plan, replicate
 from test_memory import assert_estimate_holds
-from test_runtime import dsgraph_run, metrics, ranks
+from test_runtime import assert_ranks_executed_the_plan, dsgraph_run, metrics, ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -31,6 +32,7 @@ def pipelines(tmp_path_factory) -> Path:
     sys.path.insert(0, str(here))
     try:
         import make_tiny_models
+
         make_tiny_models.main([str(here / "tiny")])
     finally:
         sys.path.remove(str(here))
@@ -38,6 +40,7 @@ def pipelines(tmp_path_factory) -> Path:
 
 
 def _assert_matches_replica(run_dir: Path, tolerance: float = 1e-5) -> list[dict]:
+    assert_ranks_executed_the_plan(run_dir)
     plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"] for m in metrics(run_dir)]
@@ -54,13 +57,14 @@ def test_distill_lm_trains_a_student_from_a_zero3_teacher(pipelines, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     losses = _assert_matches_replica(run_dir)
     assert losses[-1]["kd"] < losses[0]["kd"]
-    assert_estimate_holds(run_dir)          # `dsgraph compile --memory` vs what each rank held
+    assert_estimate_holds(run_dir)  # `dsgraph compile --memory` vs what each rank held
     local, total = ranks(run_dir)[0]["shards"]["teacher"]
-    assert 0 < local < total                                   # partitioned as it loaded
+    assert 0 < local < total  # partitioned as it loaded
     assert (run_dir / "models" / "student" / "config.json").is_file()
     from transformers import AutoModelForCausalLM
+
     student = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "student")
-    assert student.config.n_layer == 1                         # the student, saved with save_pretrained
+    assert student.config.n_layer == 1  # the student, saved with save_pretrained
 
 
 def _margins(policy, reference, pairs) -> torch.Tensor:
@@ -71,8 +75,10 @@ def _margins(policy, reference, pairs) -> torch.Tensor:
         with torch.no_grad():
             logits = model(pairs[f"{side}_input_ids"], attention_mask=pairs[f"{side}_attention_mask"]).logits
         return sequence_logprobs(logits, pairs[f"{side}_labels"])
-    return (logps(policy, "chosen") - logps(reference, "chosen")) - \
-        (logps(policy, "rejected") - logps(reference, "rejected"))
+
+    return (logps(policy, "chosen") - logps(reference, "chosen")) - (
+        logps(policy, "rejected") - logps(reference, "rejected")
+    )
 
 
 def test_dpo_grows_the_reward_margin_and_starts_at_log_2(pipelines, tmp_path):
@@ -90,7 +96,7 @@ def test_dpo_grows_the_reward_margin_and_starts_at_log_2(pipelines, tmp_path):
     logged = [m["stats"] for m in metrics(run_dir)]
     assert logged[0] == {"preference/dpo.reward_margin": 0.0, "preference/dpo.reward_accuracy": 0.0}
     late = [s["preference/dpo.reward_margin"] for s in logged[-10:]]
-    assert sum(late) / len(late) > 0, late                # the batches' margins grew too
+    assert sum(late) / len(late) > 0, late  # the batches' margins grew too
     reference = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy").eval()
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "policy").eval()
     pairs = preference_pairs(str(pipelines / "data" / "sum_pairs.jsonl"), max_length=16).columns
@@ -112,7 +118,7 @@ def test_dpo_loss_matches_a_hand_computed_one():
 
     def seq_logp(lg, labels, row):
         total = 0.0
-        for t in range(1, labels.shape[1]):          # the logits at t-1 predict the label at t
+        for t in range(1, labels.shape[1]):  # the logits at t-1 predict the label at t
             if labels[row, t] == -100:
                 continue
             scores = [float(x) for x in lg[row, t - 1]]
@@ -121,8 +127,9 @@ def test_dpo_loss_matches_a_hand_computed_one():
 
     beta, expected = 0.3, 0.0
     for row in range(2):
-        margin = (seq_logp(logits["pc"], chosen, row) - seq_logp(logits["rc"], chosen, row)) - \
-                 (seq_logp(logits["pr"], rejected, row) - seq_logp(logits["rr"], rejected, row))
+        margin = (seq_logp(logits["pc"], chosen, row) - seq_logp(logits["rc"], chosen, row)) - (
+            seq_logp(logits["pr"], rejected, row) - seq_logp(logits["rr"], rejected, row)
+        )
         expected += -math.log(1.0 / (1.0 + math.exp(-beta * margin))) / 2
     actual = dpo(logits["pc"], logits["pr"], logits["rc"], logits["rr"], chosen, rejected, beta=beta)
     assert abs(float(actual) - expected) < 1e-6
@@ -135,7 +142,7 @@ def test_masked_kl_ignores_padding():
     student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     changed = student.clone()
-    changed[0, 3:] = 100.0                                # padding positions: anything at all
+    changed[0, 3:] = 100.0  # padding positions: anything at all
     assert torch.allclose(kl(student, teacher, 2.0, mask), kl(changed, teacher, 2.0, mask))
     kept = mask.reshape(-1).bool()
     by_rows = kl(student.reshape(-1, 7)[kept], teacher.reshape(-1, 7)[kept], 2.0)
@@ -146,8 +153,10 @@ def test_masked_kl_ignores_padding():
 def lora_runs(pipelines, tmp_path_factory):
     """lora_distill with its ZeRO-2 student, and again with the student on ZeRO-3."""
     out = {}
-    for stage, sets in ((2, ()), (3, ("student.zero={ stage = 3  stage3_param_persistence_threshold = 0 }",
-                                      f"checkpoint_every={STEPS // 2}"))):
+    for stage, sets in (
+        (2, ()),
+        (3, ("student.zero={ stage = 3  stage3_param_persistence_threshold = 0 }", f"checkpoint_every={STEPS // 2}")),
+    ):
         run_dir = tmp_path_factory.mktemp(f"lora{stage}") / "run"
         done = dsgraph_run(pipelines / "lora_distill.dsg", run_dir, f"steps={STEPS}", *sets)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -159,7 +168,7 @@ def lora_runs(pipelines, tmp_path_factory):
 def test_lora_student_matches_its_replica_and_its_memory_estimate(lora_runs, stage):
     losses = _assert_matches_replica(lora_runs[stage])
     assert losses[-1]["kd"] < losses[0]["kd"]
-    assert_estimate_holds(lora_runs[stage])     # only the adapter has gradients and Adam state
+    assert_estimate_holds(lora_runs[stage])  # only the adapter has gradients and Adam state
 
 
 def test_lora_trains_only_the_adapter_and_exports_it_and_the_merged_model(pipelines, lora_runs):
@@ -182,12 +191,12 @@ def test_lora_trains_only_the_adapter_and_exports_it_and_the_merged_model(pipeli
             a, b = with_adapter(ids).logits, merged(ids).logits
             plain = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy")(ids).logits
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
-        assert not torch.allclose(a, plain, atol=1e-4)        # the adapter learned something
+        assert not torch.allclose(a, plain, atol=1e-4)  # the adapter learned something
     # ZeRO-2 and ZeRO-3 train the same adapter (fp32: the same arithmetic).
     two, three = (metrics(lora_runs[s]) for s in (2, 3))
     assert all(abs(x["losses"]["kd"] - y["losses"]["kd"]) < 1e-5 for x, y in zip(two, three, strict=True))
     local, total = ranks(lora_runs[3])[0]["shards"]["student"]
-    assert 0 < local < total                                   # base and adapter partitioned
+    assert 0 < local < total  # base and adapter partitioned
 
 
 def test_a_lora_run_resumes_bit_identically_from_its_checkpoint(pipelines, lora_runs, tmp_path):
@@ -196,11 +205,25 @@ def test_a_lora_run_resumes_bit_identically_from_its_checkpoint(pipelines, lora_
     full = lora_runs[3]
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
-    (cut / "ckpt" / "manifests" / f"step-{STEPS:08d}.json").unlink()     # the last checkpoint never completed
-    sets = ["student.zero={ stage = 3  stage3_param_persistence_threshold = 0 }", f"checkpoint_every={STEPS // 2}",
-            f"steps={STEPS}", "log_every=1"]
-    command = [sys.executable, "-m", "dsgraph", "run", str(pipelines / "lora_distill.dsg"), "--procs", "2",
-               "--resume", str(cut), *[a for s in sets for a in ("--set", s)]]
+    (cut / "ckpt" / "manifests" / f"step-{STEPS:08d}.json").unlink()  # the last checkpoint never completed
+    sets = [
+        "student.zero={ stage = 3  stage3_param_persistence_threshold = 0 }",
+        f"checkpoint_every={STEPS // 2}",
+        f"steps={STEPS}",
+        "log_every=1",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "dsgraph",
+        "run",
+        str(pipelines / "lora_distill.dsg"),
+        "--procs",
+        "2",
+        "--resume",
+        str(cut),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from step-00000003" in done.stderr

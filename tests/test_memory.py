@@ -1,5 +1,6 @@
 """The memory estimate (`dsgraph compile --memory`) against hand-counted parameters and against
 what the runtime measures on each rank, and `zero = auto`."""
+
 from __future__ import annotations
 
 import itertools
@@ -42,17 +43,18 @@ def part(sizes: list[int], world: int = W) -> int:
 
 # -- the estimate, by hand -----------------------------------------------------------------------
 
+
 def test_distill_frozen_zero3_teacher_and_zero2_adamw_student():
     est = estimate_of("distill")
     teacher, student = mlp_sizes(32, [128, 128], 8), mlp_sizes(32, [32], 8)
     t, s = est["teacher"], est["student"]
     assert (t.elements, t.trainable, s.elements, s.trainable) == (sum(teacher), 0, sum(student), sum(student))
-    assert t.params == 4 * part(teacher)                     # stage 3: each tensor split over W ranks
-    assert t.grads == t.optimizer_states == 0                # frozen: nothing but parameters
+    assert t.params == 4 * part(teacher)  # stage 3: each tensor split over W ranks
+    assert t.grads == t.optimizer_states == 0  # frozen: nothing but parameters
     local = math.ceil(sum(student) / W)
-    assert s.params == 4 * sum(student)                      # stage 2: parameters whole
-    assert s.grads == 4 * local                              # ... gradients partitioned
-    assert s.optimizer_states == 4 * local * 3               # fp32 master + exp_avg + exp_avg_sq
+    assert s.params == 4 * sum(student)  # stage 2: parameters whole
+    assert s.grads == 4 * local  # ... gradients partitioned
+    assert s.optimizer_states == 4 * local * 3  # fp32 master + exp_avg + exp_avg_sq
 
 
 def test_disjoint_zero3_sgd_momentum():
@@ -61,7 +63,7 @@ def test_disjoint_zero3_sgd_momentum():
     assert est["wide"].elements == sum(wide) and est["deep"].elements == sum(deep)
     assert est["deep"].params == 4 * part(deep)
     assert est["deep"].grads == 4 * part(deep)
-    assert est["deep"].optimizer_states == 4 * part(deep) * 2         # master + momentum
+    assert est["deep"].optimizer_states == 4 * part(deep) * 2  # master + momentum
 
 
 def test_shared_loss_and_stage3_divides_parameters_by_world_size():
@@ -69,7 +71,7 @@ def test_shared_loss_and_stage3_divides_parameters_by_world_size():
         est = estimate_of("shared_loss", world)
         right, left = mlp_sizes(16, [24, 24], 4), mlp_sizes(16, [48], 4)
         assert est["right"].params == 4 * part(right, world)
-        assert est["left"].params == 4 * sum(left)                    # stage 2 does not split them
+        assert est["left"].params == 4 * sum(left)  # stage 2 does not split them
         assert est["left"].optimizer_states == 4 * math.ceil(sum(left) / world) * 3
 
 
@@ -77,11 +79,18 @@ def test_rules_for_precision_offload_and_stage0():
     counts = memory.Counts((1000, 24), (1000, 24))
     adam = {"optimizer": {"type": "AdamW"}}
     z0 = memory.estimate_model("m", "trained", 0, "fp32", adam, counts, 2)
-    assert (z0.params, z0.grads, z0.optimizer_states) == (4096, 4096, 8192)   # no master in fp32 ZeRO-0
+    assert (z0.params, z0.grads, z0.optimizer_states) == (4096, 4096, 8192)  # no master in fp32 ZeRO-0
     bf = memory.estimate_model("m", "trained", 2, "bf16", adam, counts, 2)
     assert (bf.params, bf.grads, bf.optimizer_states) == (2048, 1024, 6144)
-    off = memory.estimate_model("m", "trained", 3, "fp32", {**adam, "zero_optimization": {
-        "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}, counts, 2)
+    off = memory.estimate_model(
+        "m",
+        "trained",
+        3,
+        "fp32",
+        {**adam, "zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}},
+        counts,
+        2,
+    )
     assert off.total == 0 and off.host["params"] == 2048 and off.host["optimizer_states"] == 6144
 
 
@@ -95,8 +104,9 @@ def test_sizes_parse_and_print():
 
 
 def test_cli_memory_text_and_json(in_repo, capsys):
-    assert cli.main(["compile", "pipelines/distill.dsg", "--memory", "--world-size", "2",
-                     "--device-memory", "1GiB"]) == 0
+    assert (
+        cli.main(["compile", "pipelines/distill.dsg", "--memory", "--world-size", "2", "--device-memory", "1GiB"]) == 0
+    )
     text = capsys.readouterr().out
     assert "teacher" in text and "total per device" in text and "fits" in text
     assert cli.main(["compile", "pipelines/distill.dsg", "--memory", "--world-size", "2", "--format", "json"]) == 0
@@ -117,7 +127,7 @@ def test_zero_auto_small_device_gives_stage3_and_big_gives_stage0():
     assert s.stage == 3 and s.zero_init and b.stage == 0
     assert s.zero_auto and b.zero_auto
     assert "zero = auto chose ZeRO-3: " in s.zero_auto and "800.00 KiB (--device-memory)" in s.zero_auto
-    assert "ZeRO-2" in s.zero_auto                          # the reason names what did not fit
+    assert "ZeRO-2" in s.zero_auto  # the reason names what did not fit
     assert "zero = auto chose ZeRO-0" in b.zero_auto
     assert "zero = auto chose ZeRO-3" in to_text(small.plan)
     est = memory.estimate(small.plan, count_plan(small.plan), 2)
@@ -132,14 +142,17 @@ def test_zero_auto_offloads_when_stage3_does_not_fit():
 
 @pytest.mark.spawns
 def test_a_file_without_zero_auto_imports_no_torch_when_compiled():
-    script = ("import sys\nfrom dsgraph.cli import main\n"
-              "assert main(['compile', 'pipelines/shared_loss.dsg', '--device-memory', '1GiB']) == 0\n"
-              "assert 'torch' not in sys.modules\nprint('clean')\n")
+    script = (
+        "import sys\nfrom dsgraph.cli import main\n"
+        "assert main(['compile', 'pipelines/shared_loss.dsg', '--device-memory', '1GiB']) == 0\n"
+        "assert 'torch' not in sys.modules\nprint('clean')\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().endswith("clean"), done.stderr
 
 
 # -- against the runtime -------------------------------------------------------------------------
+
 
 def assert_estimate_holds(run_dir: Path, world: int = W) -> None:
     """The estimate of a finished run's plan against what each of its ranks measured: within 10%
@@ -155,7 +168,8 @@ def assert_estimate_holds(run_dir: Path, world: int = W) -> None:
             got = measured[model.name]
             for category in ("params", "grads", "optimizer_states", "total"):
                 want = model.total if category == "total" else getattr(model, category)
-                assert abs(got[category] - want) <= TOLERANCE * max(want, 1), \
+                assert abs(got[category] - want) <= TOLERANCE * max(want, 1), (
                     f"{plan.pipeline} rank {rank} {model.name} {category}: estimated {want}, measured {got[category]}"
+                )
         total = sum(m["total"] for m in measured.values())
         assert abs(total - est.total) <= TOLERANCE * est.total

@@ -1,6 +1,7 @@
 """The plan as a contract: every shipped plan survives its JSON form unchanged and holds together;
 a plan of another version, a plan changed after compiling and a file that is no plan are refused;
 the runtime's side never imports the compiler's (lark, networkx)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,16 @@ def test_a_plan_changed_after_compiling_is_refused():
         Plan.from_json(json.dumps(document))
 
 
-@pytest.mark.parametrize("text", ["", "[]", "{", json.dumps({"dsgraph_plan": PLAN_VERSION}),
-                                  json.dumps({"dsgraph_plan": PLAN_VERSION, "pipeline": 3})])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[]",
+        "{",
+        json.dumps({"dsgraph_plan": PLAN_VERSION}),
+        json.dumps({"dsgraph_plan": PLAN_VERSION, "pipeline": 3}),
+    ],
+)
 def test_what_is_no_plan_is_refused(text):
     with pytest.raises(PlanError):
         Plan.from_json(text)
@@ -78,7 +87,7 @@ def test_lint_finds_a_call_read_before_it_is_made_and_a_config_used_before_it_is
     forwards = [op for op in plan.step if isinstance(op, P.Forward)]
     loss = next(op for op in plan.step if isinstance(op, P.ComputeLoss))
     reordered = tuple(op for op in plan.step if op is not loss)
-    reordered = (*reordered[:1], loss, *reordered[1:])             # the loss before the forwards
+    reordered = (*reordered[:1], loss, *reordered[1:])  # the loss before the forwards
     problems = lint(dataclasses.replace(plan, step=reordered))
     assert any(f"reads `{forwards[0].call}` before it is called" in p for p in problems), problems
     setup = tuple(s for s in plan.setup if not (isinstance(s, P.CompleteConfig) and s.model == "teacher"))
@@ -92,8 +101,10 @@ def test_the_stage_precision_and_zero_init_are_read_off_the_resolved_config():
     teacher, student = plan.model("teacher"), plan.model("student")
     assert teacher.stage is P.ZeroStage.ZERO3 and teacher.zero_init and not teacher.trained
     assert student.stage is P.ZeroStage.ZERO2 and not student.zero_init and student.trained
-    changed = dataclasses.replace(student, deepspeed_config={**student.deepspeed_config, "bf16": {"enabled": True},
-                                                             "zero_optimization": {"stage": 3}})
+    changed = dataclasses.replace(
+        student,
+        deepspeed_config={**student.deepspeed_config, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}},
+    )
     assert changed.stage is P.ZeroStage.ZERO3 and changed.zero_init and changed.precision is P.Precision.BF16
 
 
@@ -113,8 +124,10 @@ def test_the_runtime_never_imports_lark_or_networkx(tmp_path):
         "assert lint(plan) == [] and plan.model('teacher').zero_init\n"
         "compiler = ('lark', 'networkx', 'dsgraph.compiler', 'dsgraph.syntax', 'dsgraph.graph', 'dsgraph.lower',\n"
         "            'dsgraph.dsconfig', 'dsgraph.checks', 'dsgraph.planner')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in compiler or m.startswith(compiler)))\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=worker_environment(2), capture_output=True,
-                          text=True, timeout=120)
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in compiler or m.startswith(compiler)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=worker_environment(2), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"

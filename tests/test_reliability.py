@@ -1,6 +1,7 @@
 """Faults and resume, with real 2-process DeepSpeed runs on CPU: exact resume after the workers
 are killed, refusal to resume a different plan, fast failure on a killed or hung rank, a clean
 stop on Ctrl-C, and the documented exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def run(pipeline: Path, *extra: str, timeout: int = 300) -> subprocess.Completed
 
 
 def start(pipeline: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(command(pipeline, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        command(pipeline, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def losses(run_dir: Path) -> dict[int, dict]:
@@ -69,7 +71,7 @@ def test_resume_after_the_workers_are_killed_is_bit_identical(tmp_path):
     process = start(FIXTURES / "resume.dsg", "--run-dir", str(broken))
     manifest = broken / "ckpt" / "manifests" / "step-00000008.json"
     wait_until(lambda: manifest.exists() or process.poll() is not None, 240)
-    for worker in workers_of(broken):            # SIGKILL, mid-run
+    for worker in workers_of(broken):  # SIGKILL, mid-run
         worker.kill()
     process.wait(timeout=60)
     assert process.returncode != 0 or not (broken / "models").exists()
@@ -80,20 +82,36 @@ def test_resume_after_the_workers_are_killed_is_bit_identical(tmp_path):
     a, b = losses(straight), losses(broken)
     assert sorted(b) == list(range(1, 17))
     for step in range(9, 17):
-        assert a[step] == b[step], (step, a[step], b[step])      # bit-identical, not close
+        assert a[step] == b[step], (step, a[step], b[step])  # bit-identical, not close
 
 
 def test_resume_refuses_a_different_plan_world_size_or_no_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     assert run(FIXTURES / "resume.dsg", "--run-dir", str(run_dir), "--set", "steps=8").returncode == 0
-    changed = run(FIXTURES / "resume.dsg", "--resume", str(run_dir), "--set", "seed=12",
-                  "--set", "left.optimizer.lr=0.5")
+    changed = run(
+        FIXTURES / "resume.dsg", "--resume", str(run_dir), "--set", "seed=12", "--set", "left.optimizer.lr=0.5"
+    )
     assert changed.returncode == 1
     assert "error[DSG501]" in changed.stderr and "seed was 11, is now 12" in changed.stderr
     assert "model `left` changed: deepspeed_config" in changed.stderr
-    assert "resume.dsg:11:5" in changed.stderr                  # points at `model left`
-    more = subprocess.run([sys.executable, "-m", "dsgraph", "run", str(FIXTURES / "resume.dsg"), "--procs", "1",
-                           "--resume", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "resume.dsg:11:5" in changed.stderr  # points at `model left`
+    more = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsgraph",
+            "run",
+            str(FIXTURES / "resume.dsg"),
+            "--procs",
+            "1",
+            "--resume",
+            str(run_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert more.returncode == 1 and "saved by 2 processes, this run has 1" in more.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -129,6 +147,7 @@ def _evil_pickle(marker: Path) -> bytes:
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     return pickle.dumps(Evil())
 
 
@@ -185,6 +204,7 @@ def test_exit_codes_for_usage_and_internal_errors(tmp_path, monkeypatch, capsys)
 
     def broken(args):
         raise RuntimeError("a bug")
+
     monkeypatch.setattr(cli, "cmd_check", broken)
     assert cli.main(["check", "x.dsg"]) == 70
     assert "Traceback" not in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Real 2-process DeepSpeed runs on CPU (no mocks): every shipped pipeline trains, matches a plain
 single-process PyTorch replica, and keeps the promises of the plan."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,20 @@ pytestmark = pytest.mark.runtime
 
 
 def dsgraph_run(pipeline: Path, run_dir: Path, *sets: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "dsgraph", "run", str(pipeline), "--procs", "2", "--run-dir", str(run_dir),
-               "--set", "log_every=1", *[a for s in sets for a in ("--set", s)]]
+    command = [
+        sys.executable,
+        "-m",
+        "dsgraph",
+        "run",
+        str(pipeline),
+        "--procs",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "log_every=1",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     environment = dict(os.environ, DSGRAPH_RECORD_SAMPLES="1")
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
 
@@ -54,8 +67,9 @@ def test_runs_to_completion_and_leaves_its_files(shipped_run):
         exported = run_dir / "models" / model.name / "model.safetensors"
         assert exported.is_file()
         from safetensors.torch import load_file
+
         weights = load_file(str(exported))
-        assert weights and all(t.numel() > 0 for t in weights.values())   # gathered, not shards
+        assert weights and all(t.numel() > 0 for t in weights.values())  # gathered, not shards
     assert f"done: {name}" in done.stdout
 
 
@@ -81,11 +95,11 @@ def test_memory_estimate_is_within_10_percent_of_what_each_rank_holds(shipped_ru
 _ENGINE_STEPS = ("init_process_group", "create_accelerator", "select_plugin", "build_model", "prepare", "initialize")
 
 
-def test_each_rank_executes_the_printed_plan_step_by_step(shipped_run):
+def assert_ranks_executed_the_plan(run_dir: Path) -> None:
     """The setup steps and the ops of a training step each rank executed, in order, are the
     plan's lists, op by op, the optimizer step included; and the backend was asked for exactly
-    the engine steps of the setup, in that order."""
-    _, run_dir, _ = shipped_run
+    the engine steps of the setup, in that order. Held for every shipped pipeline (the language
+    models' in tests/test_lm.py)."""
     plan = load_plan(run_dir)
     setup = [{"id": s.id, "kind": s.kind} for s in plan.setup]
     ops = [{"id": op.id, "kind": op.kind} for op in plan.step] * plan.settings.grad_accum
@@ -95,6 +109,11 @@ def test_each_rank_executes_the_printed_plan_step_by_step(shipped_run):
         assert report["executed"] == setup
         assert report["executed_step"] == ops
         assert [tuple(c) for c in report["backend_calls"]] == engine_calls
+
+
+def test_each_rank_executes_the_printed_plan_step_by_step(shipped_run):
+    _, run_dir, _ = shipped_run
+    assert_ranks_executed_the_plan(run_dir)
 
 
 def test_ranks_see_disjoint_samples(shipped_run):
@@ -140,6 +159,7 @@ def test_a_pipeline_built_only_from_factories_runs(tmp_path):
     run_dir = tmp_path / "run"
     done = dsgraph_run(FIXTURES / "factory_only.dsg", run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_ranks_executed_the_plan(run_dir)        # built, and measured, before its Accelerator
     plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"]["fit"] for m in metrics(run_dir)]
@@ -152,7 +172,7 @@ def test_a_failing_factory_on_one_rank_ends_the_run_quickly(tmp_path):
     elapsed = time.perf_counter() - start
     assert done.returncode == 1
     assert "rank 1 failed in setup step" in done.stderr and "build_model bad" in done.stderr
-    assert "failing_factory.dsg:6:5" in done.stderr          # the model's .dsg line
+    assert "failing_factory.dsg:6:5" in done.stderr  # the model's .dsg line
     assert "this factory fails on rank 1" in done.stderr
     assert "Traceback" not in done.stderr
     assert elapsed < 60
@@ -160,8 +180,9 @@ def test_a_failing_factory_on_one_rank_ends_the_run_quickly(tmp_path):
 
 def test_a_wrong_file_stops_before_any_worker_starts(tmp_path):
     bad = tmp_path / "bad.dsg"
-    bad.write_text((ROOT / "pipelines" / "distill.dsg").read_text().replace("train student on kd",
-                                                                             "train teacher on kd"))
+    bad.write_text(
+        (ROOT / "pipelines" / "distill.dsg").read_text().replace("train student on kd", "train teacher on kd")
+    )
     start = time.perf_counter()
     done = dsgraph_run(bad, tmp_path / "run")
     assert done.returncode == 1 and "DSG301" in done.stderr
@@ -179,10 +200,24 @@ def test_set_overrides_are_checked_like_the_file(tmp_path):
 def test_dsgraph_deals_batches_in_the_order_of_accelerates_prepared_dataloader(tmp_path):
     from dsgraph.runtime.env import worker_environment
 
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), str(ROOT / "tests" / "scripts" / "accelerate_order.py"),
-                           str(tmp_path)], cwd=ROOT, env=worker_environment(2), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(ROOT / "tests" / "scripts" / "accelerate_order.py"),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=worker_environment(2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in results:
@@ -204,7 +239,8 @@ def test_hugging_face_models_from_a_directory_and_from_a_config(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
-        tmp_path / "teacher")
+        tmp_path / "teacher"
+    )
     pipeline = tmp_path / "lm.dsg"
     pipeline.write_text("""
     pipeline lm {
@@ -226,8 +262,8 @@ def test_hugging_face_models_from_a_directory_and_from_a_config(tmp_path):
     done = dsgraph_run(pipeline, run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     local, total = ranks(run_dir)[0]["shards"]["teacher"]
-    assert 0 < local < total                                  # partitioned as it loaded
-    assert (run_dir / "models" / "student" / "config.json").is_file()   # save_pretrained
+    assert 0 < local < total  # partitioned as it loaded
+    assert (run_dir / "models" / "student" / "config.json").is_file()  # save_pretrained
     assert "Loading weights" not in done.stderr
 
 
@@ -235,7 +271,7 @@ def test_factory_models_get_bucket_sizes_measured_on_the_model(tmp_path):
     run_dir = tmp_path / "run"
     assert dsgraph_run(FIXTURES / "factory_only.dsg", run_dir, "steps=1").returncode == 0
     config = json.loads((run_dir / "deepspeed_configs" / "reg.json").read_text())
-    assert config["zero_optimization"]["reduce_bucket_size"] == 16 * 16      # widest layer of the regressor
+    assert config["zero_optimization"]["reduce_bucket_size"] == 16 * 16  # widest layer of the regressor
 
 
 def test_the_compiler_and_the_runtime_know_the_same_builtins():
@@ -243,8 +279,11 @@ def test_the_compiler_and_the_runtime_know_the_same_builtins():
     from dsgraph.runtime import builtins
     import inspect
 
-    for known, implemented in ((catalogue.MODELS, builtins.MODELS), (catalogue.DATA, builtins.DATA),
-                               (catalogue.LOSSES, builtins.LOSSES)):
+    for known, implemented in (
+        (catalogue.MODELS, builtins.MODELS),
+        (catalogue.DATA, builtins.DATA),
+        (catalogue.LOSSES, builtins.LOSSES),
+    ):
         assert set(known) == set(implemented)
         for name, spec in known.items():
             params = list(inspect.signature(implemented[name]).parameters)

@@ -1,4 +1,5 @@
 """What a .dsg file may make dsgraph import or load, and when (docs/reliability.md)."""
+
 from __future__ import annotations
 
 import sys
@@ -40,6 +41,7 @@ def test_hf_passes_trust_remote_code_only_when_the_file_says_so(tmp_path, monkey
     def spy(*args, **kwargs):
         seen.append(kwargs.get("trust_remote_code"))
         return original(*args, **kwargs)
+
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     model = sources.build_hf(["tiny"], {}, tmp_path)
     sources.build_hf(["tiny"], {"trust_remote_code": True}, tmp_path)

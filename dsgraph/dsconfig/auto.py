@@ -5,6 +5,7 @@ every model of the file on the meta device (dsgraph.memory, which imports torch 
 models' builders, factories included), so that only such files pay for torch. Each auto model
 gets an inline ZeRO config `<model>.zero` with the chosen stage (and offload) and the reason,
 which the plan carries as `zero_auto`. Checks, configs and the plan then see an ordinary stage."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,11 +23,17 @@ from dsgraph.dsconfig.sizes import human
 from dsgraph.dsconfig.zero import INLINE_DEFAULTS
 
 
-Candidate: TypeAlias = tuple[int, bool, bool]       # (stage, offload_optimizer, offload_param)
+Candidate: TypeAlias = tuple[int, bool, bool]  # (stage, offload_optimizer, offload_param)
 
 # Least sharded first.
-CANDIDATES: tuple[Candidate, ...] = ((0, False, False), (1, False, False), (2, False, False), (3, False, False),
-                                    (3, True, False), (3, True, True))
+CANDIDATES: tuple[Candidate, ...] = (
+    (0, False, False),
+    (1, False, False),
+    (2, False, False),
+    (3, False, False),
+    (3, True, False),
+    (3, True, True),
+)
 
 
 def candidate_config(stage: int, off_opt: bool, off_param: bool) -> dict[str, Any]:
@@ -60,19 +67,21 @@ def _name(candidate: Candidate) -> str:
     return f"ZeRO-{candidate[0]}{_offload_words(candidate)}"
 
 
-def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
-                 device_memory: int | None) -> ir.Pipeline:
+def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None, device_memory: int | None) -> ir.Pipeline:
     auto = [m for m in p.models.values() if m.zero == ir.ZERO_AUTO]
     world = world_size or 1
     if world_size is None:
         for m in auto:
-            diags.add("DSG417", m.spans["zero"], f"`zero = auto` on `{m.name}` is planned for 1 process: "
-                      "the world size is not known", "pass `--world-size N` to `dsgraph compile` "
-                      "(`dsgraph run` plans for its --procs)")
+            diags.add(
+                "DSG417",
+                m.spans["zero"],
+                f"`zero = auto` on `{m.name}` is planned for 1 process: the world size is not known",
+                "pass `--world-size N` to `dsgraph compile` (`dsgraph run` plans for its --procs)",
+            )
     trained = {name for t in p.trains for name in t.models}
     shared = {name for t in p.trains if len(t.models) > 1 for name in t.models}
     base = Path(p.file).parent
-    from dsgraph.runtime.meta import budget as device_budget, count_elements   # torch, the models' builders
+    from dsgraph.runtime.meta import budget as device_budget, count_elements  # torch, the models' builders
 
     counts: dict[str, memory.Counts] = {}
     for m in p.models.values():
@@ -81,9 +90,14 @@ def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
         except Exception as error:
             for a in auto:
                 notes = () if a is m else (Note(f"`{m.name}` is declared here", m.span),)
-                diags.add("DSG416", a.spans["zero"], f"`zero = auto` needs the size of `{m.name}`, which could "
-                          f"not be built on the meta device: {type(error).__name__}: {error}",
-                          "fix the model's source, or give the stage: `zero = { stage = 3 }`", *notes)
+                diags.add(
+                    "DSG416",
+                    a.spans["zero"],
+                    f"`zero = auto` needs the size of `{m.name}`, which could "
+                    f"not be built on the meta device: {type(error).__name__}: {error}",
+                    "fix the model's source, or give the stage: `zero = { stage = 3 }`",
+                    *notes,
+                )
             return _assign(p, {a.name: (CANDIDATES[-1], None) for a in auto})
     budget = device_budget(device_memory, world)
 
@@ -93,8 +107,7 @@ def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
         if candidate is not None:
             config["zero_optimization"] = candidate_config(*candidate)
         stage = candidate[0] if candidate is not None else zero_stage(config) or 0
-        return memory.estimate_model(m.name, role, stage, precision_of(p, m).value, config,
-                                     counts[m.name], world)
+        return memory.estimate_model(m.name, role, stage, precision_of(p, m).value, config, counts[m.name], world)
 
     fixed = [estimate(m) for m in p.models.values() if m.zero != ir.ZERO_AUTO]
     options = {m.name: candidates(m.name in trained, m.name in shared) for m in auto}
@@ -111,14 +124,18 @@ def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None,
         if not movable:
             device, host = totals()
             for m in auto:
-                diags.add("DSG415", m.spans["zero"], f"`zero = auto`: nothing fits, not even ZeRO-3 with "
-                          f"optimizer and parameters offloaded: {human(device)} per rank on the device"
-                          f" and {human(host)} in host RAM, for {human(budget.device)} "
-                          f"({budget.source}) and {human(budget.host)} of host RAM per rank",
-                          "use more processes (--world-size), a smaller model or bf16, or a device with "
-                          "more memory (--device-memory)")
+                diags.add(
+                    "DSG415",
+                    m.spans["zero"],
+                    f"`zero = auto`: nothing fits, not even ZeRO-3 with "
+                    f"optimizer and parameters offloaded: {human(device)} per rank on the device"
+                    f" and {human(host)} in host RAM, for {human(budget.device)} "
+                    f"({budget.source}) and {human(budget.host)} of host RAM per rank",
+                    "use more processes (--world-size), a smaller model or bf16, or a device with "
+                    "more memory (--device-memory)",
+                )
             return _assign(p, {m.name: (options[m.name][-1], None) for m in auto})
-        name = max(movable, key=lambda n: current[n].total)      # the largest moves first
+        name = max(movable, key=lambda n: current[n].total)  # the largest moves first
         tried[name].append(f"{human(current[name].total)} with {_name(options[name][at[name]])}")
         at[name] += 1
         current[name] = estimate(p.models[name], options[name][at[name]])
@@ -142,7 +159,14 @@ def _assign(p: ir.Pipeline, chosen: Mapping[str, tuple[Candidate, str | None]]) 
         m = p.models[name]
         zero = {**INLINE_DEFAULTS.get(stage, {}), **candidate_config(stage, opt, param)}
         span = m.spans["zero"]
-        zeros[f"{name}.zero"] = ir.ZeroConfig(f"{name}.zero", {"zero_optimization": zero}, None, None,
-                                              {"zero_optimization.stage": span}, span, auto=reason)
+        zeros[f"{name}.zero"] = ir.ZeroConfig(
+            f"{name}.zero",
+            {"zero_optimization": zero},
+            None,
+            None,
+            {"zero_optimization.stage": span},
+            span,
+            auto=reason,
+        )
         models[name] = dataclasses.replace(m, zero=f"{name}.zero")
     return dataclasses.replace(p, zeros=zeros, models=models)

@@ -9,6 +9,7 @@ engine.py) and held against what the runtime
 measures (tests/test_memory.py). They describe the state as an optimizer step begins: the
 step's gradients are reduced and the optimizer states exist. Not counted: activations,
 communication buckets, temporary copies, the allocator's cache, the CUDA context."""
+
 from __future__ import annotations
 
 import math
@@ -22,11 +23,23 @@ from dsgraph.plan import Plan
 FP32 = 4
 _PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Optimizer states per trained element, each fp32 (DeepSpeed's config names; SGD: see _states).
-_STATES = {"adam": 2, "adamw": 2, "lamb": 2, "onebitadam": 2, "zerooneadam": 2, "onebitlamb": 2,
-           "adagrad": 1, "rmsprop": 1, "muadam": 2, "muadamw": 2, "musgd": 1}
+_STATES = {
+    "adam": 2,
+    "adamw": 2,
+    "lamb": 2,
+    "onebitadam": 2,
+    "zerooneadam": 2,
+    "onebitlamb": 2,
+    "adagrad": 1,
+    "rmsprop": 1,
+    "muadam": 2,
+    "muadamw": 2,
+    "musgd": 1,
+}
 
 
 # -- element counts -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Counts:
@@ -43,20 +56,21 @@ class Counts:
 
 # -- the rules ----------------------------------------------------------------------------------
 
+
 @dataclass
 class ModelEstimate:
     name: str
     role: str
     stage: int
     precision: str
-    offload: str                    # none, optimizer, param, optimizer+param
+    offload: str  # none, optimizer, param, optimizer+param
     optimizer: str | None
     elements: int
     trainable: int
-    params: int                     # bytes on each rank's device
+    params: int  # bytes on each rank's device
     grads: int
     optimizer_states: int
-    host: dict[str, int] = field(default_factory=dict)     # offloaded bytes per category, host RAM
+    host: dict[str, int] = field(default_factory=dict)  # offloaded bytes per category, host RAM
     zero_auto: str | None = None
 
     @property
@@ -77,19 +91,22 @@ def _states(optimizer: dict[str, Any] | None) -> int:
     kind = str(optimizer.get("type", "")).lower()
     if kind == "sgd":
         return 1 if float(optimizer.get("params", {}).get("momentum", 0) or 0) else 0
-    return _STATES.get(kind, 2)          # an unknown optimizer: counted like Adam
+    return _STATES.get(kind, 2)  # an unknown optimizer: counted like Adam
 
 
 def _offload(zero: dict[str, Any]) -> tuple[bool, bool]:
     """Whether the optimizer states and the parameters are offloaded."""
+
     def device(key: str) -> str:
         block = zero.get(key)
         return str(block.get("device", "none")) if isinstance(block, dict) else "none"
+
     return device("offload_optimizer") != "none", device("offload_param") != "none"
 
 
-def estimate_model(name: str, role: str, stage: int, precision: str, config: dict[str, Any], counts: Counts,
-                   world: int) -> ModelEstimate:
+def estimate_model(
+    name: str, role: str, stage: int, precision: str, config: dict[str, Any], counts: Counts, world: int
+) -> ModelEstimate:
     """Bytes per rank of one model (every rank holds the same: DeepSpeed pads the partitions)."""
     zero = config.get("zero_optimization", {})
     off_opt, off_param = _offload(zero)
@@ -97,8 +114,9 @@ def estimate_model(name: str, role: str, stage: int, precision: str, config: dic
     pb = _PRECISION_BYTES[precision]
     mixed = pb != FP32
 
-    def part(n: int) -> int:         # this rank's share of n elements
+    def part(n: int) -> int:  # this rank's share of n elements
         return math.ceil(n / world)
+
     host = {"params": 0, "grads": 0, "optimizer_states": 0}
     if stage == 3:
         # Every tensor is split (DeepSpeed pads each to a multiple of the world size). Measured:
@@ -123,15 +141,28 @@ def estimate_model(name: str, role: str, stage: int, precision: str, config: dic
         host["params"], params = params, 0
     if off_opt and stage >= 1 and trained:
         host["optimizer_states"], opt = opt, 0
-        host["grads"] = local_trained * FP32        # the fp32 gradient partition the CPU optimizer reads
+        host["grads"] = local_trained * FP32  # the fp32 gradient partition the CPU optimizer reads
         grads = 0 if stage >= 2 else grads
     offload = "+".join(k for k, on in (("optimizer", off_opt), ("param", off_param)) if on) or "none"
     kind = optimizer.get("type") if optimizer and trained else None
-    return ModelEstimate(name, role, stage, precision, offload, kind, counts.total, sum(counts.trainable)
-                         if trained else 0, params, grads, opt, {k: v for k, v in host.items() if v})
+    return ModelEstimate(
+        name,
+        role,
+        stage,
+        precision,
+        offload,
+        kind,
+        counts.total,
+        sum(counts.trainable) if trained else 0,
+        params,
+        grads,
+        opt,
+        {k: v for k, v in host.items() if v},
+    )
 
 
 # -- the estimate of a plan ---------------------------------------------------------------------
+
 
 @dataclass
 class Estimate:
@@ -154,21 +185,44 @@ class Estimate:
         return None if self.device_memory is None else self.total <= self.device_memory
 
     def to_json(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "world_size": self.world_size, "per_rank": True,
-                "models": [m.to_json() for m in self.models], "total": self.total, "host_total": self.host_total,
-                "device_memory": self.device_memory, "device_source": self.device_source, "fits": self.fits}
+        return {
+            "pipeline": self.pipeline,
+            "world_size": self.world_size,
+            "per_rank": True,
+            "models": [m.to_json() for m in self.models],
+            "total": self.total,
+            "host_total": self.host_total,
+            "device_memory": self.device_memory,
+            "device_source": self.device_source,
+            "fits": self.fits,
+        }
 
     def to_text(self) -> str:
-        rows = [["model", "role", "zero", "precision", "offload", "params", "grads", "optim states",
-                 "total/rank"]]
+        rows = [["model", "role", "zero", "precision", "offload", "params", "grads", "optim states", "total/rank"]]
         for m in self.models:
-            rows.append([m.name, m.role, f"stage {m.stage}", m.precision, m.offload, human(m.params),
-                         human(m.grads), human(m.optimizer_states), human(m.total)])
+            rows.append(
+                [
+                    m.name,
+                    m.role,
+                    f"stage {m.stage}",
+                    m.precision,
+                    m.offload,
+                    human(m.params),
+                    human(m.grads),
+                    human(m.optimizer_states),
+                    human(m.total),
+                ]
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         right = set(range(5, 9))
         lines = [f"memory estimate of {self.pipeline}, per rank, world size {self.world_size}"]
-        lines += ["  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
+        lines += [
+            "  "
+            + "  ".join(
+                c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+            for r in rows
+        ]
         lines.append(f"  total per device: {human(self.total)} ({self.total} bytes)")
         if self.host_total:
             lines.append(f"  offloaded to host RAM, per rank: {human(self.host_total)}")
@@ -178,8 +232,10 @@ class Estimate:
         for m in self.models:
             if m.zero_auto:
                 lines.append(f"  {m.name}: {m.zero_auto}")
-        lines.append("  counted: parameters, gradients and optimizer states as a step begins; not counted: "
-                     "activations, communication buckets, temporary copies, the CUDA context")
+        lines.append(
+            "  counted: parameters, gradients and optimizer states as a step begins; not counted: "
+            "activations, communication buckets, temporary copies, the CUDA context"
+        )
         return "\n".join(lines) + "\n"
 
 
@@ -189,14 +245,16 @@ def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = 
     world = world_size or plan.world_size or 1
     models = []
     for m in plan.models:
-        est = estimate_model(m.name, m.role.value, m.stage, m.precision.value, m.deepspeed_config, counts[m.name],
-                             world)
+        est = estimate_model(
+            m.name, m.role.value, m.stage, m.precision.value, m.deepspeed_config, counts[m.name], world
+        )
         est.zero_auto = m.zero_auto
         models.append(est)
     return Estimate(plan.pipeline, world, models)
 
 
 # -- how much memory there is -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Budget:

@@ -3,6 +3,7 @@
 Shorthands (`stage`, `offload_optimizer = cpu`, `offload_param`, `precision`) expand into
 DeepSpeed's own shape; every other key goes where DeepSpeed expects it (zero_optimization or the
 top level). Unknown keys are reported with a did-you-mean, in the .dsg file or in the JSON file."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ from dsgraph.lower.values import INVALID, describe, to_python
 INLINE_DEFAULTS = {
     1: {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
     2: {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
-    3: {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto"},
+    3: {
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+    },
 }
 
 
@@ -33,10 +37,9 @@ class ZeroBuilder:
     def __init__(self, dsg_file: str, diags: Diagnostics, sources: dict[str, SourceFile]):
         self.base = Path(dsg_file).parent
         self.diags = diags
-        self.sources = sources          # JSON files read here are added, for caret rendering
+        self.sources = sources  # JSON files read here are added, for caret rendering
 
-    def build(self, name: str, decl_span: Span, file: ast.CallValue | None,
-              block: ast.Block | None) -> ZeroConfig:
+    def build(self, name: str, decl_span: Span, file: ast.CallValue | None, block: ast.Block | None) -> ZeroConfig:
         config: dict[str, Any] = {}
         spans: dict[str, Span] = {}
         rel = None
@@ -57,10 +60,18 @@ class ZeroBuilder:
 
     def _file_arg(self, call: ast.CallValue) -> str | None:
         args = call.args
-        if call.name.text != "file" or len(args) != 1 or args[0].name is not None \
-                or not isinstance(args[0].value, ast.String):
-            self.diags.add("DSG203", call.span, "a ZeRO config file is written `file(\"path.json\")`",
-                           "give the path of a DeepSpeed JSON file, relative to this .dsg file")
+        if (
+            call.name.text != "file"
+            or len(args) != 1
+            or args[0].name is not None
+            or not isinstance(args[0].value, ast.String)
+        ):
+            self.diags.add(
+                "DSG203",
+                call.span,
+                'a ZeRO config file is written `file("path.json")`',
+                "give the path of a DeepSpeed JSON file, relative to this .dsg file",
+            )
             return None
         return args[0].value.value
 
@@ -68,30 +79,47 @@ class ZeroBuilder:
         path = self.base / rel
         arg_span = call.args[0].value.span
         if not path.is_file():
-            self.diags.add("DSG409", arg_span, f"DeepSpeed config file `{rel}` does not exist",
-                           f"paths are relative to the .dsg file; looked for {path}")
+            self.diags.add(
+                "DSG409",
+                arg_span,
+                f"DeepSpeed config file `{rel}` does not exist",
+                f"paths are relative to the .dsg file; looked for {path}",
+            )
             return {}, {}
         display = str(path)
         text = path.read_text(encoding="utf-8", errors="replace")
         source = SourceFile(display, text)
         self.sources[display] = source
         deep = _too_deep_json(text)
-        if deep is not None:       # json.loads and every walk over the config would recurse
-            self.diags.add("DSG410", source.span_at(deep), f"`{rel}` nests deeper than "
-                           f"{_MAX_JSON_DEPTH} levels", "a DeepSpeed config nests a few levels deep; "
-                           "this is not one", Note("used here", arg_span))
+        if deep is not None:  # json.loads and every walk over the config would recurse
+            self.diags.add(
+                "DSG410",
+                source.span_at(deep),
+                f"`{rel}` nests deeper than {_MAX_JSON_DEPTH} levels",
+                "a DeepSpeed config nests a few levels deep; this is not one",
+                Note("used here", arg_span),
+            )
             return {}, {}
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             at = source.span_at(error.pos)
-            self.diags.add("DSG410", at, f"`{rel}` is not valid JSON: {error.msg}",
-                           "DeepSpeed reads strict JSON: no trailing commas, no comments, keys in double quotes",
-                           Note("used here", arg_span))
+            self.diags.add(
+                "DSG410",
+                at,
+                f"`{rel}` is not valid JSON: {error.msg}",
+                "DeepSpeed reads strict JSON: no trailing commas, no comments, keys in double quotes",
+                Note("used here", arg_span),
+            )
             return {}, {}
         if not isinstance(data, dict):
-            self.diags.add("DSG410", source.whole(), f"`{rel}` holds {describe(data)}, not a JSON object",
-                           "a DeepSpeed config is one JSON object `{...}`", Note("used here", arg_span))
+            self.diags.add(
+                "DSG410",
+                source.whole(),
+                f"`{rel}` holds {describe(data)}, not a JSON object",
+                "a DeepSpeed config is one JSON object `{...}`",
+                Note("used here", arg_span),
+            )
             return {}, {}
         spans = _locate_keys(data, source)
         self._check_keys(data, "", spans, arg_span)
@@ -108,9 +136,12 @@ class ZeroBuilder:
             full = f"{path}.{key}" if path else key
             if key not in allowed:
                 where = f"in `{path}`" if path else "at the top level"
-                self.diags.add("DSG408", spans.get(full, fallback),
-                               f"DeepSpeed has no key `{key}` {where}{did_you_mean(key, allowed)}",
-                               "DeepSpeed would silently ignore it; fix the spelling or remove it")
+                self.diags.add(
+                    "DSG408",
+                    spans.get(full, fallback),
+                    f"DeepSpeed has no key `{key}` {where}{did_you_mean(key, allowed)}",
+                    "DeepSpeed would silently ignore it; fix the spelling or remove it",
+                )
                 unknown.append(key)
             elif isinstance(value, dict):
                 self._check_keys(value, full, spans, fallback)
@@ -131,15 +162,21 @@ class ZeroBuilder:
                     precision = Precision(value)
                     spans["precision"] = span
                 else:
-                    self.diags.add("DSG209", entry.value.span if entry.value else span,
-                                   f"precision must be one of {', '.join(PRECISIONS)}, not {describe(value)}",
-                                   "write `precision = bf16` (or fp32, fp16)")
+                    self.diags.add(
+                        "DSG209",
+                        entry.value.span if entry.value else span,
+                        f"precision must be one of {', '.join(PRECISIONS)}, not {describe(value)}",
+                        "write `precision = bf16` (or fp32, fp16)",
+                    )
                 continue
             if key in ("offload_optimizer", "offload_param") and isinstance(value, str):
                 if value not in OFFLOAD_DEVICES:
-                    self.diags.add("DSG209", entry.value.span if entry.value else span, f"`{key}` must be one of "
-                                   f"{', '.join(OFFLOAD_DEVICES)}, not {describe(value)}",
-                                   f"write `{key} = cpu`, or a block `{key} = {{ device = nvme  nvme_path = \"/x\" }}`")
+                    self.diags.add(
+                        "DSG209",
+                        entry.value.span if entry.value else span,
+                        f"`{key}` must be one of {', '.join(OFFLOAD_DEVICES)}, not {describe(value)}",
+                        f'write `{key} = cpu`, or a block `{key} = {{ device = nvme  nvme_path = "/x" }}`',
+                    )
                     continue
                 value = {"device": value}
             if key in dskeys.ZERO:
@@ -149,10 +186,13 @@ class ZeroBuilder:
                 path = key
                 config[key] = value
             else:
-                self.diags.add("DSG408", entry.key.span, f"DeepSpeed has no key `{key}`"
-                               f"{did_you_mean(key, dskeys.ZERO | dskeys.TOP_LEVEL | {'precision'})}",
-                               "zero blocks take ZeRO keys (stage, offload_optimizer, ...), top-level "
-                               "DeepSpeed keys, and `precision`")
+                self.diags.add(
+                    "DSG408",
+                    entry.key.span,
+                    f"DeepSpeed has no key `{key}`{did_you_mean(key, dskeys.ZERO | dskeys.TOP_LEVEL | {'precision'})}",
+                    "zero blocks take ZeRO keys (stage, offload_optimizer, ...), top-level "
+                    "DeepSpeed keys, and `precision`",
+                )
                 continue
             spans[path] = span
             value_spans = {path: entry.value.span if entry.value else span}
@@ -174,8 +214,9 @@ def _nested_spans(block: ast.Block, path: str, entries: dict[str, Span], values:
             _nested_spans(entry.value, full, entries, values)
 
 
-def _check_types(config: dict[str, Any], under: str, spans: dict[str, Span], fallback: Span,
-                 diags: Diagnostics) -> None:
+def _check_types(
+    config: dict[str, Any], under: str, spans: dict[str, Span], fallback: Span, diags: Diagnostics
+) -> None:
     """DSG411 for the keys of dskeys.TYPES set in `config` at `under` or inside it ("": all),
     and DSG209 for a stage other than 0-3. A value reported is dropped from `config`, so that
     what reads the config later finds only values of the right type."""
@@ -194,12 +235,20 @@ def _check_types(config: dict[str, Any], under: str, spans: dict[str, Span], fal
             continue
         if not _type_ok(kind, value):
             words = dskeys.TYPE_WORDS[kind]
-            diags.add("DSG411", span, f"DeepSpeed key `{path}` must be {words}, not {describe(value)}",
-                      f"write {words}" + ("" if kind == dskeys.OBJ else ", or \"auto\" where dsgraph can fill it"))
+            diags.add(
+                "DSG411",
+                span,
+                f"DeepSpeed key `{path}` must be {words}, not {describe(value)}",
+                f"write {words}" + ("" if kind == dskeys.OBJ else ', or "auto" where dsgraph can fill it'),
+            )
             bad.append((parent, parts[-1]))
         elif path == "zero_optimization.stage" and value != "auto" and value not in (0, 1, 2, 3):
-            diags.add("DSG209", span, f"ZeRO stage must be 0, 1, 2 or 3, not {describe(value)}",
-                      "write `stage = 3` to shard parameters, gradients and optimizer state")
+            diags.add(
+                "DSG209",
+                span,
+                f"ZeRO stage must be 0, 1, 2 or 3, not {describe(value)}",
+                "write `stage = 3` to shard parameters, gradients and optimizer state",
+            )
             bad.append((parent, parts[-1]))
     for parent, key in bad:
         del parent[key]
@@ -211,17 +260,23 @@ def _type_ok(kind: str, value: Any) -> bool:
     if value == "auto":
         return True
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return {dskeys.INT: number and float(value).is_integer(), dskeys.NUM: number,
-            dskeys.BOOL: isinstance(value, bool)}[kind]
+    return {dskeys.INT: number and float(value).is_integer(), dskeys.NUM: number, dskeys.BOOL: isinstance(value, bool)}[
+        kind
+    ]
 
 
-def _precision_of_json(config: dict[str, Any], spans: dict[str, Span], fallback: Span,
-                       diags: Diagnostics) -> Precision | None:
-    enabled = [p for p in ("bf16", "fp16")
-               if isinstance(config.get(p), dict) and config[p].get("enabled") is True]
+def _precision_of_json(
+    config: dict[str, Any], spans: dict[str, Span], fallback: Span, diags: Diagnostics
+) -> Precision | None:
+    enabled = [p for p in ("bf16", "fp16") if isinstance(config.get(p), dict) and config[p].get("enabled") is True]
     if len(enabled) == 2:
-        diags.add("DSG414", spans.get("fp16", fallback), "this config enables both fp16 and bf16",
-                  "enable one of them", Note("bf16 is enabled here", spans.get("bf16")))
+        diags.add(
+            "DSG414",
+            spans.get("fp16", fallback),
+            "this config enables both fp16 and bf16",
+            "enable one of them",
+            Note("bf16 is enabled here", spans.get("bf16")),
+        )
         return None
     return Precision(enabled[0]) if enabled else None
 
@@ -258,8 +313,8 @@ def _locate_keys(data: dict[str, Any], source: SourceFile) -> dict[str, Span]:
     """Spans of the keys of a JSON object, as dotted paths: a single left-to-right scan that
     follows the nesting of braces, so equal key names in different objects are told apart."""
     spans: dict[str, Span] = {}
-    stack: list[str] = []           # the path of the object we are in
-    pending: str | None = None      # the last key seen, before its value opens an object
+    stack: list[str] = []  # the path of the object we are in
+    pending: str | None = None  # the last key seen, before its value opens an object
     text = source.text
     i, n = 0, len(text)
     while i < n:

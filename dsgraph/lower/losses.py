@@ -1,5 +1,6 @@
 """Loss expressions: AST -> IR, resolving each name to a model call, a built-in or factory loss,
 a data field or another loss."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -15,9 +16,10 @@ Keywords: TypeAlias = tuple[tuple[str, ir.LossExpr], ...]
 
 
 class LossLowering:
-    def __init__(self, data: dict[str, ir.DataSet | None], model_names: set[str], loss_names: set[str],
-                 diags: Diagnostics):
-        self.data = data                # None: declared, but its declaration had errors
+    def __init__(
+        self, data: dict[str, ir.DataSet | None], model_names: set[str], loss_names: set[str], diags: Diagnostics
+    ):
+        self.data = data  # None: declared, but its declaration had errors
         self.models = model_names
         self.losses = loss_names
         self.diags = diags
@@ -35,8 +37,9 @@ class LossLowering:
             case ast.Call(callee=callee, args=args, span=s):
                 return self._call(callee, args, s)
             case ast.FactoryRef(target=t, span=s):
-                self.diags.add("DSG212", s, f"factory `{t}` must be called",
-                               f"write `{t}(...)` with the tensors it takes")
+                self.diags.add(
+                    "DSG212", s, f"factory `{t}` must be called", f"write `{t}(...)` with the tensors it takes"
+                )
                 return None
             case ast.BinOp(op=op, left=l, right=r, span=s):
                 left, right = self.lower(l), self.lower(r)
@@ -44,25 +47,28 @@ class LossLowering:
             case ast.Neg(operand=o, span=s):
                 operand = self.lower(o)
                 if isinstance(operand, ir.Const) and isinstance(operand.value, (int, float)):
-                    return ir.Const(-operand.value, s)          # `-1` is a constant, not an expression
+                    return ir.Const(-operand.value, s)  # `-1` is a constant, not an expression
                 return ir.Neg(operand, s) if operand is not None else None
         raise TypeError(f"not an expression: {expr!r}")
 
     def _ref(self, name: ast.Name, span: Span) -> ir.LossExpr | None:
         text = name.text
         if text in ("true", "false") and text not in self.losses | set(self.data) | self.models:
-            return ir.Const(text == "true", span)       # `shift=true`
+            return ir.Const(text == "true", span)  # `shift=true`
         if text in self.losses:
             return ir.LossRef(text, span)
         if text in self.data:
             data = self.data[text]
             fields = data.fields if data is not None else None
             example = f"{text}.{fields[0]}" if fields else f"{text}.FIELD"
-            self.diags.add("DSG212", span, f"data set `{text}` is used without a field",
-                           f"name the field: `{example}`")
+            self.diags.add("DSG212", span, f"data set `{text}` is used without a field", f"name the field: `{example}`")
         elif text in self.models:
-            self.diags.add("DSG212", span, f"model `{text}` is used without being called",
-                           f"call it on its inputs: `{text}(data.field)`")
+            self.diags.add(
+                "DSG212",
+                span,
+                f"model `{text}` is used without being called",
+                f"call it on its inputs: `{text}(data.field)`",
+            )
         else:
             self._undefined(text, span, self.losses | set(self.data) | self.models)
         return None
@@ -70,20 +76,27 @@ class LossLowering:
     def _attr(self, obj: ast.Expr, name: ast.Name, span: Span) -> ir.LossExpr | None:
         if isinstance(obj, ast.Ref) and obj.name.text in self.data:
             data = self.data[obj.name.text]
-            if data is None:            # already reported where it is declared
+            if data is None:  # already reported where it is declared
                 return None
             if data.fields is not None and name.text not in data.fields:
-                self.diags.add("DSG211", name.span, f"data set `{data.name}` has no field `{name.text}`"
-                               f"{did_you_mean(name.text, data.fields)}",
-                               f"its fields are: {', '.join(data.fields)}")
+                self.diags.add(
+                    "DSG211",
+                    name.span,
+                    f"data set `{data.name}` has no field `{name.text}`{did_you_mean(name.text, data.fields)}",
+                    f"its fields are: {', '.join(data.fields)}",
+                )
                 return None
             return ir.FieldRef(data.name, name.text, span)
         inner = self.lower(obj)
         if inner is None:
             return None
         if not isinstance(inner, (ir.ModelCall, ir.Project)):
-            self.diags.add("DSG212", name.span, f"`.{name.text}` can only follow a model call or a data set",
-                           "write `model(input).field` or `data.field`")
+            self.diags.add(
+                "DSG212",
+                name.span,
+                f"`.{name.text}` can only follow a model call or a data set",
+                "write `model(input).field` or `data.field`",
+            )
             return None
         return ir.Project(inner, name.text, span)
 
@@ -101,13 +114,21 @@ class LossLowering:
                 return self._builtin_loss(catalogue.LOSSES[name.text], positional, keywords, span, args)
             case ast.Ref(name=name) if name.text in self.data or name.text in self.losses:
                 kind = "data set" if name.text in self.data else "loss"
-                self.diags.add("DSG212", name.span, f"{kind} `{name.text}` cannot be called",
-                               "only models, built-in losses and `package.module:function` factories are called")
+                self.diags.add(
+                    "DSG212",
+                    name.span,
+                    f"{kind} `{name.text}` cannot be called",
+                    "only models, built-in losses and `package.module:function` factories are called",
+                )
             case ast.Ref(name=name):
                 self._undefined(name.text, name.span, self.models | set(catalogue.LOSSES))
             case _:
-                self.diags.add("DSG212", callee.span, "only models, built-in losses and factories can be called",
-                               "call a model by name (`student(x)`), a built-in loss (`ce(...)`), or `pkg.mod:fn(...)`")
+                self.diags.add(
+                    "DSG212",
+                    callee.span,
+                    "only models, built-in losses and factories can be called",
+                    "call a model by name (`student(x)`), a built-in loss (`ce(...)`), or `pkg.mod:fn(...)`",
+                )
         return None
 
     def _args(self, args: tuple[ast.Arg[ast.Expr], ...]) -> tuple[Positional, Keywords] | None:
@@ -124,36 +145,54 @@ class LossLowering:
                 keywords.append((arg.name.text, value))
         return (tuple(positional), tuple(keywords)) if ok else None
 
-    def _builtin_loss(self, spec: catalogue.Builtin, positional: Positional, keywords: Keywords, span: Span,
-                      args: tuple[ast.Arg[ast.Expr], ...]) -> ir.LossExpr | None:
+    def _builtin_loss(
+        self,
+        spec: catalogue.Builtin,
+        positional: Positional,
+        keywords: Keywords,
+        span: Span,
+        args: tuple[ast.Arg[ast.Expr], ...],
+    ) -> ir.LossExpr | None:
         tensors = [p for p in spec.params if p.type == "tensor" and p.default is catalogue.REQUIRED]
         options = {p.name: p for p in spec.params if p not in tensors}
         ok = True
         if len(positional) != len(tensors):
-            self.diags.add("DSG205" if len(positional) < len(tensors) else "DSG204", span,
-                           f"loss `{spec.name}` takes {len(tensors)} tensor argument(s) "
-                           f"({', '.join(p.name for p in tensors)}), not {len(positional)}",
-                           f"write `{spec.name}({', '.join(p.name for p in tensors)}"
-                           f"{', ' if options else ''}{', '.join(f'{o}=...' for o in options)})`")
+            self.diags.add(
+                "DSG205" if len(positional) < len(tensors) else "DSG204",
+                span,
+                f"loss `{spec.name}` takes {len(tensors)} tensor argument(s) "
+                f"({', '.join(p.name for p in tensors)}), not {len(positional)}",
+                f"write `{spec.name}({', '.join(p.name for p in tensors)}"
+                f"{', ' if options else ''}{', '.join(f'{o}=...' for o in options)})`",
+            )
             ok = False
         named = [(a, a.name) for a in args if a.name is not None]
         for (name, value), (arg, arg_name) in zip(keywords, named, strict=True):
             param = options.get(name)
             if param is None:
-                self.diags.add("DSG204", arg_name.span, f"loss `{spec.name}` has no option `{name}`"
-                               f"{did_you_mean(name, options)}",
-                               f"its options are: {', '.join(options) or 'none'}")
+                self.diags.add(
+                    "DSG204",
+                    arg_name.span,
+                    f"loss `{spec.name}` has no option `{name}`{did_you_mean(name, options)}",
+                    f"its options are: {', '.join(options) or 'none'}",
+                )
                 ok = False
             elif param.type == "tensor":
-                pass                    # an optional tensor (`mask=train.attention_mask`): any expression
+                pass  # an optional tensor (`mask=train.attention_mask`): any expression
             elif not isinstance(value, ir.Const) or not catalogue.type_matches(param.type, value.value):
-                self.diags.add("DSG203", arg.value.span, f"option `{name}` of `{spec.name}` must be "
-                               f"{catalogue.TYPE_WORDS[param.type]}",
-                               f"write a constant, e.g. `{name}={param.default!r}`")
+                self.diags.add(
+                    "DSG203",
+                    arg.value.span,
+                    f"option `{name}` of `{spec.name}` must be {catalogue.TYPE_WORDS[param.type]}",
+                    f"write a constant, e.g. `{name}={param.default!r}`",
+                )
                 ok = False
         return ir.LossFn(spec.name, True, positional, keywords, span) if ok else None
 
     def _undefined(self, text: str, span: Span, candidates: Iterable[str]) -> None:
-        self.diags.add("DSG201", span, f"`{text}` is not defined{did_you_mean(text, candidates)}",
-                       "declare it with `model`, `data` or `loss`, or use a built-in loss "
-                       f"({', '.join(catalogue.LOSSES)})")
+        self.diags.add(
+            "DSG201",
+            span,
+            f"`{text}` is not defined{did_you_mean(text, candidates)}",
+            f"declare it with `model`, `data` or `loss`, or use a built-in loss ({', '.join(catalogue.LOSSES)})",
+        )

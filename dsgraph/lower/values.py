@@ -1,4 +1,5 @@
 """AST values -> plain Python values (int, float, str, bool, list, dict), checked against a type."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +9,7 @@ from dsgraph.diagnostics import Diagnostics, did_you_mean
 from dsgraph.source import Span
 from dsgraph.syntax import ast
 
-INVALID = object()      # a value already reported; callers skip it
+INVALID = object()  # a value already reported; callers skip it
 
 
 def to_python(value: ast.Value, diags: Diagnostics) -> Any:
@@ -26,8 +27,12 @@ def to_python(value: ast.Value, diags: Diagnostics) -> Any:
                 out[entry.key.text] = True if entry.value is None else to_python(entry.value, diags)
             return INVALID if INVALID in out.values() else out
         case ast.CallValue(name=name, span=span):
-            diags.add("DSG203", span, f"`{name.text}(...)` cannot be used as a value here",
-                      "write a number, a string, a name, a list `[...]` or a block `{...}`")
+            diags.add(
+                "DSG203",
+                span,
+                f"`{name.text}(...)` cannot be used as a value here",
+                "write a number, a string, a name, a list `[...]` or a block `{...}`",
+            )
             return INVALID
     raise TypeError(f"not a value: {value!r}")
 
@@ -49,13 +54,15 @@ def describe(value: Any) -> str:
 def check_type(kind: str, value: Any, span: Span, what: str, diags: Diagnostics) -> bool:
     if type_matches(kind, value):
         return True
-    diags.add("DSG203", span, f"{what} must be {TYPE_WORDS[kind]}, not {describe(value)}",
-              f"write {TYPE_WORDS[kind]} here")
+    diags.add(
+        "DSG203", span, f"{what} must be {TYPE_WORDS[kind]}, not {describe(value)}", f"write {TYPE_WORDS[kind]} here"
+    )
     return False
 
 
-def bind_args(spec: Builtin, kind: str, args: tuple[ast.Arg[ast.Value], ...], span: Span,
-              diags: Diagnostics) -> dict[str, Any] | None:
+def bind_args(
+    spec: Builtin, kind: str, args: tuple[ast.Arg[ast.Value], ...], span: Span, diags: Diagnostics
+) -> dict[str, Any] | None:
     """Match a call's arguments to a built-in's parameters: unknown, missing and mistyped ones
     are reported; defaults are filled. Returns None when anything was wrong."""
     bound: dict[str, Any] = {}
@@ -63,9 +70,12 @@ def bind_args(spec: Builtin, kind: str, args: tuple[ast.Arg[ast.Value], ...], sp
     for i, arg in enumerate(args):
         if arg.name is None:
             if i >= len(spec.params):
-                diags.add("DSG204", arg.span, f"{kind} `{spec.name}` takes {len(spec.params)} "
-                          f"positional argument(s), this is argument {i + 1}",
-                          "name the argument: `name = value`")
+                diags.add(
+                    "DSG204",
+                    arg.span,
+                    f"{kind} `{spec.name}` takes {len(spec.params)} positional argument(s), this is argument {i + 1}",
+                    "name the argument: `name = value`",
+                )
                 ok = False
                 continue
             name, name_span = spec.params[i].name, arg.span
@@ -73,9 +83,12 @@ def bind_args(spec: Builtin, kind: str, args: tuple[ast.Arg[ast.Value], ...], sp
             name, name_span = arg.name.text, arg.name.span
         param = spec.param(name)
         if param is None:
-            diags.add("DSG204", name_span, f"{kind} `{spec.name}` has no argument `{name}`"
-                      f"{did_you_mean(name, [p.name for p in spec.params])}",
-                      f"it takes: {', '.join(p.name for p in spec.params) or 'no arguments'}")
+            diags.add(
+                "DSG204",
+                name_span,
+                f"{kind} `{spec.name}` has no argument `{name}`{did_you_mean(name, [p.name for p in spec.params])}",
+                f"it takes: {', '.join(p.name for p in spec.params) or 'no arguments'}",
+            )
             ok = False
             continue
         if name in bound:
@@ -83,17 +96,22 @@ def bind_args(spec: Builtin, kind: str, args: tuple[ast.Arg[ast.Value], ...], sp
             ok = False
             continue
         value = to_python(arg.value, diags)
-        if value is INVALID or not check_type(param.type, value, arg.value.span,
-                                              f"argument `{name}` of `{spec.name}`", diags):
+        if value is INVALID or not check_type(
+            param.type, value, arg.value.span, f"argument `{name}` of `{spec.name}`", diags
+        ):
             ok = False
-            bound[name] = INVALID       # given, though wrong: not also "missing"
+            bound[name] = INVALID  # given, though wrong: not also "missing"
             continue
         bound[name] = value
     for param in spec.params:
         if param.name not in bound:
             if param.default is REQUIRED:
-                diags.add("DSG205", span, f"{kind} `{spec.name}` needs the argument `{param.name}`",
-                          f"add `{param.name} = ...` ({TYPE_WORDS[param.type]})")
+                diags.add(
+                    "DSG205",
+                    span,
+                    f"{kind} `{spec.name}` needs the argument `{param.name}`",
+                    f"add `{param.name} = ...` ({TYPE_WORDS[param.type]})",
+                )
                 ok = False
             else:
                 bound[param.name] = param.default

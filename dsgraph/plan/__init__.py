@@ -1,9 +1,33 @@
-"""The plan: the one contract between the compiler and the runtime (see `schema`).
+"""The plan: the one contract between the compiler and the runtime.
 
-`schema` defines it, `codec` gives its JSON form, `lint` checks that it holds together. Nothing
-here imports the compiler or the runtime."""
+`schema` defines the plan and its declarations (models, data, groups, with their resolved
+DeepSpeed configs), `steps` what the runtime does with them (setup steps, the ops of a training
+step, the expressions they evaluate), `codec` the JSON form, `lint` checks that a plan holds
+together. Nothing here imports the compiler or the runtime."""
+
 from dsgraph.plan.lint import lint
 from dsgraph.plan.schema import (
+    DataSet,
+    Engine,
+    Fill,
+    FrozenEngine,
+    Group,
+    JsonObject,
+    Lora,
+    Model,
+    PLAN_VERSION,
+    Plan,
+    PlanError,
+    Precision,
+    Role,
+    Settings,
+    Source,
+    SourceKind,
+    TAGGED,
+    Width,
+    ZeroStage,
+)
+from dsgraph.plan.steps import (
     Attr,
     Backward,
     BinOp,
@@ -14,45 +38,28 @@ from dsgraph.plan.schema import (
     ComputeLoss,
     Const,
     CreateAccelerator,
-    DataSet,
-    Engine,
     Expr,
     Field,
-    Fill,
     Forward,
-    FrozenEngine,
-    Group,
     InitProcessGroup,
     Initialize,
-    JsonObject,
-    Lora,
     Loss,
     LossCall,
     LossValue,
-    Model,
     Neg,
     NextBatch,
     OptimizerStep,
-    PLAN_VERSION,
-    Plan,
-    PlanError,
-    Precision,
     Prepare,
-    Role,
     SelectPlugin,
-    Settings,
     SetupStep,
     ShardData,
-    Source,
-    SourceKind,
     StepOp,
     Term,
-    Width,
-    ZeroStage,
 )
 
 __all__ = [
     "PLAN_VERSION",
+    "TAGGED",
     "Attr",
     "Backward",
     "BinOp",

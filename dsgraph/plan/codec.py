@@ -1,6 +1,7 @@
 """The plan's JSON form. Dataclasses become objects (a member of a union gets its `kind`), enums
 their values, tuples lists. Decoding follows the type annotations, so that the two directions
 cannot drift apart, and refuses what does not fit them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ import types
 import typing
 from enum import Enum
 from typing import Any
+
 
 def encode(value: Any, tagged: frozenset[type]) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -37,7 +39,7 @@ def decode(tp: Any, value: Any, tagged: frozenset[type]) -> Any:
         members = [a for a in args if a is not type(None)]
         if len(members) == 1:
             return decode(members[0], value, tagged)
-        if all(m in tagged for m in members):          # a step, an op or an expression
+        if all(m in tagged for m in members):  # a step, an op or an expression
             return decode({getattr(m, "kind"): m for m in members}[value["kind"]], value, tagged)  # noqa: B009
         if not any(isinstance(value, m) for m in members if isinstance(m, type)):
             raise TypeError(f"{value!r} is none of {tp}")

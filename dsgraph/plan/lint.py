@@ -1,9 +1,11 @@
 """The plan's own consistency, checked where it is made (the planner) and where it is read (every
 worker): what each step refers to exists and comes before it, so that the executor, which runs
 the steps in order, never meets a model it has not built or a value nobody computed."""
+
 from __future__ import annotations
 
-from dsgraph.plan.schema import (
+from dsgraph.plan.schema import Engine, Plan, Width
+from dsgraph.plan.steps import (
     Attr,
     Backward,
     BinOp,
@@ -14,7 +16,6 @@ from dsgraph.plan.schema import (
     ComputeLoss,
     Const,
     CreateAccelerator,
-    Engine,
     Expr,
     Field,
     Forward,
@@ -25,11 +26,9 @@ from dsgraph.plan.schema import (
     Neg,
     NextBatch,
     OptimizerStep,
-    Plan,
     Prepare,
     SelectPlugin,
     ShardData,
-    Width,
 )
 
 
@@ -40,8 +39,12 @@ def lint(plan: Plan) -> list[str]:
 
 def _declarations(plan: Plan) -> list[str]:
     out = []
-    for kind, names in (("model", [m.name for m in plan.models]), ("data set", [d.name for d in plan.data]),
-                        ("loss", [loss.name for loss in plan.losses]), ("group", [g.index for g in plan.groups])):
+    for kind, names in (
+        ("model", [m.name for m in plan.models]),
+        ("data set", [d.name for d in plan.data]),
+        ("loss", [loss.name for loss in plan.losses]),
+        ("group", [g.index for g in plan.groups]),
+    ):
         if len(set(names)) != len(names):
             out.append(f"a {kind} is declared twice")
     groups = {g.index for g in plan.groups}
@@ -58,7 +61,7 @@ def _declarations(plan: Plan) -> list[str]:
             for part in parents:
                 node = node.get(part, {}) if isinstance(node, dict) else {}
             if not isinstance(node, dict) or node.get(leaf) != "auto":
-                out.append(f"model `{m.name}`: `{fill.value}` is to be filled but is not \"auto\"")
+                out.append(f'model `{m.name}`: `{fill.value}` is to be filled but is not "auto"')
         if (m.width is not None) != any(f.needs_width for f in m.fills):
             out.append(f"model `{m.name}`: a width source exactly when a fill needs the width")
     for g in plan.groups:
@@ -159,7 +162,7 @@ def _step(plan: Plan) -> list[str]:
                 if plan.group(group).loss not in losses:
                     out.append(f"{where}: group {group}'s loss is not computed before its backward")
                 backward.add(group)
-                losses.clear()      # a group's losses are spent by its backward
+                losses.clear()  # a group's losses are spent by its backward
             case OptimizerStep(group=group):
                 if group not in backward:
                     out.append(f"{where}: group {group} steps before its backward")

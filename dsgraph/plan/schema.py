@@ -11,6 +11,7 @@ A value has one home. A model's ZeRO stage, its precision and whether it is buil
 group. The JSON form (`to_json`/`from_json`) is versioned: a plan of another version is refused.
 
 The package imports nothing of the compiler or the runtime (only `dsgraph.source`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,10 @@ import typing
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from functools import cached_property
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, TypeAlias
 
 from dsgraph.plan.codec import decode, encode, without_spans
+from dsgraph.plan.steps import CreateAccelerator, Expr, Loss, SetupStep, StepOp
 from dsgraph.source import Span
 
 PLAN_VERSION = 2
@@ -35,14 +37,15 @@ class PlanError(ValueError):
 
 # -- closed sets ---------------------------------------------------------------------------------
 
+
 class Role(str, Enum):
     TRAINED = "trained"
     FROZEN = "frozen"
 
 
 class Engine(str, Enum):
-    ACCELERATE = "accelerate"           # Accelerate's multi-plugin API: prepare() on an Accelerator
-    DEEPSPEED = "deepspeed"             # native deepspeed.initialize engines
+    ACCELERATE = "accelerate"  # Accelerate's multi-plugin API: prepare() on an Accelerator
+    DEEPSPEED = "deepspeed"  # native deepspeed.initialize engines
 
 
 class Precision(str, Enum):
@@ -67,9 +70,9 @@ class SourceKind(str, Enum):
 class Width(str, Enum):
     """How the run learns a model's width (hidden size), which its bucket sizes follow."""
 
-    SOURCE = "source"       # from the source's arguments or its config.json, before it is built
-    MODEL = "model"         # measured on the built model (a factory; built before its engine)
-    DEFAULT = "default"     # a factory under ZeRO-3 is partitioned as it is built: 1024
+    SOURCE = "source"  # from the source's arguments or its config.json, before it is built
+    MODEL = "model"  # measured on the built model (a factory; built before its engine)
+    DEFAULT = "default"  # a factory under ZeRO-3 is partitioned as it is built: 1024
 
 
 class Fill(str, Enum):
@@ -104,25 +107,28 @@ _FILL_RULES = {
     Fill.MAX_REUSE_DISTANCE: "DeepSpeed's default (1e9)",
     Fill.TOTAL_NUM_STEPS: "epochs * steps per epoch of the data",
 }
-_WIDTH_FILLS = frozenset({Fill.REDUCE_BUCKET_SIZE, Fill.ALLGATHER_BUCKET_SIZE, Fill.PREFETCH_BUCKET_SIZE,
-                          Fill.PARAM_PERSISTENCE_THRESHOLD})
+_WIDTH_FILLS = frozenset(
+    {Fill.REDUCE_BUCKET_SIZE, Fill.ALLGATHER_BUCKET_SIZE, Fill.PREFETCH_BUCKET_SIZE, Fill.PARAM_PERSISTENCE_THRESHOLD}
+)
 
 
 # -- declarations ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Source:
     """Where a model, data set or loss function comes from. The compiler never imports it."""
 
     kind: SourceKind
-    target: str                                 # "mlp", "pkg.mod:fn", or the hf path ("config" for a block)
-    args: tuple[tuple[str, Any], ...]           # positional arguments are named "0", "1", ...
+    target: str  # "mlp", "pkg.mod:fn", or the hf path ("config" for a block)
+    args: tuple[tuple[str, Any], ...]  # positional arguments are named "0", "1", ...
     span: Span
 
     def show(self) -> str:
         args = ", ".join(json.dumps(v) if k.isdigit() else f"{k}={json.dumps(v)}" for k, v in self.args)
-        name = {SourceKind.BUILTIN: f"builtin.{self.target}", SourceKind.FACTORY: self.target,
-                SourceKind.HF: "hf"}[self.kind]
+        name = {SourceKind.BUILTIN: f"builtin.{self.target}", SourceKind.FACTORY: self.target, SourceKind.HF: "hf"}[
+            self.kind
+        ]
         return f"{name}({args})"
 
     def arg(self, name: str, default: Any = None) -> Any:
@@ -144,7 +150,7 @@ class Lora:
 @dataclass(frozen=True)
 class Settings:
     seed: int
-    steps: int | None               # one of steps and epochs is set
+    steps: int | None  # one of steps and epochs is set
     epochs: int | None
     micro_batch: int
     grad_accum: int
@@ -170,12 +176,12 @@ class Model:
     group: int | None
     accelerator: int | None
     source: Source
-    zero: str | None                # the ZeRO config it was declared with
+    zero: str | None  # the ZeRO config it was declared with
     lora: Lora | None
-    deepspeed_config: JsonObject    # resolved: "auto" only at the paths in `fills`
-    fills: tuple[Fill, ...]         # what the run fills in (CompleteConfig)
-    width: Width | None             # where the width of a width-dependent fill comes from
-    zero_auto: str | None           # `zero = auto`: why this stage
+    deepspeed_config: JsonObject  # resolved: "auto" only at the paths in `fills`
+    fills: tuple[Fill, ...]  # what the run fills in (CompleteConfig)
+    width: Width | None  # where the width of a width-dependent fill comes from
+    zero_auto: str | None  # `zero = auto`: why this stage
     span: Span
 
     @property
@@ -209,8 +215,7 @@ class Model:
         (and the scheduler) that DeepSpeed builds from its config."""
         if not self.trained:
             return ("model",)
-        return ("model", "optimizer", "scheduler") if "scheduler" in self.deepspeed_config else \
-            ("model", "optimizer")
+        return ("model", "optimizer", "scheduler") if "scheduler" in self.deepspeed_config else ("model", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -232,270 +237,21 @@ class FrozenEngine:
     reason: str
 
 
-# -- expressions: model-call arguments and loss terms ------------------------------------------
-
-@dataclass(frozen=True)
-class Const:
-    kind: ClassVar[str] = "const"
-    value: float | int | str | bool
-    span: Span
-
-
-@dataclass(frozen=True)
-class Field:
-    kind: ClassVar[str] = "field"
-    data: str
-    field: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class CallOutput:
-    """The output of the model call `call` (a Forward op's id)."""
-
-    kind: ClassVar[str] = "call"
-    call: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class Attr:
-    """`student(x).logits`: an attribute (or dict key) of a model's output."""
-
-    kind: ClassVar[str] = "attr"
-    of: Expr
-    name: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class LossCall:
-    kind: ClassVar[str] = "loss_fn"
-    fn: str                                     # "kl" for built-ins, "pkg.mod:fn" for factories
-    builtin: bool
-    args: tuple[Expr, ...]
-    kwargs: tuple[tuple[str, Expr], ...]
-    span: Span
-
-
-@dataclass(frozen=True)
-class LossValue:
-    """The value of another loss, computed earlier in the same train group."""
-
-    kind: ClassVar[str] = "loss"
-    loss: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class BinOp:
-    kind: ClassVar[str] = "binop"
-    op: str                                     # + - * /
-    left: Expr
-    right: Expr
-    span: Span
-
-
-@dataclass(frozen=True)
-class Neg:
-    kind: ClassVar[str] = "neg"
-    operand: Expr
-    span: Span
-
-
-Expr: TypeAlias = Const | Field | CallOutput | Attr | LossCall | LossValue | BinOp | Neg
-
-
-@dataclass(frozen=True)
-class Term:
-    """One weighted addend of a loss; `name` (`kd/kl`) is its id and its name in the metrics."""
-
-    name: str
-    weight: float
-    expr: Expr
-    text: str
-    stats: tuple[str, ...]          # what a built-in loss reports beside its value (dpo's margin)
-
-
-@dataclass(frozen=True)
-class Loss:
-    name: str
-    text: str
-    terms: tuple[Term, ...]         # the loss is the weighted sum of its terms
-    span: Span
-
-
-# -- setup steps -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class InitProcessGroup:
-    """The process group, when no Accelerator creates it."""
-
-    kind: ClassVar[str] = "init_process_group"
-    id: int
-    span: Span
-
-
-@dataclass(frozen=True)
-class BuildData:
-    kind: ClassVar[str] = "build_data"
-    id: int
-    data: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class CompleteConfig:
-    """Fill the model's run-time values (its `fills`) and the device's settings: the config is
-    final from here on."""
-
-    kind: ClassVar[str] = "complete_config"
-    id: int
-    model: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class CreateAccelerator:
-    """Accelerator 0 holds every plugin (the first is the default); later ones none."""
-
-    kind: ClassVar[str] = "create_accelerator"
-    id: int
-    accelerator: int
-    plugins: tuple[str, ...]
-    span: Span
-
-
-@dataclass(frozen=True)
-class SelectPlugin:
-    kind: ClassVar[str] = "select_plugin"
-    id: int
-    model: str
-    why: str | None
-    span: Span
-
-
-@dataclass(frozen=True)
-class BuildModel:
-    """Build the model (under `zero.Init` at ZeRO-3), its LoRA adapter on top."""
-
-    kind: ClassVar[str] = "build_model"
-    id: int
-    model: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class Prepare:
-    """`accelerator.prepare` of the model's engine objects, on its Accelerator."""
-
-    kind: ClassVar[str] = "prepare"
-    id: int
-    model: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class Initialize:
-    """`deepspeed.initialize` of the model's engine objects."""
-
-    kind: ClassVar[str] = "initialize"
-    id: int
-    model: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class ShardData:
-    """Each rank its own shard of the data set, in the order Accelerate's prepared DataLoader deals."""
-
-    kind: ClassVar[str] = "shard_data"
-    id: int
-    data: str
-    span: Span
-
-
-SetupStep: TypeAlias = (InitProcessGroup | BuildData | CompleteConfig | CreateAccelerator | SelectPlugin
-                        | BuildModel | Prepare | Initialize | ShardData)
-
-
-# -- the ops of one training step --------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NextBatch:
-    kind: ClassVar[str] = "next_batch"
-    id: int
-    data: str
-    span: Span
-
-
-@dataclass(frozen=True)
-class Forward:
-    """One model call, made once per micro step whatever number of losses read it. `call` is its
-    id; `grad_group` the group whose backward passes through it (None: no_grad); the calls in
-    `detach` are read detached in its arguments."""
-
-    kind: ClassVar[str] = "forward"
-    id: int
-    call: str
-    text: str
-    model: str
-    args: tuple[Expr, ...]
-    kwargs: tuple[tuple[str, Expr], ...]
-    grad_group: int | None
-    detach: tuple[str, ...]
-    span: Span
-
-    @property
-    def no_grad(self) -> bool:
-        return self.grad_group is None
-
-
-@dataclass(frozen=True)
-class ComputeLoss:
-    """The loss's value for its group's backward; the calls in `detach` are read detached."""
-
-    kind: ClassVar[str] = "loss"
-    id: int
-    loss: str
-    group: int
-    detach: tuple[str, ...]
-    span: Span
-
-
-@dataclass(frozen=True)
-class Backward:
-    kind: ClassVar[str] = "backward"
-    id: int
-    group: int
-    span: Span
-
-
-@dataclass(frozen=True)
-class OptimizerStep:
-    kind: ClassVar[str] = "optimizer_step"
-    id: int
-    group: int
-    span: Span
-
-
-StepOp: TypeAlias = NextBatch | Forward | ComputeLoss | Backward | OptimizerStep
-
-
 # -- the plan ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Plan:
     pipeline: str
     file: str
-    world_size: int | None          # None: planned without one; train_batch_size is filled at run time
+    world_size: int | None  # None: planned without one; train_batch_size is filled at run time
     settings: Settings
     data: tuple[DataSet, ...]
     models: tuple[Model, ...]
     groups: tuple[Group, ...]
-    frozen: FrozenEngine | None     # None: no frozen model
+    frozen: FrozenEngine | None  # None: no frozen model
     setup: tuple[SetupStep, ...]
-    step: tuple[StepOp, ...]        # one micro step; run grad_accum times per optimizer step
+    step: tuple[StepOp, ...]  # one micro step; run grad_accum times per optimizer step
     losses: tuple[Loss, ...]
 
     def model(self, name: str) -> Model:
@@ -553,16 +309,20 @@ class Plan:
             raise PlanError(f"not a dsgraph plan: {error}") from None
         version = document.get("dsgraph_plan") if isinstance(document, dict) else None
         if version != PLAN_VERSION:
-            raise PlanError(f"this plan has format version {version}, but this dsgraph reads version "
-                            f"{PLAN_VERSION}: compile the .dsg file again with this dsgraph")
+            raise PlanError(
+                f"this plan has format version {version}, but this dsgraph reads version "
+                f"{PLAN_VERSION}: compile the .dsg file again with this dsgraph"
+            )
         body = {k: v for k, v in document.items() if k not in ("dsgraph_plan", "digest")}
         try:
             plan: Plan = decode(Plan, body, TAGGED)
         except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"not a valid dsgraph plan of version {PLAN_VERSION}: {error}") from None
         if document.get("digest") != plan.digest:
-            raise PlanError(f"the plan's digest {document.get('digest')} does not match its content "
-                            f"({plan.digest}): it was changed after it was compiled")
+            raise PlanError(
+                f"the plan's digest {document.get('digest')} does not match its content "
+                f"({plan.digest}): it was changed after it was compiled"
+            )
         return plan
 
 

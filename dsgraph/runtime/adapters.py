@@ -1,5 +1,6 @@
 """LoRA adapters (PEFT): wrapping a built model so that only the adapter is trained, and the
 export of the adapter and, on request, of the merged weights."""
+
 from __future__ import annotations
 
 import warnings
@@ -19,22 +20,28 @@ def apply_lora(model: torch.nn.Module, lora: Lora, seed: int, task: str | None) 
     The adapter is initialised from `seed` alone, so every rank (and a replica) draws the same."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.targets) if lora.targets is not None else None,
-                        task_type=_PEFT_TASKS.get(task) if task else None)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets) if lora.targets is not None else None,
+        task_type=_PEFT_TASKS.get(task) if task else None,
+    )
     torch.manual_seed(seed)
     try:
-        with warnings.catch_warnings():     # PEFT sets fan_in_fan_out for GPT-2's Conv1D itself, and says so
+        with warnings.catch_warnings():  # PEFT sets fan_in_fan_out for GPT-2's Conv1D itself, and says so
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             return get_peft_model(model, config)
-    except ValueError as error:          # e.g. no module matches `targets`
+    except ValueError as error:  # e.g. no module matches `targets`
         raise sources.SourceError(f"lora: {error}") from error
 
 
 def trainable_elements(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter elements; ZeRO-3 parameters count by their full size."""
+
     def size(p: torch.nn.Parameter) -> int:
         return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
     params = list(model.parameters())
     return sum(size(p) for p in params if p.requires_grad), sum(size(p) for p in params)
 
@@ -59,7 +66,7 @@ def merged_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -
             if f"{prefix}.base_layer.bias" in merged:
                 merged[f"{prefix}.bias"] = merged.pop(f"{prefix}.base_layer.bias")
     base_prefix = "base_model.model."
-    return {k[len(base_prefix):] if k.startswith(base_prefix) else k: v for k, v in merged.items()}
+    return {k[len(base_prefix) :] if k.startswith(base_prefix) else k: v for k, v in merged.items()}
 
 
 def export_lora(module: torch.nn.Module, state: dict[str, torch.Tensor], lora: Lora, target: Path) -> None:

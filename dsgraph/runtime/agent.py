@@ -2,6 +2,7 @@
 called as a library so that its own failure report (a traceback of ChildFailedError) does not
 bury dsgraph's one-line report. It records which ranks failed, and how, in the run
 directory (the last argument) for the driver. The workers' output passes through."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,14 @@ def main(argv: list[str]) -> int:
     try:
         run(parse_args(argv))
     except ChildFailedError as error:
-        records = [{"rank": rank, "exitcode": failure.exitcode,
-                    "signal": failure.signal_name() if failure.exitcode < 0 else None}
-                   for rank, failure in sorted(error.failures.items())]
+        records = [
+            {
+                "rank": rank,
+                "exitcode": failure.exitcode,
+                "signal": failure.signal_name() if failure.exitcode < 0 else None,
+            }
+            for rank, failure in sorted(error.failures.items())
+        ]
         (run_dir / "agent_failure.json").write_text(json.dumps(records) + "\n")
         return 1
     return 0

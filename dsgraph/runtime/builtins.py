@@ -1,5 +1,6 @@
 """The built-in models, data sets and losses named `builtin.*` in .dsg files (their arguments are
 declared in dsgraph/catalogue.py; a test holds the two in step)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,9 @@ from dsgraph.runtime.tokenizer import Tokenizer, load_tokenizer
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
-def mlp(inputs: int, outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0,
-        activation: str = "gelu") -> nn.Module:
+def mlp(
+    inputs: int, outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0, activation: str = "gelu"
+) -> nn.Module:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, not {activation!r}")
     layers: list[nn.Module] = []
@@ -33,7 +35,7 @@ def mlp(inputs: int, outputs: int, hidden: Sequence[int] = (), dropout: float = 
         width = size
     layers.append(nn.Linear(width, outputs))
     model = nn.Sequential(*layers)
-    model.hidden_size = max([inputs, outputs, *hidden])        # sizes DeepSpeed's buckets
+    model.hidden_size = max([inputs, outputs, *hidden])  # sizes DeepSpeed's buckets
     return model
 
 
@@ -47,8 +49,9 @@ class CausalLM(nn.Module):
         self.max_len = max_len
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(max_len, dim)
-        block = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
@@ -65,8 +68,9 @@ class CausalLM(nn.Module):
         return self.head(self.norm(hidden))
 
 
-def causal_lm(vocab: int = 256, dim: int = 64, layers: int = 2, heads: int = 4, max_len: int = 128,
-              dropout: float = 0.0) -> nn.Module:
+def causal_lm(
+    vocab: int = 256, dim: int = 64, layers: int = 2, heads: int = 4, max_len: int = 128, dropout: float = 0.0
+) -> nn.Module:
     return CausalLM(vocab, dim, layers, heads, max_len, dropout)
 
 
@@ -146,8 +150,9 @@ def _records(path: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     return records
 
 
-def _encode_pair(tokenizer: Tokenizer, prompt: str, answer: str, max_length: int,
-                 where: str) -> tuple[list[int], list[int]]:
+def _encode_pair(
+    tokenizer: Tokenizer, prompt: str, answer: str, max_length: int, where: str
+) -> tuple[list[int], list[int]]:
     """Token ids of `prompt + answer` and their labels: -100 on the prompt, the ids on the answer
     (so losses and log-probabilities count only the answer), cut at max_length."""
     start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -155,8 +160,10 @@ def _encode_pair(tokenizer: Tokenizer, prompt: str, answer: str, max_length: int
     head = start + tokenizer.encode(prompt)
     tail = tokenizer.encode(answer) + end
     if len(head) >= max_length:
-        raise ValueError(f"{where}: the prompt alone takes {len(head)} tokens, max_length is {max_length}; "
-                         "raise max_length or shorten the prompt")
+        raise ValueError(
+            f"{where}: the prompt alone takes {len(head)} tokens, max_length is {max_length}; "
+            "raise max_length or shorten the prompt"
+        )
     ids = (head + tail)[:max_length]
     labels = ([-100] * len(head) + tail)[:max_length]
     return ids, labels
@@ -168,9 +175,9 @@ def _padded(rows: list[tuple[list[int], list[int]]], max_length: int, pad: int) 
     labels = torch.full((len(rows), max_length), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), max_length), dtype=torch.long)
     for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, :len(row_ids)] = torch.tensor(row_ids)
-        labels[i, :len(row_labels)] = torch.tensor(row_labels)
-        mask[i, :len(row_ids)] = 1
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -178,8 +185,10 @@ def prompt_completion(path: str, tokenizer: str = "bytes", max_length: int = 128
     """JSONL lines {"prompt": ..., "completion": ...}: input_ids, attention_mask, and labels that
     are -100 on the prompt and the padding."""
     tok = load_tokenizer(tokenizer, Path("."))
-    rows = [_encode_pair(tok, r["prompt"], r["completion"], max_length, f"{path}: record {n}")
-            for n, r in enumerate(_records(path, ("prompt", "completion")), 1)]
+    rows = [
+        _encode_pair(tok, r["prompt"], r["completion"], max_length, f"{path}: record {n}")
+        for n, r in enumerate(_records(path, ("prompt", "completion")), 1)
+    ]
     return TensorRecords(_padded(rows, max_length, tok.pad_token_id))
 
 
@@ -190,40 +199,52 @@ def preference_pairs(path: str, tokenizer: str = "bytes", max_length: int = 128)
     records = _records(path, ("prompt", "chosen", "rejected"))
     columns = {}
     for side in ("chosen", "rejected"):
-        rows = [_encode_pair(tok, r["prompt"], r[side], max_length, f"{path}: record {n} ({side})")
-                for n, r in enumerate(records, 1)]
+        rows = [
+            _encode_pair(tok, r["prompt"], r[side], max_length, f"{path}: record {n} ({side})")
+            for n, r in enumerate(records, 1)
+        ]
         columns.update({f"{side}_{k}": v for k, v in _padded(rows, max_length, tok.pad_token_id).items()})
     return TensorRecords(columns)
 
 
 DATA: dict[str, Callable[..., Dataset]] = {
-    "synthetic_classification": synthetic_classification, "synthetic_tokens": synthetic_tokens,
-    "jsonl": jsonl, "prompt_completion": prompt_completion, "preference_pairs": preference_pairs}
+    "synthetic_classification": synthetic_classification,
+    "synthetic_tokens": synthetic_tokens,
+    "jsonl": jsonl,
+    "prompt_completion": prompt_completion,
+    "preference_pairs": preference_pairs,
+}
 
 # -- losses --------------------------------------------------------------------------------------
 
 
-def _flatten_logits(logits: torch.Tensor,
-                    target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _flatten_logits(
+    logits: torch.Tensor, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if logits.dim() > 2:
         logits = logits.reshape(-1, logits.shape[-1])
         target = target.reshape(-1) if target is not None else None
     return logits, target
 
 
-def ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-       label_smoothing: float = 0.0, shift: bool = False) -> torch.Tensor:
+def ce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    shift: bool = False,
+) -> torch.Tensor:
     """Cross-entropy, averaged over the targets that are not ignore_index. shift=true: position t
     predicts token t+1 (a causal LM's logits against its own input labels)."""
     if shift:
         logits, target = logits[..., :-1, :], target[..., 1:]
     logits, target = _flatten_logits(logits, target)
-    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
-def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
-       mask: torch.Tensor | None = None) -> torch.Tensor:
+def kl(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et al.)
     so that gradients keep their scale; averaged over rows (tokens for sequence models), or over
     the rows where `mask` is non-zero (the attention mask: padding does not count)."""
@@ -256,7 +277,7 @@ def recording_stats() -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _report(**values: torch.Tensor) -> None:
-    if _recording is not None:          # only on the steps that are logged
+    if _recording is not None:  # only on the steps that are logged
         _recording.update({k: v.detach() for k, v in values.items()})
 
 
@@ -269,16 +290,23 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (picked * keep).sum(-1)
 
 
-def dpo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-        reference_rejected: torch.Tensor, chosen_labels: torch.Tensor, rejected_labels: torch.Tensor,
-        beta: float = 0.1) -> torch.Tensor:
+def dpo(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    chosen_labels: torch.Tensor,
+    rejected_labels: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
     """Direct Preference Optimization (Rafailov et al., 2023): -log sigmoid(beta * margin), where
     margin = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)), over the
     sequence log-probabilities of the answers; averaged over the pairs. The four tensors are logits."""
     chosen = sequence_logprobs(policy_chosen, chosen_labels) - sequence_logprobs(reference_chosen, chosen_labels)
-    rejected = sequence_logprobs(policy_rejected, rejected_labels) - \
-        sequence_logprobs(reference_rejected, rejected_labels)
-    rewards = float(beta) * (chosen - rejected)     # the implicit rewards' difference, as TRL logs it
+    rejected = sequence_logprobs(policy_rejected, rejected_labels) - sequence_logprobs(
+        reference_rejected, rejected_labels
+    )
+    rewards = float(beta) * (chosen - rejected)  # the implicit rewards' difference, as TRL logs it
     _report(reward_margin=rewards.mean(), reward_accuracy=(rewards > 0).float().mean())
     return -F.logsigmoid(rewards).mean()
 

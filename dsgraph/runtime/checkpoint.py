@@ -8,6 +8,7 @@ Every engine first writes into `step-N.partial`; after all ranks are done, rank 
 folders and then writes the manifest. A crash at any point leaves either no manifest for N (the
 previous checkpoint stays the newest complete one) or a complete checkpoint. A folder is only
 ever loaded (DeepSpeed's loader unpickles) when a valid manifest names it."""
+
 from __future__ import annotations
 
 import base64
@@ -33,22 +34,29 @@ def tag(step: int) -> str:
 
 # -- what must not change between a checkpoint and its resume --------------------------------------
 
+
 def identity(plan: Plan) -> dict[str, Any]:
     """The parts of a plan a resumed run must share with the run that saved: models (source, role,
     DeepSpeed config), losses, data, seed and batch geometry. Steps, logging and checkpoint
     intervals may change."""
+
     def config(m: Model) -> dict[str, Any]:
         cfg: dict[str, Any] = json.loads(json.dumps(m.deepspeed_config))
         cfg.get("scheduler", {}).get("params", {}).pop("total_num_steps", None)
-        cfg.pop("train_batch_size", None)       # follows the world size, which is compared on its own
+        cfg.pop("train_batch_size", None)  # follows the world size, which is compared on its own
         return cfg
+
     s = plan.settings
     return {
-        "models": {m.name: {"source": source_json(m.source), "role": m.role.value, "deepspeed_config": config(m)}
-                   for m in plan.models},
+        "models": {
+            m.name: {"source": source_json(m.source), "role": m.role.value, "deepspeed_config": config(m)}
+            for m in plan.models
+        },
         "losses": {loss.name: loss.text for loss in plan.losses},
         "data": {d.name: source_json(d.source) for d in plan.data},
-        "seed": s.seed, "micro_batch": s.micro_batch, "grad_accum": s.grad_accum,
+        "seed": s.seed,
+        "micro_batch": s.micro_batch,
+        "grad_accum": s.grad_accum,
     }
 
 
@@ -98,6 +106,7 @@ def _changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
 
 # -- finding the newest complete checkpoint (no torch needed) --------------------------------
 
+
 def latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The newest manifest whose model folders all exist, or None."""
     folder = run_dir / "ckpt" / "manifests"
@@ -120,13 +129,16 @@ def incomplete(run_dir: Path) -> list[Path]:
 
 # -- saving and loading (inside workers) -----------------------------------------------------
 
+
 def rng_state() -> dict[str, str]:
     import numpy
     import torch
 
-    state = {"torch": _b64(torch.get_rng_state().numpy().tobytes()),
-             "python": json.dumps(_jsonable(random.getstate())),
-             "numpy": json.dumps(_jsonable(numpy.random.get_state()))}
+    state = {
+        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
+        "python": json.dumps(_jsonable(random.getstate())),
+        "numpy": json.dumps(_jsonable(numpy.random.get_state())),
+    }
     if torch.cuda.is_available():
         state["cuda"] = _b64(torch.cuda.get_rng_state().numpy().tobytes())
     return state
@@ -174,8 +186,11 @@ def save(executor: Executor, step: int) -> None:
                 shutil.rmtree(final)
             (run_dir / "ckpt" / model / (name + ".partial")).rename(final)
         manifest = {
-            "dsgraph_checkpoint": MANIFEST_VERSION, "step": step, "world_size": executor.world,
-            "plan_digest": digest(identity(executor.plan)), "identity": identity(executor.plan),
+            "dsgraph_checkpoint": MANIFEST_VERSION,
+            "step": step,
+            "world_size": executor.world,
+            "plan_digest": digest(identity(executor.plan)),
+            "identity": identity(executor.plan),
             "seed": executor.settings.seed,
             "models": {m: str(Path("ckpt") / m / name) for m in trained},
             "frozen": {m.name: source_json(m.source) for m in executor.plan.models if not m.trained},
@@ -188,7 +203,7 @@ def save(executor: Executor, step: int) -> None:
             f.write(json.dumps(manifest, indent=1) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(folder / f"{name}.json")        # the checkpoint exists from this moment
+        tmp.replace(folder / f"{name}.json")  # the checkpoint exists from this moment
     executor.backend.barrier()
 
 

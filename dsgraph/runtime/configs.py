@@ -2,6 +2,7 @@
 marked as known only to the run (`Model.fills`: the batch size for this world size, bucket sizes
 from the model's width, total steps of an epoch-based run) and the settings of the device. The
 compiler resolved everything else; nothing but this function changes a config afterwards."""
+
 from __future__ import annotations
 
 import copy

@@ -5,6 +5,7 @@ written with plain memory stores every step, so it costs no system call. The dri
 name the last completed step of a failed run and to notice a rank that stopped moving (a hang in a
 collective: DeepSpeed's CPU all-reduce ignores the process-group timeout). To stop cleanly, the
 driver writes a stop file naming a step every rank has not yet finished; each rank stops there."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import struct
 import time
 from pathlib import Path
 
-_FORMAT = "<qqdq"           # phase, last completed step, unix time of the last beat, pid
+_FORMAT = "<qqdq"  # phase, last completed step, unix time of the last beat, pid
 _SIZE = struct.calcsize(_FORMAT)
 SETUP, TRAINING, FINISHED = 0, 1, 2
 
@@ -61,7 +62,7 @@ def request_stop(run_dir: Path, world: int) -> int:
 
 def stop_step(run_dir: Path) -> int | None:
     path = run_dir / "stop"
-    if not path.exists():       # one stat() per step
+    if not path.exists():  # one stat() per step
         return None
     try:
         return int(json.loads(path.read_text())["after_step"])

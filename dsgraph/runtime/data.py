@@ -1,6 +1,7 @@
 """Data: each data set gets its own DataLoader and its own torch.Generator seeded from the
 pipeline seed. Every rank reads its own shard, in the order Accelerate's prepared DataLoader gives
 (batch k of the shuffled order goes to rank k mod world size); epochs wrap."""
+
 from __future__ import annotations
 
 import base64
@@ -32,7 +33,7 @@ class RankBatchSampler(Sampler[list[int]]):
         self.served: list[list[int]] | None = [] if os.environ.get("DSGRAPH_RECORD_SAMPLES") else None
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self._started:               # a new pass over the data: the next shuffle
+        if self._started:  # a new pass over the data: the next shuffle
             self.epoch += 1
         self._started = True
         self._epoch_state = self.generator.get_state()
@@ -46,7 +47,7 @@ class RankBatchSampler(Sampler[list[int]]):
                     skip -= 1
                     self.position += 1
                     continue
-                if self.served is not None:     # tests check that ranks see disjoint samples
+                if self.served is not None:  # tests check that ranks see disjoint samples
                     self.served.append(mine)
                 self.position += 1
                 yield mine
@@ -55,8 +56,11 @@ class RankBatchSampler(Sampler[list[int]]):
         return len(self.batches) // self.world
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position,
-                "generator": base64.b64encode(self._epoch_state.numpy().tobytes()).decode()}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "generator": base64.b64encode(self._epoch_state.numpy().tobytes()).decode(),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """The next iteration replays the saved epoch's shuffle and skips what was served."""
@@ -68,8 +72,11 @@ class RankBatchSampler(Sampler[list[int]]):
 def sharded_loader(dataset: Dataset, micro_batch: int, seed: int, rank: int, world: int) -> DataLoader:
     # The loader's own generator: each new iterator draws a base seed from it, not from the global
     # RNG, so starting an epoch (or a resumed run) never shifts the dropout masks.
-    return DataLoader(dataset, batch_sampler=RankBatchSampler(dataset, micro_batch, seed, rank, world),
-                      generator=torch.Generator().manual_seed(seed + 1))
+    return DataLoader(
+        dataset,
+        batch_sampler=RankBatchSampler(dataset, micro_batch, seed, rank, world),
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
 
 
 class Batches:

@@ -4,6 +4,7 @@
 dispatches the plan's steps to: create/select/prepare (Accelerate), initialize (native DeepSpeed),
 the accumulation context, forward, backward and the optimizer step, and around them gathering,
 checkpoints, unwrapping for export and the memory measurement."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,20 +24,20 @@ from dsgraph.runtime import measure
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 deepspeed.utils.logger.setLevel(logging.ERROR)
 
-MEASURED_STEP = 2       # ZeRO-3 creates Adam's state in the first step: the second sees it all
+MEASURED_STEP = 2  # ZeRO-3 creates Adam's state in the first step: the second sees it all
 _DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
 @dataclass
 class ModelHandle:
     name: str
-    engine: Any                      # a DeepSpeedEngine (what Accelerate's prepare returns too)
-    accelerator: int | None          # the Accelerator that prepared it; None: deepspeed.initialize
+    engine: Any  # a DeepSpeedEngine (what Accelerate's prepare returns too)
+    accelerator: int | None  # the Accelerator that prepared it; None: deepspeed.initialize
     precision: Precision
     trained: bool
-    optimizer: Any = None            # Accelerate's optimizer wrapper, when prepared by Accelerate
+    optimizer: Any = None  # Accelerate's optimizer wrapper, when prepared by Accelerate
     scheduler: Any = None
-    memory: dict[str, int] | None = None    # measured as its MEASURED_STEP-th optimizer step began
+    memory: dict[str, int] | None = None  # measured as its MEASURED_STEP-th optimizer step began
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Backend:
     on_cpu: bool = field(default_factory=lambda: get_accelerator().device_name() == "cpu")
     accelerators: dict[int, Any] = field(default_factory=dict)
     models: dict[str, ModelHandle] = field(default_factory=dict)
-    calls: list[tuple[str, str | None]] = field(default_factory=list)   # as executed, for the tests
+    calls: list[tuple[str, str | None]] = field(default_factory=list)  # as executed, for the tests
     _plugin_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     _hf_configs: list[Any] = field(default_factory=list)
 
@@ -62,9 +63,11 @@ class Backend:
     def check_world(self, rank: int, world: int) -> None:
         """Every layer must agree on who this process is (Accelerate on CPU can silently fall back
         to one process while DeepSpeed runs with several)."""
-        seen = {"launcher": (rank, world),
-                "torch.distributed": (torch.distributed.get_rank(), torch.distributed.get_world_size()),
-                "deepspeed": (deepspeed.comm.get_rank(), deepspeed.comm.get_world_size())}
+        seen = {
+            "launcher": (rank, world),
+            "torch.distributed": (torch.distributed.get_rank(), torch.distributed.get_world_size()),
+            "deepspeed": (deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()),
+        }
         if self.accelerators:
             state = self.accelerators[0].state
             seen["accelerate"] = (state.process_index, state.num_processes)
@@ -87,13 +90,14 @@ class Backend:
             # The plugins live in the shared AcceleratorState; the first one is the default.
             # gloo must be named on CPU, or Accelerate silently runs single-process.
             self._plugin_configs = plugins
-            with _quiet_stdout():      # DeepSpeed prints a line when it loads its comm op
+            with _quiet_stdout():  # DeepSpeed prints a line when it loads its comm op
                 accelerator = Accelerator(
                     deepspeed_plugins={name: DeepSpeedPlugin(hf_ds_config=cfg) for name, cfg in plugins.items()},
                     mixed_precision=mixed_precision,
-                    kwargs_handlers=[InitProcessGroupKwargs(backend=self.backend_name)])
+                    kwargs_handlers=[InitProcessGroupKwargs(backend=self.backend_name)],
+                )
         else:
-            accelerator = Accelerator()         # one trained engine per Accelerator
+            accelerator = Accelerator()  # one trained engine per Accelerator
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if accelerator.num_processes != world:
             raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes, the launcher {world}")
@@ -104,8 +108,9 @@ class Backend:
         self.accelerators[0].state.select_deepspeed_plugin(name)
         self.calls.append(("select_plugin", name))
 
-    def prepare(self, name: str, accelerator: int, model: nn.Module, objects: tuple[str, ...],
-                precision: Precision) -> None:
+    def prepare(
+        self, name: str, accelerator: int, model: nn.Module, objects: tuple[str, ...], precision: Precision
+    ) -> None:
         from accelerate.utils import DummyOptim, DummyScheduler
 
         self.calls.append(("prepare", name))
@@ -118,32 +123,36 @@ class Backend:
             return
         # The optimizer and scheduler are built by DeepSpeed from the config; Accelerate takes
         # placeholders for them.
-        optimizer = DummyOptim([p for p in model.parameters() if p.requires_grad])   # LoRA: the adapter only
+        optimizer = DummyOptim([p for p in model.parameters() if p.requires_grad])  # LoRA: the adapter only
         placeholders = [optimizer, DummyScheduler(optimizer)] if "scheduler" in objects else [optimizer]
         engine, *prepared = acc.prepare(model, *placeholders)
         engine.train()
-        self.models[name] = ModelHandle(name, engine, accelerator, precision, True, prepared[0],
-                                        prepared[1] if len(prepared) > 1 else None)
+        self.models[name] = ModelHandle(
+            name, engine, accelerator, precision, True, prepared[0], prepared[1] if len(prepared) > 1 else None
+        )
 
     # -- native engines --------------------------------------------------------------------
 
-    def initialize(self, name: str, model: nn.Module, config: dict[str, Any], objects: tuple[str, ...],
-                   precision: Precision) -> None:
+    def initialize(
+        self, name: str, model: nn.Module, config: dict[str, Any], objects: tuple[str, ...], precision: Precision
+    ) -> None:
         self.calls.append(("initialize", name))
         if "optimizer" not in objects:
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
             engine.eval()
-        else:       # the optimizer (and scheduler) from the config
-            engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                              if p.requires_grad], config=config)
+        else:  # the optimizer (and scheduler) from the config
+            engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
+            )
             engine.train()
         self.models[name] = ModelHandle(name, engine, None, precision, "optimizer" in objects)
 
     # -- building --------------------------------------------------------------------------
 
-    def build_context(self, name: str, config: dict[str, Any], zero_init: bool,
-                      is_hf: bool) -> contextlib.AbstractContextManager[Any]:
+    def build_context(
+        self, name: str, config: dict[str, Any], zero_init: bool, is_hf: bool
+    ) -> contextlib.AbstractContextManager[Any]:
         """ZeRO-3 models are partitioned as they are built. Transformers does it itself when a
         DeepSpeed config is active (Accelerate's selected plugin, or an HfDeepSpeedConfig)."""
         self.calls.append(("build_model", name))
@@ -152,7 +161,8 @@ class Backend:
         if is_hf:
             if not self.accelerators:
                 from transformers.integrations import HfDeepSpeedConfig
-                self._hf_configs.append(HfDeepSpeedConfig(config))    # must stay alive while building
+
+                self._hf_configs.append(HfDeepSpeedConfig(config))  # must stay alive while building
             return contextlib.nullcontext()
         return deepspeed.zero.Init(config_dict_or_path=config)
 
@@ -170,11 +180,11 @@ class Backend:
     def forward(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         handle = self.models[name]
         dtype = _DTYPES.get(handle.precision)
-        if dtype is not None:       # per-model precision: inputs in the model's dtype ...
+        if dtype is not None:  # per-model precision: inputs in the model's dtype ...
             args = [_cast(a, dtype) for a in args]
             kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}
-        out = handle.engine(*args, **kwargs)   # ZeRO-3: gathers each layer's parameters on the fly
-        return _cast(out, torch.float32) if dtype is not None else out    # ... outputs back to fp32
+        out = handle.engine(*args, **kwargs)  # ZeRO-3: gathers each layer's parameters on the fly
+        return _cast(out, torch.float32) if dtype is not None else out  # ... outputs back to fp32
 
     def backward(self, models: tuple[str, ...], loss: torch.Tensor) -> None:
         first = self.models[models[0]]
@@ -198,7 +208,7 @@ class Backend:
                     handle.scheduler.step()
                 handle.optimizer.zero_grad()
             else:
-                handle.engine.step()       # steps and zeroes at the accumulation boundary only
+                handle.engine.step()  # steps and zeroes at the accumulation boundary only
 
     def learning_rate(self, name: str) -> float:
         engine = self.models[name].engine
@@ -216,13 +226,14 @@ class Backend:
                 continue
             engine, step, seen = handle.engine, handle.engine.step, [0]
 
-            def measured_step(*args: Any, _handle: ModelHandle = handle, _step: Any = step,
-                              _seen: list[int] = seen, **kwargs: Any) -> Any:
+            def measured_step(
+                *args: Any, _handle: ModelHandle = handle, _step: Any = step, _seen: list[int] = seen, **kwargs: Any
+            ) -> Any:
                 if _handle.engine.is_gradient_accumulation_boundary():
                     _seen[0] += 1
                     if _seen[0] == MEASURED_STEP:
-                        _handle.memory = measure.measure(_handle.engine)    # walks every tensor: once
-                        if torch.cuda.is_available():       # all of this rank's tensors, every model's
+                        _handle.memory = measure.measure(_handle.engine)  # walks every tensor: once
+                        if torch.cuda.is_available():  # all of this rank's tensors, every model's
                             _handle.memory["cuda_allocated"] = torch.cuda.memory_allocated()
                         _handle.engine.step = _step
                 return _step(*args, **kwargs)
@@ -237,7 +248,7 @@ class Backend:
 
     def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         world = torch.distributed.get_world_size()
-        torch.distributed.all_reduce(values)           # a sync point: once per logged step
+        torch.distributed.all_reduce(values)  # a sync point: once per logged step
         return values / world
 
     def all_gather_object(self, value: Any, world: int) -> list[Any]:
@@ -260,8 +271,9 @@ class Backend:
         rank = torch.distributed.get_rank()
         params = list(module.parameters())
         partitioned = any(hasattr(p, "ds_tensor") for p in params)
-        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if partitioned \
-            else contextlib.nullcontext()
+        context = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None) if partitioned else contextlib.nullcontext()
+        )
         with context:
             if rank != 0:
                 return None
@@ -285,8 +297,9 @@ class Backend:
 
     def load_checkpoint(self, name: str, directory: str, tag: str) -> None:
         """Unpickles DeepSpeed's files: only called for folders a valid dsgraph manifest names."""
-        path, _ = self.models[name].engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                                           load_lr_scheduler_states=True)
+        path, _ = self.models[name].engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint of `{name}` in {directory}/{tag}")
 
@@ -306,8 +319,11 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)
     if isinstance(value, dict):
-        return type(value)({k: _cast(v, dtype) for k, v in value.items()}) if type(value) is dict else \
-            value.__class__(**{k: _cast(v, dtype) for k, v in value.items()})
+        return (
+            type(value)({k: _cast(v, dtype) for k, v in value.items()})
+            if type(value) is dict
+            else value.__class__(**{k: _cast(v, dtype) for k, v in value.items()})
+        )
     if isinstance(value, (list, tuple)):
         return type(value)(_cast(v, dtype) for v in value)
     return value

@@ -2,6 +2,7 @@
 
 Without CUDA, DeepSpeed must be told to use its CPU accelerator (gloo plus its shared-memory
 all-reduce op); with 2 ranks on 2 cores, each rank gets one OpenMP thread."""
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,7 @@ def worker_environment(procs: int, base: dict[str, str] | None = None) -> dict[s
 
 def inside_launcher() -> bool:
     """True when torchrun, `accelerate launch` or `deepspeed` started this process as a rank."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) \
-        and "DSGRAPH_DRIVER" not in os.environ
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and "DSGRAPH_DRIVER" not in os.environ
 
 
 def prepare_current_process() -> None:

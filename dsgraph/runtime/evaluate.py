@@ -3,6 +3,7 @@
 Values are looked up in a `Scope`: the current batch of every data set, the outputs of the model
 calls made so far (by call id) and the losses of the current train group. A call listed in
 `detach` is read detached, so that one group's backward never reaches another group's models."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,8 +29,11 @@ def detached(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, dict):
-        return type(value)({k: detached(v) for k, v in value.items()}) if type(value) is dict else \
-            value.__class__(**{k: detached(v) for k, v in value.items()})
+        return (
+            type(value)({k: detached(v) for k, v in value.items()})
+            if type(value) is dict
+            else value.__class__(**{k: detached(v) for k, v in value.items()})
+        )
     if isinstance(value, (tuple, list)):
         return type(value)(detached(v) for v in value)
     return value
@@ -61,8 +65,10 @@ def evaluate(expr: P.Expr, scope: Scope, detach: tuple[str, ...], factories: Fac
             return scope.losses[loss]
         case P.LossCall(fn=fn, builtin=builtin, args=args, kwargs=kwargs):
             function = builtins.LOSSES[fn] if builtin else factories(fn)
-            return function(*(evaluate(a, scope, detach, factories) for a in args),
-                            **{k: evaluate(v, scope, detach, factories) for k, v in kwargs})
+            return function(
+                *(evaluate(a, scope, detach, factories) for a in args),
+                **{k: evaluate(v, scope, detach, factories) for k, v in kwargs},
+            )
         case P.Neg(operand=operand):
             return -evaluate(operand, scope, detach, factories)
         case P.BinOp(op=op, left=left, right=right):

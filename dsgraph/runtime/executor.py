@@ -2,6 +2,7 @@
 kind in the order the plan lists (the order `dsgraph compile` prints). Every failure is raised as
 a RunFailure naming the step and its .dsg line. The loop is written out in `train`; every
 DeepSpeed and Accelerate call goes through the Backend."""
+
 from __future__ import annotations
 
 import gc
@@ -34,8 +35,11 @@ class RunFailure(Exception):
         super().__init__(f"{where} ({span or '?'}): {type(cause).__name__}: {cause}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"where": self.where, "span": self.span.to_json() if self.span else None,
-                "error": f"{type(self.cause).__name__}: {self.cause}"}
+        return {
+            "where": self.where,
+            "span": self.span.to_json() if self.span else None,
+            "error": f"{type(self.cause).__name__}: {self.cause}",
+        }
 
 
 def model_seed(pipeline_seed: int, name: str) -> int:
@@ -63,14 +67,14 @@ class Executor:
         self.settings = plan.settings
         self.base_dir = Path(plan.file).parent
         self.backend = Backend()
-        self.configs: dict[str, dict[str, Any]] = {}        # complete: what DeepSpeed gets
+        self.configs: dict[str, dict[str, Any]] = {}  # complete: what DeepSpeed gets
         self.datasets: dict[str, Any] = {}
         self.batches: dict[str, data.Batches] = {}
-        self.built: dict[str, nn.Module] = {}               # built, not yet handed to an engine
-        self.executed: list[int] = []                       # setup step ids, in the order run
-        self.executed_step: list[int] = []                  # op ids of the first optimizer step
+        self.built: dict[str, nn.Module] = {}  # built, not yet handed to an engine
+        self.executed: list[int] = []  # setup step ids, in the order run
+        self.executed_step: list[int] = []  # op ids of the first optimizer step
         self.heartbeat = control.Heartbeat(run_dir, rank)
-        self.first_step = 0                                 # > 0 when resuming
+        self.first_step = 0  # > 0 when resuming
         self.resume_rng: dict[str, str] | None = None
         self.stopped_early = False
         self.last_step = 0
@@ -89,7 +93,7 @@ class Executor:
                 raise RunFailure(_where(step), step.span, error) from error
             self.executed.append(step.id)
         self.backend.check_world(self.rank, self.world)
-        if self.rank == 0:      # the exact configs handed to DeepSpeed, "auto" resolved
+        if self.rank == 0:  # the exact configs handed to DeepSpeed, "auto" resolved
             out = self.run_dir / "deepspeed_configs"
             out.mkdir(exist_ok=True)
             for name, config in self.configs.items():
@@ -115,8 +119,9 @@ class Executor:
                 width = configs.width(model, self.base_dir, self.built.get(name))
                 self.configs[name] = configs.complete(model, self.world, self.total_steps, width, backend.on_cpu)
             case P.CreateAccelerator(accelerator=index, plugins=plugins):
-                backend.create_accelerator(index, {name: self.configs[name] for name in plugins},
-                                           plan.mixed_precision(step))
+                backend.create_accelerator(
+                    index, {name: self.configs[name] for name in plugins}, plan.mixed_precision(step)
+                )
             case P.SelectPlugin(model=name):
                 backend.select_plugin(name)
             case P.BuildModel(model=name):
@@ -127,12 +132,18 @@ class Executor:
                 backend.prepare(name, model.accelerator, self.built.pop(name), model.engine_objects, model.precision)
             case P.Initialize(model=name):
                 model = plan.model(name)
-                backend.initialize(name, self.built.pop(name), self.configs[name], model.engine_objects,
-                                   model.precision)
+                backend.initialize(
+                    name, self.built.pop(name), self.configs[name], model.engine_objects, model.precision
+                )
             case P.ShardData(data=name):
                 index = [d.name for d in plan.data].index(name)
-                loader = data.sharded_loader(self.datasets[name], self.settings.micro_batch,
-                                             data.data_seed(self.settings.seed, index), self.rank, self.world)
+                loader = data.sharded_loader(
+                    self.datasets[name],
+                    self.settings.micro_batch,
+                    data.data_seed(self.settings.seed, index),
+                    self.rank,
+                    self.world,
+                )
                 self.batches[name] = data.Batches(loader, name)
             case _:
                 assert_never(step)
@@ -143,14 +154,16 @@ class Executor:
     def _build_model(self, m: P.Model) -> nn.Module:
         torch.manual_seed(model_seed(self.settings.seed, m.name))
         # ZeRO-3: partitioned as built, so its config is complete (CompleteConfig came first).
-        with self.backend.build_context(m.name, self.configs.get(m.name, {}), m.zero_init,
-                                        m.source.kind is P.SourceKind.HF):
+        with self.backend.build_context(
+            m.name, self.configs.get(m.name, {}), m.zero_init, m.source.kind is P.SourceKind.HF
+        ):
             model = sources.build(m.source, sources.model_table(), self.base_dir)
         if not isinstance(model, nn.Module):
             raise TypeError(f"the source of `{m.name}` returned {type(model).__name__}, not a torch.nn.Module")
-        if m.lora:      # only the adapter is trained; ZeRO-3 partitions it at prepare/initialize
-            model = adapters.apply_lora(model, m.lora, model_seed(self.settings.seed, f"{m.name}/lora"),
-                                        sources.model_task(m.source, model))
+        if m.lora:  # only the adapter is trained; ZeRO-3 partitions it at prepare/initialize
+            model = adapters.apply_lora(
+                model, m.lora, model_seed(self.settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
+            )
         return model
 
     @property
@@ -176,7 +189,7 @@ class Executor:
 
     def train(self) -> Metrics:
         plan, backend, device = self.plan, self.backend, self.backend.device()
-        backend.watch_memory()      # measured once, as the second optimizer step begins
+        backend.watch_memory()  # measured once, as the second optimizer step begins
         # The libraries and engines set up so far are millions of objects: a full garbage
         # collection in the loop scans them all (~0.4 s on 2 CPU cores, stalling every rank at the
         # next collective). Collect once now, then leave them out of later collections.
@@ -187,7 +200,7 @@ class Executor:
         global_batch = self.settings.micro_batch * self.world * accum
         metrics = Metrics(self.run_dir, self.rank, self.total_steps, plan.pipeline, self.first_step)
         meter = Meter(plan, device)
-        torch.manual_seed(self.settings.seed * 7919 + self.rank)   # dropout differs per rank
+        torch.manual_seed(self.settings.seed * 7919 + self.rank)  # dropout differs per rank
         if self.resume_rng is not None:
             checkpoint.set_rng_state(self.resume_rng)
         tick, last_logged = time.perf_counter(), self.first_step
@@ -206,19 +219,26 @@ class Executor:
                         if step == self.first_step + 1:
                             self.executed_step.append(op.id)
             if logged:
-                losses, terms, stats = meter.means(backend.all_reduce_mean, accum)   # sync point
+                losses, terms, stats = meter.means(backend.all_reduce_mean, accum)  # sync point
                 now = time.perf_counter()
-                metrics.log({"step": step, "losses": losses, "terms": terms, "stats": stats,
-                             "lr": {name: backend.learning_rate(name) for name in trained},
-                             "samples_per_s": round(global_batch * (step - last_logged) / max(now - tick, 1e-9), 2)})
+                metrics.log(
+                    {
+                        "step": step,
+                        "losses": losses,
+                        "terms": terms,
+                        "stats": stats,
+                        "lr": {name: backend.learning_rate(name) for name in trained},
+                        "samples_per_s": round(global_batch * (step - last_logged) / max(now - tick, 1e-9), 2),
+                    }
+                )
                 tick, last_logged = now, step
             metrics.advance()
             self.last_step = step
-            self.heartbeat.beat(control.TRAINING, step)      # a memory store, no system call
-            stop = control.stop_step(self.run_dir)          # the driver asks for a clean stop
+            self.heartbeat.beat(control.TRAINING, step)  # a memory store, no system call
+            stop = control.stop_step(self.run_dir)  # the driver asks for a clean stop
             every = self.settings.checkpoint_every
             if (every and step % every == 0) or (stop == step and every):
-                self.heartbeat.beat(control.SETUP, step)    # saving may take long: setup's timeout
+                self.heartbeat.beat(control.SETUP, step)  # saving may take long: setup's timeout
                 checkpoint.save(self, step)
                 self.heartbeat.beat(control.TRAINING, step)
             if stop == step:
@@ -235,7 +255,7 @@ class Executor:
             case P.Forward():
                 args = [evaluate(a, scope, op.detach, self._factory) for a in op.args]
                 kwargs = {k: evaluate(v, scope, op.detach, self._factory) for k, v in op.kwargs}
-                if op.no_grad:      # frozen models: no autograd graph, no activations kept
+                if op.no_grad:  # frozen models: no autograd graph, no activations kept
                     with torch.no_grad():
                         scope.calls[op.call] = backend.forward(op.model, args, kwargs)
                 else:
@@ -245,9 +265,9 @@ class Executor:
             case P.Backward(group=group):
                 loss, models = self._groups[group]
                 backend.backward(models, scope.losses[loss])
-                scope.losses.clear()        # a group's losses are spent by its backward
+                scope.losses.clear()  # a group's losses are spent by its backward
             case P.OptimizerStep(group=group):
-                backend.optimizer_step(self._groups[group][1])   # at the accumulation boundary
+                backend.optimizer_step(self._groups[group][1])  # at the accumulation boundary
             case _:
                 assert_never(op)
 
@@ -256,7 +276,7 @@ class Executor:
         metering = meter.metering(op)
         value: Any = None
         for term in self.plan.loss(op.loss).terms:
-            if metering and term.stats:     # a logged step: keep what the loss reports
+            if metering and term.stats:  # a logged step: keep what the loss reports
                 with builtins.recording_stats() as stats:
                     term_value = evaluate(term.expr, scope, op.detach, self._factory)
                 meter.add_stats(term, stats)
@@ -289,20 +309,24 @@ class Executor:
         digests = {}
         for m in self.plan.models:
             if not m.trained:
-                state = self.backend.full_state_dict(m.name)     # collective: all ranks gather
+                state = self.backend.full_state_dict(m.name)  # collective: all ranks gather
                 if state is not None:
                     digests[m.name] = state_digest(state)
         kinds = {s.id: s.kind for s in self.plan.setup}
         op_kinds = {op.id: op.kind for op in self.plan.step}
-        report = {"rank": self.rank, "device": str(self.backend.device()),
-                  "process_group": str(torch.distributed.get_backend()),
-                  "executed": [{"id": i, "kind": kinds[i]} for i in self.executed],
-                  "executed_step": [{"id": i, "kind": op_kinds[i]} for i in self.executed_step],
-                  "frozen_digests": digests, "backend_calls": self.backend.calls,
-                  "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
-                  "memory": self.backend.memory_report(),
-                  "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
-                  "samples": {name: b.sampler.served for name, b in self.batches.items()}}
+        report = {
+            "rank": self.rank,
+            "device": str(self.backend.device()),
+            "process_group": str(torch.distributed.get_backend()),
+            "executed": [{"id": i, "kind": kinds[i]} for i in self.executed],
+            "executed_step": [{"id": i, "kind": op_kinds[i]} for i in self.executed_step],
+            "frozen_digests": digests,
+            "backend_calls": self.backend.calls,
+            "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
+            "memory": self.backend.memory_report(),
+            "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
+            "samples": {name: b.sampler.served for name, b in self.batches.items()},
+        }
         (self.run_dir / "ranks").mkdir(exist_ok=True)
         (self.run_dir / "ranks" / f"rank{self.rank}.json").write_text(json.dumps(report, indent=2) + "\n")
 

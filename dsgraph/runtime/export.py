@@ -1,6 +1,7 @@
 """Exporting trained models: full weights gathered from the ZeRO shards, as safetensors, or with
 `save_pretrained` for Hugging Face models; a LoRA model's adapter (and merged weights on request).
 Rank 0 writes; every rank takes part in the gather."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from dsgraph.runtime.engines import Backend
 
 
 def export_model(backend: Backend, model: Model, out_dir: Path) -> Path | None:
-    state = backend.full_state_dict(model.name)       # collective: every rank must call it
+    state = backend.full_state_dict(model.name)  # collective: every rank must call it
     if state is None:
         return None
     target = out_dir / model.name

@@ -5,6 +5,7 @@ The driver never waits blindly: it polls the workers' heartbeats, so that a rank
 collective (DeepSpeed's CPU all-reduce ignores the process-group timeout) ends the run after
 `--hang-timeout` seconds; a killed rank ends it as soon as torch's launcher notices. Either way
 every worker is gone when `dsgraph run` returns."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,7 @@ from typing import NoReturn
 from dsgraph.runtime import control, env
 
 EXIT_OK, EXIT_USER, EXIT_WORKER, EXIT_INTERRUPTED = 0, 1, 4, 130
-SETUP_TIMEOUT = 900          # the first run builds DeepSpeed's comm op (~30-50 s on 2 cores)
+SETUP_TIMEOUT = 900  # the first run builds DeepSpeed's comm op (~30-50 s on 2 cores)
 
 
 def default_run_dir(pipeline: str) -> Path:
@@ -31,14 +32,14 @@ def default_run_dir(pipeline: str) -> Path:
 
 def write_plan(run_dir: Path, plan_json: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("failures", "done", "heartbeat"):      # a reused run directory starts clean
+    for sub in ("failures", "done", "heartbeat"):  # a reused run directory starts clean
         for old in (run_dir / sub).glob("rank*") if (run_dir / sub).is_dir() else []:
             old.unlink()
     for stale in ("stop", "agent_failure.json"):
         (run_dir / stale).unlink(missing_ok=True)
     tmp = run_dir / f".plan.json.{os.getpid()}"
     tmp.write_text(plan_json, encoding="utf-8")
-    tmp.replace(run_dir / "plan.json")       # atomic: ranks of an external launcher race here
+    tmp.replace(run_dir / "plan.json")  # atomic: ranks of an external launcher race here
 
 
 def _free_port() -> int:
@@ -49,16 +50,31 @@ def _free_port() -> int:
 
 def launch(run_dir: Path, procs: int, hang_timeout: float, resume: Path | None = None) -> int:
     """Start `procs` workers on this machine, watch them, and return the dsgraph exit code."""
-    command = [sys.executable, "-m", "dsgraph.runtime.agent", "--nproc_per_node", str(procs),
-               "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "--max_restarts", "0", "-m", "dsgraph.runtime.worker", str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "dsgraph.runtime.agent",
+        "--nproc_per_node",
+        str(procs),
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "--max_restarts",
+        "0",
+        "-m",
+        "dsgraph.runtime.worker",
+        str(run_dir),
+    ]
     environment = env.worker_environment(procs)
     environment["DSGRAPH_DRIVER"] = "1"
-    environment.setdefault("LOGLEVEL", "CRITICAL")      # the elastic agent's own log lines
+    environment.setdefault("LOGLEVEL", "CRITICAL")  # the elastic agent's own log lines
     if resume is not None:
         environment["DSGRAPH_RESUME"] = str(resume)
     process = subprocess.Popen(command, env=environment, start_new_session=True)
-    signal.signal(signal.SIGTERM, _terminate)      # `kill` of the driver: the same clean stop as Ctrl-C
+    signal.signal(signal.SIGTERM, _terminate)  # `kill` of the driver: the same clean stop as Ctrl-C
     try:
         code, hung = _watch(process, run_dir, procs, hang_timeout)
     except KeyboardInterrupt:
@@ -71,7 +87,7 @@ def launch(run_dir: Path, procs: int, hang_timeout: float, resume: Path | None =
 
 
 def _watch(process: subprocess.Popen[bytes], run_dir: Path, procs: int, hang_timeout: float) -> tuple[int, bool]:
-    last_progress: dict[int, tuple[tuple[int, int], float]] = {}     # rank -> ((phase, step), when first seen)
+    last_progress: dict[int, tuple[tuple[int, int], float]] = {}  # rank -> ((phase, step), when first seen)
     while True:
         try:
             return process.wait(timeout=1.0), False
@@ -87,10 +103,14 @@ def _watch(process: subprocess.Popen[bytes], run_dir: Path, procs: int, hang_tim
                 continue
             limit = hang_timeout if phase == control.TRAINING else max(hang_timeout, SETUP_TIMEOUT)
             if now - seen[1] > limit:
-                where = f"at step {step + 1} (last completed step {step})" if phase == control.TRAINING \
-                    else "during setup"
-                print(f"dsgraph: rank {rank} made no progress for {now - seen[1]:.0f} s {where}; "
-                      "stopping the run (a rank stuck in a collective)", file=sys.stderr)
+                where = (
+                    f"at step {step + 1} (last completed step {step})" if phase == control.TRAINING else "during setup"
+                )
+                print(
+                    f"dsgraph: rank {rank} made no progress for {now - seen[1]:.0f} s {where}; "
+                    "stopping the run (a rank stuck in a collective)",
+                    file=sys.stderr,
+                )
                 _kill_all(process, run_dir, procs)
                 return -1, True
 
@@ -116,7 +136,7 @@ def _kill_all(process: subprocess.Popen[bytes], run_dir: Path, procs: int) -> No
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     for _, _, _, pid in control.read_heartbeats(run_dir, procs).values():
-        if _is_worker_of(pid, run_dir):         # a pid may have been reused: check it is ours
+        if _is_worker_of(pid, run_dir):  # a pid may have been reused: check it is ours
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -147,14 +167,17 @@ def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
     failures = sorted((run_dir / "failures").glob("rank*.json")) if (run_dir / "failures").is_dir() else []
     agent = run_dir / "agent_failure.json"
     exits = json.loads(agent.read_text()) if agent.exists() else []
-    silent = [e for e in exits if not (run_dir / "failures" / f"rank{e['rank']}.json").exists()
-              and (e["signal"] or e["exitcode"] != 1)]
-    if failures:        # the agent SIGTERMs the survivors of a reported failure: not a cause
+    silent = [
+        e
+        for e in exits
+        if not (run_dir / "failures" / f"rank{e['rank']}.json").exists() and (e["signal"] or e["exitcode"] != 1)
+    ]
+    if failures:  # the agent SIGTERMs the survivors of a reported failure: not a cause
         silent = [e for e in silent if e["signal"] != "SIGTERM"]
     if silent:
         # A rank that went without a report was killed (or crashed hard); what the others then
         # reported (a closed connection in a collective) follows from it.
-        died = min(silent, key=lambda e: (e["signal"] == "SIGTERM", e["rank"]))   # the agent SIGTERMs survivors
+        died = min(silent, key=lambda e: (e["signal"] == "SIGTERM", e["rank"]))  # the agent SIGTERMs survivors
         step = last_completed_step(run_dir, procs)
         how = f"was killed by {died['signal']}" if died.get("signal") else f"exited with code {died['exitcode']}"
         print(f"dsgraph: rank {died['rank']} {how}; last completed step {step}", file=sys.stderr)
@@ -164,8 +187,7 @@ def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
         record = records[0]
         span = record.get("span")
         where = f"{span['file']}:{span['line']}:{span['col']}: " if span else ""
-        print(f"{where}error: rank {record['rank']} failed in {record['where']}\n  {record['error']}",
-              file=sys.stderr)
+        print(f"{where}error: rank {record['rank']} failed in {record['where']}\n  {record['error']}", file=sys.stderr)
         if record.get("internal"):
             print(record.get("traceback", ""), file=sys.stderr)
         others = len(failures) - 1
@@ -173,8 +195,11 @@ def outcome(run_dir: Path, procs: int, launcher_code: int) -> int:
             print(f"  ({others} other rank(s) failed too; see {run_dir / 'failures'})", file=sys.stderr)
         return EXIT_USER if not record.get("internal") else EXIT_WORKER
     step = last_completed_step(run_dir, procs)
-    print(f"dsgraph: the workers stopped without a report (launcher exit code {launcher_code}); "
-          f"{done} of {procs} ranks finished; last completed step {step}", file=sys.stderr)
+    print(
+        f"dsgraph: the workers stopped without a report (launcher exit code {launcher_code}); "
+        f"{done} of {procs} ranks finished; last completed step {step}",
+        file=sys.stderr,
+    )
     return EXIT_WORKER
 
 

@@ -11,6 +11,7 @@ When: the backend measures a trained model once, as its second optimizer step be
 (`Backend.watch_memory`), when the gradients of the step are reduced and the optimizer states
 exist (a run of one step is measured at its end, after the step has freed its gradients); a
 frozen model at the report. Only the backend calls `measure`: it reads DeepSpeed's internals."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,10 +22,18 @@ import torch
 CATEGORIES = ("params", "grads", "optimizer_states")
 
 # The ZeRO optimizers' own buffers (DeepSpeed 0.19: stage_1_and_2.py, stage3.py, bf16_optimizer.py).
-_GRAD_BUFFERS = ("grads_in_partition", "grad_partitions_flat_buffer", "averaged_gradients",
-                 "fp32_groups_gradients_flat")
-_MASTER_WEIGHTS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
-                   "fp32_groups_flat")
+_GRAD_BUFFERS = (
+    "grads_in_partition",
+    "grad_partitions_flat_buffer",
+    "averaged_gradients",
+    "fp32_groups_gradients_flat",
+)
+_MASTER_WEIGHTS = (
+    "single_partition_of_fp32_groups",
+    "fp32_partitioned_groups_flat",
+    "fp32_groups_flat_partition",
+    "fp32_groups_flat",
+)
 
 
 def _tensors(value: Any) -> Iterable[torch.Tensor]:
@@ -44,9 +53,9 @@ class _Counter:
     the rest of the buffer it lies in (ZeRO slices partitions out of larger flat buffers)."""
 
     def __init__(self) -> None:
-        self.spans: dict[tuple[str, int], list[tuple[int, int]]] = {}    # storage -> byte ranges taken
+        self.spans: dict[tuple[str, int], list[tuple[int, int]]] = {}  # storage -> byte ranges taken
         self.bytes = dict.fromkeys(CATEGORIES, 0)
-        self.host = 0               # of the above, bytes on the CPU while the model is not
+        self.host = 0  # of the above, bytes on the CPU while the model is not
 
     def add(self, category: str, tensors: Iterable[torch.Tensor], device_type: str) -> None:
         for t in tensors:

@@ -2,6 +2,7 @@
 building it on the meta device with the runtime's own builders (an hf directory from its
 config.json, never its weights: nothing is allocated or read but the config), and how much memory
 a device has."""
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ def count_elements(source: Source, base_dir: Path, lora: Lora | None = None) -> 
     sys.path.insert(0, str(Path(base_dir).resolve()))
     try:
         with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)      # library deprecations are not the user's
+            warnings.simplefilter("ignore", FutureWarning)  # library deprecations are not the user's
             model = sources.build(source, sources.model_table(), base_dir, weights=False)
             if not isinstance(model, torch.nn.Module):
                 raise TypeError(f"the source returned {type(model).__name__}, not a torch.nn.Module")
@@ -46,7 +47,7 @@ def host_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        import psutil          # not on POSIX
+        import psutil  # not on POSIX
 
         return psutil.virtual_memory().total
 

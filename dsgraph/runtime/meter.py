@@ -4,6 +4,7 @@ built-in loss reports, summed over the micro steps of a logged step.
 The sums stay on the device, and only logged steps keep them: reading a loss every step would
 sync a GPU every step. Each loss is metered by the first op that computes it (a loss two groups
 compute is logged once)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from dsgraph import plan as P
 
 class Meter:
     def __init__(self, plan: P.Plan, device: torch.device):
-        first: dict[str, int] = {}          # loss -> the id of the op that meters it
+        first: dict[str, int] = {}  # loss -> the id of the op that meters it
         for op in plan.step:
             if isinstance(op, P.ComputeLoss):
                 first.setdefault(op.loss, op.id)
@@ -23,7 +24,7 @@ class Meter:
         terms = [t for loss in first for t in plan.loss(loss).terms]
         self.losses = list(first)
         self.terms = [t.name for t in terms]
-        self.stats = [f"{t.name}.{stat}" for t in terms for stat in t.stats]     # `kd/dpo.reward_margin`
+        self.stats = [f"{t.name}.{stat}" for t in terms for stat in t.stats]  # `kd/dpo.reward_margin`
         self._slot = {name: i for i, name in enumerate(self.losses + self.terms + self.stats)}
         self._device = device
         self._totals: torch.Tensor | None = None
@@ -44,12 +45,17 @@ class Meter:
         for stat in term.stats:
             self.add(f"{term.name}.{stat}", values[stat])
 
-    def means(self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor], micro_steps: int,
-              ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    def means(
+        self,
+        all_reduce_mean: Callable[[torch.Tensor], torch.Tensor],
+        micro_steps: int,
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         """The step's losses, terms and stats, each the mean over micro steps and ranks."""
         assert self._totals is not None
-        mean = all_reduce_mean(self._totals / micro_steps).tolist()     # a sync point: once per logged step
+        mean = all_reduce_mean(self._totals / micro_steps).tolist()  # a sync point: once per logged step
         losses, terms = len(self.losses), len(self.terms)
-        return (dict(zip(self.losses, mean[:losses], strict=True)),
-                dict(zip(self.terms, mean[losses:losses + terms], strict=True)),
-                dict(zip(self.stats, mean[losses + terms:], strict=True)))
+        return (
+            dict(zip(self.losses, mean[:losses], strict=True)),
+            dict(zip(self.terms, mean[losses : losses + terms], strict=True)),
+            dict(zip(self.stats, mean[losses + terms :], strict=True)),
+        )

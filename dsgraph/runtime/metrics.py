@@ -2,6 +2,7 @@
 
 With DSGRAPH_STEP_TIMES=1, rank 0 also writes step_times.json: the wall time of every step and
 the unix time the loop started (benchmarks/overhead.py reads it; one clock read per step)."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,12 @@ class Metrics:
         if rank == 0:
             path = run_dir / "metrics.jsonl"
             kept = []
-            if first_step and path.exists():    # resuming: keep what led up to the checkpoint
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= first_step]
+            if first_step and path.exists():  # resuming: keep what led up to the checkpoint
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= first_step
+                ]
             self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - written every step, closed in close()
             self.file.writelines(line + "\n" for line in kept)
         self.last: dict[str, Any] = {}
@@ -30,9 +34,16 @@ class Metrics:
         if rank == 0:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=first_step, desc=pipeline, unit="step",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
-                            disable=None if sys.stderr.isatty() else False)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=first_step,
+                desc=pipeline,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=0.5,
+                disable=None if sys.stderr.isatty() else False,
+            )
         self.step_times: list[float] | None = None
         if rank == 0 and os.environ.get("DSGRAPH_STEP_TIMES") == "1":
             self.step_times_path = run_dir / "step_times.json"
@@ -52,7 +63,7 @@ class Metrics:
             self.bar.set_postfix(shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
-        if self.step_times is not None:     # the end of a step: everything since the last one
+        if self.step_times is not None:  # the end of a step: everything since the last one
             now = time.perf_counter()
             self.step_times.append(now - self._tick)
             self._tick = now
@@ -65,7 +76,8 @@ class Metrics:
         if self.file is not None:
             self.file.close()
         if self.step_times is not None:
-            self.step_times_path.write_text(json.dumps({"loop_start_unix": self.loop_start,
-                                                        "step_seconds": self.step_times}) + "\n")
+            self.step_times_path.write_text(
+                json.dumps({"loop_start_unix": self.loop_start, "step_seconds": self.step_times}) + "\n"
+            )
         if self.rank == 0:
             print("\n".join(summary_lines), flush=True)

@@ -4,6 +4,7 @@ Hugging Face models from a local directory or a config (nothing is downloaded).
 Factories are imported as written in the .dsg file, from the installed packages and the .dsg
 file's own directory (put first on sys.path, like a script's directory); never from the current
 directory otherwise."""
+
 from __future__ import annotations
 
 import importlib
@@ -61,8 +62,11 @@ def build(source: Source, table: dict[str, Callable[..., Any]], base_dir: Path, 
     return build_hf(positional, keywords, base_dir, weights)
 
 
-_HF_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
-               "model": "AutoModel"}
+_HF_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "model": "AutoModel",
+}
 
 
 def hf_task(config: Any, task: str | None) -> str:
@@ -90,7 +94,7 @@ def hf_config(positional: list[Any], keywords: dict[str, Any], base_dir: Path) -
     """The model's config: from its directory, a config file, or the block written in the file."""
     import transformers
 
-    trust = bool(keywords.get("trust_remote_code", False))      # only when the file says so
+    trust = bool(keywords.get("trust_remote_code", False))  # only when the file says so
     config = keywords.get("config")
     if config is None:
         path = base_dir / positional[0]
@@ -98,8 +102,9 @@ def hf_config(positional: list[Any], keywords: dict[str, Any], base_dir: Path) -
             raise SourceError(f"hf model directory {path} does not exist (nothing is downloaded)")
         return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust, local_files_only=True)
     if isinstance(config, str):
-        return transformers.AutoConfig.from_pretrained(str(base_dir / config), trust_remote_code=trust,
-                                                       local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(
+            str(base_dir / config), trust_remote_code=trust, local_files_only=True
+        )
     config = dict(config)
     if "model_type" not in config:
         raise SourceError('hf(config={...}) needs a `model_type`, e.g. `model_type = "gpt2"`')
@@ -121,8 +126,9 @@ def build_hf(positional: list[Any], keywords: dict[str, Any], base_dir: Path, we
     if "config" in keywords or not weights:
         keywords.pop("config", None)
         return auto.from_config(config, trust_remote_code=trust, **keywords)
-    return auto.from_pretrained(str(base_dir / positional[0]), local_files_only=True, trust_remote_code=trust,
-                                **keywords)
+    return auto.from_pretrained(
+        str(base_dir / positional[0]), local_files_only=True, trust_remote_code=trust, **keywords
+    )
 
 
 def model_table() -> dict[str, Callable[..., Any]]:

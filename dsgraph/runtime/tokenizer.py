@@ -1,5 +1,6 @@
 """Tokenizers for text data: the built-in byte-level one (`tokenizer = "bytes"`, nothing to
 download, for tests and demos) or a Hugging Face tokenizer from a local directory."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Reads RUN_DIR/plan.json, runs it, exports the trained models, and leaves RUN_DIR
 A failure is written to RUN_DIR/failures/rankN.json (the plan step, the .dsg line, the cause) and
 the process exits at once, so that the launcher stops the other ranks instead of leaving them
 waiting in a collective."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def _quiet() -> None:
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()       # loading/saving bars would break dsgraph's own
+        hf_logging.disable_progress_bar()  # loading/saving bars would break dsgraph's own
     except ImportError:
         pass
 
@@ -51,14 +52,14 @@ def run(run_dir: Path) -> int:
     except (OSError, PlanError) as error:
         _report_failure(run_dir, rank, RuntimeError(f"{run_dir / 'plan.json'}: {error}"), internal=False)
         os._exit(EXIT_FAILED)
-    from dsgraph.runtime.executor import Executor     # imports torch and deepspeed
+    from dsgraph.runtime.executor import Executor  # imports torch and deepspeed
 
     executor = Executor(plan, run_dir, rank, world)
     try:
         executor.setup()
         setup_time = time.perf_counter() - started
         metrics = executor.train()
-        executor.heartbeat.beat(control.FINISHED, executor.total_steps)      # finished training: no watchdog
+        executor.heartbeat.beat(control.FINISHED, executor.total_steps)  # finished training: no watchdog
         exported = [] if executor.stopped_early else executor.export()
         executor.write_rank_report()
         train_time = time.perf_counter() - started - setup_time
@@ -68,7 +69,7 @@ def run(run_dir: Path) -> int:
         _report_failure(run_dir, rank, error)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_FAILED)          # no clean-up that could wait on the other ranks
+        os._exit(EXIT_FAILED)  # no clean-up that could wait on the other ranks
     (run_dir / "done").mkdir(exist_ok=True)
     (run_dir / "done" / f"rank{rank}").write_text("stopped\n" if executor.stopped_early else "ok\n")
     sys.stdout.flush()
@@ -89,22 +90,30 @@ def _report_failure(run_dir: Path, rank: int, error: BaseException, internal: bo
     elif not internal:
         record = {"rank": rank, "where": "loading the plan", "span": None, "error": str(error)}
     else:
-        record = {"rank": rank, "where": "dsgraph runtime", "span": None,
-                  "error": f"{type(error).__name__}: {error}", "internal": True}
+        record = {
+            "rank": rank,
+            "where": "dsgraph runtime",
+            "span": None,
+            "error": f"{type(error).__name__}: {error}",
+            "internal": True,
+        }
     record["traceback"] = traceback.format_exc()
-    record["time"] = time.time()        # the first failure is the cause; the others follow from it
+    record["time"] = time.time()  # the first failure is the cause; the others follow from it
     (run_dir / "failures").mkdir(exist_ok=True)
     (run_dir / "failures" / f"rank{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _summary(plan: Plan, steps: int, last: dict[str, Any], exported: list[Path], setup: float, train: float,
-             run_dir: Path) -> list[str]:
+def _summary(
+    plan: Plan, steps: int, last: dict[str, Any], exported: list[Path], setup: float, train: float, run_dir: Path
+) -> list[str]:
     stopped = "" if steps == plan.settings.steps or plan.settings.steps is None else " (stopped early)"
-    lines = [f"done: {plan.pipeline}, {steps} steps{stopped} in {train:.1f} s "
-             f"(setup {setup:.1f} s), {last.get('samples_per_s', 0):.0f} samples/s"]
+    lines = [
+        f"done: {plan.pipeline}, {steps} steps{stopped} in {train:.1f} s "
+        f"(setup {setup:.1f} s), {last.get('samples_per_s', 0):.0f} samples/s"
+    ]
     for name, value in last.get("losses", {}).items():
         lines.append(f"  loss {name:<12} {value:.6f}   (step {last['step']})")
-    for name, value in last.get("stats", {}).items():       # e.g. dpo's reward margin and accuracy
+    for name, value in last.get("stats", {}).items():  # e.g. dpo's reward margin and accuracy
         lines.append(f"  stat {name}  {value:.6f}   (step {last['step']})")
     for path in exported:
         lines.append(f"  model {path.name:<11} -> {path}")

@@ -1,6 +1,7 @@
 """The AST: one frozen dataclass per grammar rule, each carrying its span.
 
 `dump()` prints any node as a deterministic, indented tree (the `--emit ast` form)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
@@ -8,7 +9,7 @@ from typing import Generic, TypeAlias, TypeVar
 
 from dsgraph.source import Span
 
-V = TypeVar("V")        # what an argument holds: a value or an expression
+V = TypeVar("V")  # what an argument holds: a value or an expression
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,7 @@ class Name:
 
 
 # -- values: settings, arguments, block entries ------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Number:
@@ -89,6 +91,7 @@ Value: TypeAlias = Number | String | Bool | Ident | ListValue | CallValue | Bloc
 
 # -- expressions: loss definitions ---------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Ref:
     name: Name
@@ -133,6 +136,7 @@ Expr: TypeAlias = Number | String | Ref | FactoryRef | Attr | Call | BinOp | Neg
 
 
 # -- declarations ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Source:

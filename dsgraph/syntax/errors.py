@@ -1,5 +1,6 @@
 """Syntax errors in plain words: Lark's exceptions become DSG101-DSG104 diagnostics that name
 tokens as a reader would (`a name`, `` `)` ``), and inputs too large or too deep become DSG105."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -13,28 +14,39 @@ from dsgraph.diagnostics import Diagnostics
 from dsgraph.source import SourceFile, Span
 from dsgraph.syntax.grammar import file_parser
 
-MAX_BYTES = 1_000_000       # a .dsg file beyond this is not a pipeline description
-MAX_DEPTH = 200             # nesting of brackets and of expression trees
+MAX_BYTES = 1_000_000  # a .dsg file beyond this is not a pipeline description
+MAX_DEPTH = 200  # nesting of brackets and of expression trees
 
 _TERMINAL_WORDS = {
-    "NAME": "a name", "NUMBER": "a number", "STRING": "a string",
-    "FACTORY": "a factory `package.module:function`", "$END": "the end of the file",
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "FACTORY": "a factory `package.module:function`",
+    "$END": "the end of the file",
 }
-
 
 
 # -- inputs that would exhaust the stack ----------------------------------------------------
 
+
 def too_large(source: SourceFile, diags: Diagnostics) -> bool:
     """DSG105 for a file too long, or with brackets nested too deeply, to parse safely."""
     if len(source.text) > MAX_BYTES:
-        diags.add("DSG105", source.whole(), f"the file is {len(source.text)} characters long",
-                  f"a .dsg file may hold at most {MAX_BYTES} characters; split it with `include`")
+        diags.add(
+            "DSG105",
+            source.whole(),
+            f"the file is {len(source.text)} characters long",
+            f"a .dsg file may hold at most {MAX_BYTES} characters; split it with `include`",
+        )
         return True
     deep = _too_deep(source.text)
     if deep is not None:
-        diags.add("DSG105", source.span_at(deep), f"brackets nest deeper than {MAX_DEPTH} levels",
-                  "flatten the expression or the block")
+        diags.add(
+            "DSG105",
+            source.span_at(deep),
+            f"brackets nest deeper than {MAX_DEPTH} levels",
+            "flatten the expression or the block",
+        )
         return True
     return False
 
@@ -45,8 +57,12 @@ def too_deep_tree(tree: Tree[Token], source: SourceFile, diags: Diagnostics) -> 
     if deep is None:
         return False
     span = Span(source.name, *deep, deep[0], deep[1] + 1) if deep != (0, 0) else source.whole()
-    diags.add("DSG105", span, f"an expression nests deeper than {MAX_DEPTH} levels",
-              "split the loss into several `loss` declarations that refer to each other")
+    diags.add(
+        "DSG105",
+        span,
+        f"an expression nests deeper than {MAX_DEPTH} levels",
+        "split the loss into several `loss` declarations that refer to each other",
+    )
     return True
 
 
@@ -79,6 +95,7 @@ def _deepest(tree: Tree[Token]) -> tuple[int, int] | None:
 
 # -- syntax errors in plain words ------------------------------------------------------------
 
+
 def _describe_terminal(name: str) -> str:
     if name in _TERMINAL_WORDS:
         return _TERMINAL_WORDS[name]
@@ -107,8 +124,13 @@ def _expected_words(expected: set[str]) -> str:
         expected = (expected - _VALUE_STARTS) | {"a value"}
     elif {"NUMBER", "LPAR"} <= expected:
         expected = (expected - _EXPR_STARTS) | {"an expression"}
-    words = sorted({e if e.startswith("a") and " " in e else _describe_terminal(e)
-                    for e in expected if not e.startswith("KW_") or e == "KW_ON"})
+    words = sorted(
+        {
+            e if e.startswith("a") and " " in e else _describe_terminal(e)
+            for e in expected
+            if not e.startswith("KW_") or e == "KW_ON"
+        }
+    )
     keywords = sorted(e for e in expected if e.startswith("KW_") and e != "KW_ON")
     if keywords and "a name" not in words:
         words.append("a declaration (" + ", ".join(_describe_terminal(k) for k in keywords) + ")")
@@ -123,11 +145,14 @@ def report_syntax_error(error: UnexpectedInput, source: SourceFile, diags: Diagn
         pos = error.pos_in_stream or 0
         char = source.text[pos] if pos < len(source.text) else ""
         if char == '"':
-            diags.add("DSG104", span, "this string has no closing quote on its line",
-                      'close the string with `"`; strings cannot span lines')
+            diags.add(
+                "DSG104",
+                span,
+                "this string has no closing quote on its line",
+                'close the string with `"`; strings cannot span lines',
+            )
         else:
-            diags.add("DSG102", span, f"unexpected character `{char}`",
-                      "remove it; comments start with `#`")
+            diags.add("DSG102", span, f"unexpected character `{char}`", "remove it; comments start with `#`")
         return
     token = getattr(error, "token", None)
     if isinstance(error, UnexpectedEOF) or (isinstance(token, Token) and token.type == "$END"):
@@ -135,16 +160,25 @@ def report_syntax_error(error: UnexpectedInput, source: SourceFile, diags: Diagn
         return
     assert isinstance(error, UnexpectedToken) and isinstance(token, Token)
     assert token.line is not None and token.column is not None
-    span = Span(source.name, token.line, token.column, token.end_line or token.line,
-                token.end_column or token.column + len(token.value))
-    parser: Any = error.interactive_parser          # (untyped in Lark)
+    span = Span(
+        source.name,
+        token.line,
+        token.column,
+        token.end_line or token.line,
+        token.end_column or token.column + len(token.value),
+    )
+    parser: Any = error.interactive_parser  # (untyped in Lark)
     try:  # the exact set of tokens the parser could take here; error.expected over-approximates
         accepted = set(parser.accepts())
     except Exception:
         accepted = set(error.expected)
     expected = _expected_words(accepted or set(error.expected))
-    diags.add("DSG101", span, f"unexpected {_describe_token(token)}; expected {expected}",
-              _hint(token, accepted, _in_zero_header(error)))
+    diags.add(
+        "DSG101",
+        span,
+        f"unexpected {_describe_token(token)}; expected {expected}",
+        _hint(token, accepted, _in_zero_header(error)),
+    )
 
 
 def _in_zero_header(error: UnexpectedToken) -> bool:
@@ -159,7 +193,7 @@ def _in_zero_header(error: UnexpectedToken) -> bool:
 
 def _hint(token: Token, expected: set[str], in_zero: bool = False) -> str:
     if in_zero:
-        return "a ZeRO config is written `zero NAME { ... }` or `zero NAME = file(\"x.json\")`"
+        return 'a ZeRO config is written `zero NAME { ... }` or `zero NAME = file("x.json")`'
     if "KW_ON" in expected:
         return "`train` lists models separated by `,`, then `on LOSS`: `train a, b on total`"
     if "RPAR" in expected and "COMMA" in expected:
@@ -176,12 +210,15 @@ def _report_unexpected_end(source: SourceFile, diags: Diagnostics) -> None:
     if opener is not None:
         char = source.text[opener]
         closing = {"{": "}", "(": ")", "[": "]"}[char]
-        diags.add("DSG103", source.span_at(opener), f"the file ends before this `{char}` is closed",
-                  f"add the missing `{closing}`")
+        diags.add(
+            "DSG103",
+            source.span_at(opener),
+            f"the file ends before this `{char}` is closed",
+            f"add the missing `{closing}`",
+        )
     else:
         end = source.span_at(max(0, len(source.text.rstrip()) - 1))
-        diags.add("DSG103", end, "the file ends in the middle of a declaration",
-                  "finish the declaration or remove it")
+        diags.add("DSG103", end, "the file ends in the middle of a declaration", "finish the declaration or remove it")
 
 
 def _brackets(text: str) -> Iterator[tuple[int, str]]:
@@ -213,4 +250,3 @@ def _unclosed_bracket(text: str) -> int | None:
         elif stack:
             stack.pop()
     return stack[-1] if stack else None
-

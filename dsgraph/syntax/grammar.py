@@ -1,10 +1,12 @@
 """The grammar (grammars/dsgraph.lark, the reference for the language) and its Lark parsers."""
+
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
 from lark import Lark
+
 
 def grammar_path() -> Path:
     """The grammar ships inside the package in a wheel, and at the top level in a checkout."""
@@ -13,7 +15,6 @@ def grammar_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("grammars/dsgraph.lark is missing from the dsgraph installation")
-
 
 
 _OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}

@@ -1,5 +1,6 @@
 """Text -> AST: the parse stage. Only a syntax error stops compilation; the first one is reported
 and nothing after it is trusted."""
+
 from __future__ import annotations
 
 from lark import Tree
@@ -36,8 +37,12 @@ def parse_value(source: SourceFile, offset: int, diags: Diagnostics) -> ast.Valu
     except UnexpectedInput as error:
         column = getattr(error, "column", 1) if isinstance(getattr(error, "column", None), int) else 1
         span = source.span_at(offset + max(0, column - 1))
-        diags.add("DSG203", span, f"`{text}` is not a value", "write a number, a string in double quotes, "
-                  "true/false, a name, or a list `[1, 2]`")
+        diags.add(
+            "DSG203",
+            span,
+            f"`{text}` is not a value",
+            "write a number, a string in double quotes, true/false, a name, or a list `[1, 2]`",
+        )
         return None
     value = ToAst(source.name).transform(tree) if isinstance(tree, Tree) else None
     if value is None:

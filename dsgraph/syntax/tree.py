@@ -1,5 +1,6 @@
 """Parse tree -> AST: one method per grammar rule (or alias), each building the AST class of
 that name, with the span of the text it covers."""
+
 from __future__ import annotations
 
 import builtins
@@ -15,7 +16,8 @@ from lark.tree import Meta
 from dsgraph.source import Span
 from dsgraph.syntax import ast
 
-Children: TypeAlias = list[Any]      # the rule's children, already built: AST nodes and tokens
+Children: TypeAlias = list[Any]  # the rule's children, already built: AST nodes and tokens
+
 
 def _number(text: str) -> int | float:
     try:
@@ -31,7 +33,6 @@ _ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
 def _unquote(token: str) -> str:
     """A string's value: `\\"`, `\\\\`, `\\n` and `\\t` are escapes; any other backslash stays."""
     return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), token[1:-1])
-
 
 
 class ToAst:
@@ -178,15 +179,16 @@ class ToAst:
     @staticmethod
     def _binop(op: builtins.str) -> Callable[[ToAst, Meta, Children], ast.BinOp]:
         """The method of one of the four operator rules."""
+
         def build(self: ToAst, meta: Meta, children: Children) -> ast.BinOp:
             return ast.BinOp(op, children[0], children[1], self._span(meta))
+
         return build
 
     add, sub, mul, div = _binop("+"), _binop("-"), _binop("*"), _binop("/")
 
     def neg(self, meta: Meta, children: Children) -> ast.Neg:
         return ast.Neg(children[0], self._span(meta))
-
 
 
 def shift(node: Any, offset: int) -> Any:

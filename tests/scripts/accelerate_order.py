@@ -1,5 +1,6 @@
 """Run with 2 processes: the batches dsgraph deals each rank (RankBatchSampler) are the batches
 Accelerate's prepared DataLoader gives that rank, epoch after epoch."""
+
 import json
 import sys
 
@@ -12,8 +13,10 @@ from dsgraph.runtime.builtins import TensorRecords
 from dsgraph.runtime.data import Batches, sharded_loader
 
 config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}
-accelerator = Accelerator(deepspeed_plugins={"m": DeepSpeedPlugin(hf_ds_config=config)},
-                          kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+accelerator = Accelerator(
+    deepspeed_plugins={"m": DeepSpeedPlugin(hf_ds_config=config)},
+    kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+)
 rank, world = accelerator.process_index, accelerator.num_processes
 dataset = TensorRecords({"i": torch.arange(50)})
 seed = 1234

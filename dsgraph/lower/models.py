@@ -1,0 +1,199 @@
+"""Model declarations to `ir.Model`: the source, the ZeRO config it names or writes inline, the
+optimizer, scheduler, clipping, precision and LoRA properties (DSG201-DSG209)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsgraph import catalogue, ir
+from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
+from dsgraph.dsconfig.zero import ZeroBuilder
+from dsgraph.lower.sources import lower_source
+from dsgraph.lower.values import INVALID, bind_args, check_type, describe, to_python
+from dsgraph.plan import Lora, Precision, SourceKind
+from dsgraph.source import Span
+from dsgraph.syntax import ast
+
+
+class ModelLowering:
+    def __init__(self, diags: Diagnostics, zero_names: dict[str, Span], builder: ZeroBuilder):
+        self.diags = diags
+        self.zero_names = zero_names  # every declared ZeRO config, those with errors too
+        self.builder = builder  # inline `zero = { ... }` blocks
+
+    def model(self, decl: ast.ModelDecl, zeros: dict[str, ir.ZeroConfig]) -> ir.Model | None:
+        source = lower_source(decl.source, catalogue.MODELS, "model", self.diags)
+        name = decl.name.text
+        props: dict[str, Any] = {}
+        spans: dict[str, Span] = {}
+        for entry in decl.block.entries if decl.block else ():
+            key = entry.key.text
+            if key not in catalogue.MODEL_PROPERTIES:
+                self.diags.add(
+                    "DSG207",
+                    entry.key.span,
+                    f"`{key}` is not a model property{did_you_mean(key, catalogue.MODEL_PROPERTIES)}",
+                    f"a model block takes: {', '.join(catalogue.MODEL_PROPERTIES)}",
+                )
+                continue
+            if key in props:
+                self.diags.add(
+                    "DSG208",
+                    entry.key.span,
+                    f"`{key}` is given twice for model `{name}`",
+                    "keep one of them",
+                    Note("first given here", spans[key]),
+                )
+                continue
+            spans[key] = entry.span
+            props[key] = self._property(name, key, entry, zeros)
+        lora = props.get("lora")
+        if source is not None and isinstance(lora, Lora) and lora.targets is None and source.kind is not SourceKind.HF:
+            call = next(e.value for e in decl.block.entries if e.key.text == "lora") if decl.block else None
+            self.diags.add(
+                "DSG205",
+                call.span if call else spans["lora"],
+                f"lora on `{name}` needs `targets`: PEFT knows default targets only for Hugging Face architectures",
+                'name the layers to adapt, e.g. `lora(r=8, targets=["0", "2"])` for an mlp\'s first two Linear layers',
+            )
+            return None
+        if source is None or INVALID in props.values():
+            return None
+        return ir.Model(
+            name,
+            source,
+            props.get("zero"),
+            bool(props.get("frozen", False)),
+            props.get("optimizer"),
+            props.get("scheduler"),
+            props.get("clip"),
+            props.get("precision"),
+            decl.span,
+            spans,
+            props.get("lora"),
+        )
+
+    def _property(self, model: str, key: str, entry: ast.Entry, zeros: dict[str, ir.ZeroConfig]) -> Any:
+        value = entry.value
+        if key == "frozen":
+            if value is None:
+                return True
+            if isinstance(value, ast.Bool):
+                return value.value
+            self.diags.add("DSG203", value.span, "`frozen` is a flag", "write `frozen` (or `frozen = false`)")
+            return INVALID
+        if value is None:
+            self.diags.add("DSG203", entry.span, f"`{key}` needs a value", f"write `{key} = ...`")
+            return INVALID
+        if key == "zero":
+            return self._zero_ref(model, value, zeros)
+        if key in ("optimizer", "scheduler", "lora"):
+            table = {"optimizer": catalogue.OPTIMIZERS, "scheduler": catalogue.SCHEDULERS, "lora": catalogue.ADAPTERS}[
+                key
+            ]
+            if not isinstance(value, ast.CallValue):
+                self.diags.add(
+                    "DSG203",
+                    value.span,
+                    f"`{key}` is written as a call, e.g. `{key} = {next(iter(table))}(...)`",
+                    f"the {key}s are: {', '.join(table)}",
+                )
+                return INVALID
+            spec = table.get(value.name.text)
+            if spec is None:
+                self.diags.add(
+                    "DSG206",
+                    value.name.span,
+                    f"there is no {key} `{value.name.text}`{did_you_mean(value.name.text, table)}",
+                    f"the {key}s are: {', '.join(table)}",
+                )
+                return INVALID
+            bound = bind_args(spec, key, value.args, value.span, self.diags)
+            if bound is None:
+                return INVALID
+            if key == "lora":
+                return self._lora(bound, value)
+            cls = ir.Optimizer if key == "optimizer" else ir.Scheduler
+            return cls(spec.name, bound, value.span)
+        python = to_python(value, self.diags)
+        if python is INVALID:
+            return INVALID
+        if key == "clip":
+            if not check_type("float", python, value.span, "`clip`", self.diags):
+                return INVALID
+            if python <= 0:
+                self.diags.add(
+                    "DSG209",
+                    value.span,
+                    f"`clip` must be above 0, not {python}",
+                    "write the maximum gradient norm, e.g. `clip = 1.0`, or remove `clip`",
+                )
+                return INVALID
+            return float(python)
+        if python not in catalogue.PRECISIONS:  # key == "precision"
+            self.diags.add(
+                "DSG209",
+                value.span,
+                f"precision must be one of {', '.join(catalogue.PRECISIONS)}, not {describe(python)}",
+                "write `precision = bf16`",
+            )
+            return INVALID
+        return Precision(python)
+
+    def _lora(self, bound: dict[str, Any], value: ast.CallValue) -> Any:
+        args = {
+            a.name.text if a.name else catalogue.ADAPTERS["lora"].params[i].name: a for i, a in enumerate(value.args)
+        }
+        for key, ok, words in (("r", bound["r"] >= 1, "at least 1"), ("alpha", bound["alpha"] > 0, "above 0")):
+            if not ok:
+                span = args[key].value.span if key in args else value.span
+                self.diags.add(
+                    "DSG209",
+                    span,
+                    f"lora `{key}` must be {words}, not {bound[key]}",
+                    "the usual values are `r=8, alpha=16`",
+                )
+                return INVALID
+        if not 0.0 <= bound["dropout"] < 1.0:
+            span = args["dropout"].value.span if "dropout" in args else value.span
+            self.diags.add(
+                "DSG209", span, f"lora `dropout` must be in [0, 1), not {bound['dropout']}", "write e.g. `dropout=0.05`"
+            )
+            return INVALID
+        if bound["targets"] is not None and not bound["targets"]:
+            self.diags.add(
+                "DSG209",
+                args["targets"].value.span,
+                "lora `targets` is an empty list",
+                'name the modules to adapt, e.g. `targets=["c_attn"]`, or leave `targets` out '
+                "for PEFT's defaults of the architecture",
+            )
+            return INVALID
+        targets = tuple(bound["targets"]) if bound["targets"] is not None else None
+        return Lora(bound["r"], float(bound["alpha"]), float(bound["dropout"]), targets, bound["merge"])
+
+    def _zero_ref(self, model: str, value: ast.Value, zeros: dict[str, ir.ZeroConfig]) -> Any:
+        if isinstance(value, ast.Ident):
+            if value.name in zeros:
+                return value.name
+            if value.name == ir.ZERO_AUTO and value.name not in self.zero_names:
+                return ir.ZERO_AUTO  # the stage is chosen by dsgraph.zeroauto
+            if value.name not in self.zero_names:
+                self.diags.add(
+                    "DSG201",
+                    value.span,
+                    f"there is no ZeRO config `{value.name}`{did_you_mean(value.name, zeros)}",
+                    f"declare it: `zero {value.name} {{ stage = 2 }}`",
+                )
+            return INVALID
+        if isinstance(value, ast.Block):
+            inline = f"{model}.zero"
+            zeros[inline] = self.builder.build(inline, value.span, None, value)
+            return inline
+        self.diags.add(
+            "DSG203",
+            value.span,
+            "`zero` takes the name of a ZeRO config or a block",
+            "write `zero = z3` or `zero = { stage = 3 }`",
+        )
+        return INVALID
