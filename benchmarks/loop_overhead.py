@@ -82,7 +82,7 @@ def time_helpers() -> None:
     """Wraps dsgraph's per-step helpers to time each."""
     metrics.Metrics.advance = helper("Metrics.advance (progress bar)", metrics.Metrics.advance)
     metrics.Metrics.log = helper("Metrics.log (every 10th step)", metrics.Metrics.log)
-    executor_module.control.stop_step = helper("control.stop_step (stat of the stop file)", control.stop_step)
+    control.Heartbeat.stop_step = helper("Heartbeat.stop_step (a stop requested?)", control.Heartbeat.stop_step)
     control.Heartbeat.beat = helper("Heartbeat.beat", control.Heartbeat.beat)
     executor_module.evaluate = helper("evaluate (model-call arguments, loss terms)", executor_module.evaluate)
     executor_module._to_device = helper("_to_device", executor_module._to_device)

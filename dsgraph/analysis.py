@@ -51,9 +51,6 @@ class Analysis:
         """The nodes that start with `prefix`, in evaluation order."""
         return sorted((n for n in nodes if n.startswith(prefix)), key=self.position.__getitem__)
 
-    def needs_grad(self, call: str) -> bool:
-        return bool(self.call_groups.get(call))
-
     def detached_inputs(self, consumer: str, group: int | None, graph: Graph) -> list[str]:
         """Calls feeding `consumer` whose gradients belong to another group: passed detached."""
         out = []

@@ -23,9 +23,10 @@ from dsgraph import ir as ir_mod
 from dsgraph.analysis import Analysis, analyse
 from dsgraph.checks import Context, run_checks
 from dsgraph.diagnostics import Diagnostic, Diagnostics
+from dsgraph.dsconfig.auto import has_auto, resolve_auto
 from dsgraph.dsconfig.resolve import Resolved, resolve_configs
 from dsgraph.load import load
-from dsgraph.lower import lower
+from dsgraph.lower.pipeline import lower
 from dsgraph.overrides import apply_overrides
 from dsgraph.plan import Plan
 from dsgraph.planner import build_plan
@@ -90,9 +91,7 @@ def _compile(
     pipeline = lower(load(tree, source, diags, sources), diags, sources)
     if pipeline is None:
         return Compilation(source, sources, diags.sorted(), tree)
-    if any(m.zero == ir_mod.ZERO_AUTO for m in pipeline.models.values()):
-        from dsgraph.dsconfig.auto import resolve_auto  # sizes the models on the meta device: torch
-
+    if has_auto(pipeline):  # sizes the models on the meta device: imports torch
         pipeline = resolve_auto(pipeline, diags, world_size, device_memory)
     graph = graph_mod.build(pipeline)
     analysis = analyse(pipeline, graph)

@@ -24,7 +24,6 @@ class Settings:
     epochs: int | None
     micro_batch: int
     grad_accum: int
-    grad_accum_given: bool
     log_every: int
     checkpoint_every: int
     precision: Precision

@@ -5,9 +5,10 @@ executes them."""
 from __future__ import annotations
 
 import json
-from typing import Any, assert_never
+from typing import Any
 
 from dsgraph import plan as P
+from dsgraph.compat import assert_never
 from dsgraph.source import Span
 
 

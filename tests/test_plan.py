@@ -131,3 +131,21 @@ def test_the_runtime_never_imports_lark_or_networkx(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.spawns
+def test_a_worker_refuses_a_changed_plan_before_it_builds_anything(tmp_path):
+    document = json.loads(_plan().to_json())
+    document["models"][0]["deepspeed_config"]["zero_optimization"]["stage"] = 1
+    (tmp_path / "plan.json").write_text(json.dumps(document))
+    done = subprocess.run(
+        [sys.executable, "-m", "dsgraph.runtime.worker", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    failure = json.loads((tmp_path / "failures" / "rank0.json").read_text())
+    assert failure["where"] == "loading the plan" and "digest" in failure["error"], failure
+    assert not (tmp_path / "deepspeed_configs").exists()

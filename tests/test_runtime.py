@@ -159,7 +159,7 @@ def test_a_pipeline_built_only_from_factories_runs(tmp_path):
     run_dir = tmp_path / "run"
     done = dsgraph_run(FIXTURES / "factory_only.dsg", run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_ranks_executed_the_plan(run_dir)        # built, and measured, before its Accelerator
+    assert_ranks_executed_the_plan(run_dir)  # built, and measured, before its Accelerator
     plan = load_plan(run_dir)
     expected = replicate(plan, world=2)
     actual = [m["losses"]["fit"] for m in metrics(run_dir)]

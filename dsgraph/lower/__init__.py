@@ -1,9 +1,5 @@
 """The lowering stage, AST -> IR: names resolved, values typed, defaults filled.
 
-`pipeline` lowers the file's pipeline; `values` turns AST values into Python values and binds
-arguments to built-ins; `losses` lowers loss expressions. ZeRO declarations are lowered by
-`dsgraph.dsconfig.zero`, which knows DeepSpeed's keys."""
-
-from dsgraph.lower.pipeline import lower
-
-__all__ = ["lower"]
+`pipeline.lower` is the stage; `settings`, `sources`, `models` and `losses` lower what their names
+say; `values` turns AST values into Python values and binds arguments to built-ins (ZeRO
+declarations, lowered by `dsgraph.dsconfig.zero`, use it too)."""

@@ -97,7 +97,6 @@ def lower_settings(nodes: list[ast.Setting], pipeline: ast.Pipeline, diags: Diag
         get("epochs"),
         get("micro_batch"),
         get("grad_accum"),
-        "grad_accum" in values,
         get("log_every"),
         get("checkpoint_every"),
         Precision(get("precision")),

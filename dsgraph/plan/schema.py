@@ -22,7 +22,7 @@ from enum import Enum, IntEnum
 from functools import cached_property
 from typing import Any, TypeAlias
 
-from dsgraph.plan.codec import decode, encode, without_spans
+from dsgraph.plan.codec import decode, encode
 from dsgraph.plan.steps import CreateAccelerator, Expr, Loss, SetupStep, StepOp
 from dsgraph.source import Span
 
@@ -264,7 +264,8 @@ class Plan:
         return self._losses[name]
 
     def models_of(self, group: int) -> tuple[Model, ...]:
-        return tuple(m for m in self.models if m.group == group)
+        """The models a group trains, in the plan's order."""
+        return self._by_group.get(group, ())
 
     def engine_of(self, model: Model) -> Engine:
         if model.group is not None:
@@ -288,13 +289,21 @@ class Plan:
         return {g.index: g for g in self.groups}
 
     @cached_property
+    def _by_group(self) -> dict[int, tuple[Model, ...]]:
+        by_group: dict[int, list[Model]] = {}
+        for m in self.models:
+            if m.group is not None:
+                by_group.setdefault(m.group, []).append(m)
+        return {group: tuple(models) for group, models in by_group.items()}
+
+    @cached_property
     def _losses(self) -> dict[str, Loss]:
         return {loss.name: loss for loss in self.losses}
 
     @cached_property
     def digest(self) -> str:
         """A hash of the plan without spans and file names: it changes only when the plan does."""
-        content = json.dumps(without_spans(encode(self, TAGGED)), sort_keys=True)
+        content = json.dumps(encode(self, TAGGED, skip=frozenset({"span", "file"})), sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:

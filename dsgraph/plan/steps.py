@@ -6,7 +6,7 @@ span of the .dsg text it comes from."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, TypeAlias
+from typing import ClassVar, TypeAlias, final
 
 from dsgraph.source import Span
 
@@ -14,6 +14,7 @@ from dsgraph.source import Span
 # -- expressions: model-call arguments and loss terms ------------------------------------------
 
 
+@final
 @dataclass(frozen=True)
 class Const:
     kind: ClassVar[str] = "const"
@@ -21,6 +22,7 @@ class Const:
     span: Span
 
 
+@final
 @dataclass(frozen=True)
 class Field:
     kind: ClassVar[str] = "field"
@@ -29,6 +31,7 @@ class Field:
     span: Span
 
 
+@final
 @dataclass(frozen=True)
 class CallOutput:
     """The output of the model call `call` (a Forward op's id)."""
@@ -38,6 +41,7 @@ class CallOutput:
     span: Span
 
 
+@final
 @dataclass(frozen=True)
 class Attr:
     """`student(x).logits`: an attribute (or dict key) of a model's output."""
@@ -48,6 +52,7 @@ class Attr:
     span: Span
 
 
+@final
 @dataclass(frozen=True)
 class LossCall:
     kind: ClassVar[str] = "loss_fn"
@@ -58,6 +63,7 @@ class LossCall:
     span: Span
 
 
+@final
 @dataclass(frozen=True)
 class LossValue:
     """The value of another loss, computed earlier in the same train group."""
@@ -67,6 +73,7 @@ class LossValue:
     span: Span
 
 
+@final
 @dataclass(frozen=True)
 class BinOp:
     kind: ClassVar[str] = "binop"
@@ -76,6 +83,7 @@ class BinOp:
     span: Span
 
 
+@final
 @dataclass(frozen=True)
 class Neg:
     kind: ClassVar[str] = "neg"

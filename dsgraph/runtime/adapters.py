@@ -36,16 +36,6 @@ def apply_lora(model: torch.nn.Module, lora: Lora, seed: int, task: str | None) 
         raise sources.SourceError(f"lora: {error}") from error
 
 
-def trainable_elements(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter elements; ZeRO-3 parameters count by their full size."""
-
-    def size(p: torch.nn.Parameter) -> int:
-        return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-
-    params = list(model.parameters())
-    return sum(size(p) for p in params if p.requires_grad), sum(size(p) for p in params)
-
-
 def merged_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter folded in: W + scaling * B @ A (transposed
     for fan-in-fan-out layers such as GPT-2's Conv1D), from a full (gathered) PeftModel state dict."""

@@ -38,6 +38,7 @@ class ModelHandle:
     optimizer: Any = None  # Accelerate's optimizer wrapper, when prepared by Accelerate
     scheduler: Any = None
     memory: dict[str, int] | None = None  # measured as its MEASURED_STEP-th optimizer step began
+    watched: bool = False  # its step is (or was) wrapped for that measurement
 
 
 @dataclass
@@ -220,10 +221,12 @@ class Backend:
         """Measure each trained engine once, as its MEASURED_STEP-th optimizer step begins (the
         step's gradients are reduced, the optimizer states exist); then put the engine's own
         `step` back, so that no later step pays for it. The instance's `step` is wrapped, which
-        Accelerate's backward calls too."""
+        Accelerate's backward calls too. Once per run: a later call (a benchmark training in
+        chunks) changes nothing."""
         for handle in self.models.values():
-            if not handle.trained:
+            if not handle.trained or handle.watched:
                 continue
+            handle.watched = True
             engine, step, seen = handle.engine, handle.engine.step, [0]
 
             def measured_step(

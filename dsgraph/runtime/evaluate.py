@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import Any
 
 import torch
 
 from dsgraph import plan as P
+from dsgraph.compat import assert_never
 from dsgraph.runtime import builtins
 
 Factories = Callable[[str], Callable[..., Any]]
@@ -49,36 +50,37 @@ def project(value: Any, attr: str) -> Any:
 
 
 def evaluate(expr: P.Expr, scope: Scope, detach: tuple[str, ...], factories: Factories) -> Any:
-    match expr:
-        case P.Const(value=value):
-            return value
-        case P.Field(data=data, field=name):
-            batch = scope.batches[data]
-            if name not in batch:
-                raise KeyError(f"data set `{data}` has no field `{name}`; it has: {', '.join(batch)}")
-            return batch[name]
-        case P.CallOutput(call=call):
-            return detached(scope.calls[call]) if call in detach else scope.calls[call]
-        case P.Attr(of=of, name=name):
-            return project(evaluate(of, scope, detach, factories), name)
-        case P.LossValue(loss=loss):
-            return scope.losses[loss]
-        case P.LossCall(fn=fn, builtin=builtin, args=args, kwargs=kwargs):
-            function = builtins.LOSSES[fn] if builtin else factories(fn)
-            return function(
-                *(evaluate(a, scope, detach, factories) for a in args),
-                **{k: evaluate(v, scope, detach, factories) for k, v in kwargs},
-            )
-        case P.Neg(operand=operand):
-            return -evaluate(operand, scope, detach, factories)
-        case P.BinOp(op=op, left=left, right=right):
-            a, b = evaluate(left, scope, detach, factories), evaluate(right, scope, detach, factories)
-            if op == "+":
-                return a + b
-            if op == "-":
-                return a - b
-            if op == "*":
-                return a * b
-            return a / b
-        case _:
-            assert_never(expr)
+    # Several calls per micro step: exact type tests, the commonest kinds first, cost half of a
+    # `match` on class patterns here; the expression classes are final, so mypy still checks that
+    # every kind is handled.
+    if type(expr) is P.CallOutput:
+        call = expr.call
+        return detached(scope.calls[call]) if call in detach else scope.calls[call]
+    if type(expr) is P.Field:
+        batch = scope.batches[expr.data]
+        if expr.field not in batch:
+            raise KeyError(f"data set `{expr.data}` has no field `{expr.field}`; it has: {', '.join(batch)}")
+        return batch[expr.field]
+    if type(expr) is P.LossCall:
+        function = builtins.LOSSES[expr.fn] if expr.builtin else factories(expr.fn)
+        values = [evaluate(a, scope, detach, factories) for a in expr.args]
+        options = {k: evaluate(v, scope, detach, factories) for k, v in expr.kwargs}
+        return function(*values, **options)
+    if type(expr) is P.Const:
+        return expr.value
+    if type(expr) is P.Attr:
+        return project(evaluate(expr.of, scope, detach, factories), expr.name)
+    if type(expr) is P.LossValue:
+        return scope.losses[expr.loss]
+    if type(expr) is P.Neg:
+        return -evaluate(expr.operand, scope, detach, factories)
+    if type(expr) is P.BinOp:
+        a, b = evaluate(expr.left, scope, detach, factories), evaluate(expr.right, scope, detach, factories)
+        if expr.op == "+":
+            return a + b
+        if expr.op == "-":
+            return a - b
+        if expr.op == "*":
+            return a * b
+        return a / b
+    assert_never(expr)

@@ -12,12 +12,13 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, assert_never
+from typing import Any
 
 import torch
 from torch import nn
 
 from dsgraph import plan as P
+from dsgraph.compat import assert_never
 from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
@@ -235,7 +236,7 @@ class Executor:
             metrics.advance()
             self.last_step = step
             self.heartbeat.beat(control.TRAINING, step)  # a memory store, no system call
-            stop = control.stop_step(self.run_dir)  # the driver asks for a clean stop
+            stop = self.heartbeat.stop_step()  # the driver asks for a clean stop
             every = self.settings.checkpoint_every
             if (every and step % every == 0) or (stop == step and every):
                 self.heartbeat.beat(control.SETUP, step)  # saving may take long: setup's timeout
