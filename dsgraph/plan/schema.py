@@ -317,6 +317,8 @@ class Plan:
         except ValueError as error:
             raise PlanError(f"not a dsgraph plan: {error}") from None
         version = document.get("dsgraph_plan") if isinstance(document, dict) else None
+        if version is None:
+            raise PlanError("not a dsgraph plan: it names no `dsgraph_plan` format version")
         if version != PLAN_VERSION:
             raise PlanError(
                 f"this plan has format version {version}, but this dsgraph reads version "
