@@ -1,4 +1,5 @@
-"""The IR: the pipeline with names resolved, values typed and defaults filled. Frozen dataclasses.
+"""The IR: the pipeline with names resolved, values typed and defaults filled. Frozen dataclasses;
+sources, data sets and LoRA adapters are the plan's own values, used as they are.
 
 `show()` prints the whole IR deterministically (the `--emit ir` form)."""
 
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from dsgraph.plan import Lora, Precision, Source
+from dsgraph.plan import DataSet, Lora, Precision, Source
 from dsgraph.source import Span
 
 
@@ -28,14 +29,6 @@ class Settings:
     checkpoint_every: int
     precision: Precision
     spans: dict[str, Span] = field(compare=False)
-
-
-@dataclass(frozen=True)
-class DataSet:
-    name: str
-    source: Source
-    fields: tuple[str, ...] | None  # None: known only at run time
-    span: Span
 
 
 @dataclass(frozen=True)

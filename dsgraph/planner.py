@@ -46,7 +46,7 @@ def build_plan(
     )
     frozen = P.FrozenEngine(strategy.frozen.engine, strategy.frozen.reason) if strategy.frozen else None
     calls = _call_ids(graph, analysis)
-    data = tuple(P.DataSet(d.name, d.source, d.fields, d.span) for d in pipeline.data.values())
+    data = tuple(pipeline.data.values())
     s = pipeline.settings
     settings = P.Settings(
         s.seed, s.steps, s.epochs, s.micro_batch, s.grad_accum, s.log_every, s.checkpoint_every, s.precision

@@ -15,6 +15,7 @@ import torch
 from replica import load_plan, replicate
 from test_memory import assert_estimate_holds
 from test_reliability import losses, wait_until, workers_of
+from test_runtime import dsgraph_run
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -29,22 +30,8 @@ def procs() -> int:
     return torch.cuda.device_count()
 
 
-def run(pipeline: Path, run_dir: Path, *sets: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "dsgraph",
-        "run",
-        str(pipeline),
-        "--procs",
-        str(procs()),
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        "log_every=1",
-        *[a for s in sets for a in ("--set", s)],
-    ]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(pipeline: Path, run_dir: Path, *sets: str) -> subprocess.CompletedProcess[str]:
+    return dsgraph_run(pipeline, run_dir, *sets, procs=procs())
 
 
 def ranks(run_dir: Path) -> list[dict]:

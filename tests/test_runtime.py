@@ -23,7 +23,9 @@ STEPS = 6
 pytestmark = pytest.mark.runtime
 
 
-def dsgraph_run(pipeline: Path, run_dir: Path, *sets: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def dsgraph_run(
+    pipeline: Path, run_dir: Path, *sets: str, timeout: int = 600, procs: int = 2
+) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -31,7 +33,7 @@ def dsgraph_run(pipeline: Path, run_dir: Path, *sets: str, timeout: int = 600) -
         "run",
         str(pipeline),
         "--procs",
-        "2",
+        str(procs),
         "--run-dir",
         str(run_dir),
         "--set",

@@ -8,6 +8,7 @@ from typing import TypeAlias
 
 from dsgraph import catalogue, ir
 from dsgraph.diagnostics import Diagnostics, did_you_mean
+from dsgraph.plan import DataSet
 from dsgraph.source import Span
 from dsgraph.syntax import ast
 
@@ -17,7 +18,7 @@ Keywords: TypeAlias = tuple[tuple[str, ir.LossExpr], ...]
 
 class LossLowering:
     def __init__(
-        self, data: dict[str, ir.DataSet | None], model_names: set[str], loss_names: set[str], diags: Diagnostics
+        self, data: dict[str, DataSet | None], model_names: set[str], loss_names: set[str], diags: Diagnostics
     ):
         self.data = data  # None: declared, but its declaration had errors
         self.models = model_names

@@ -11,7 +11,7 @@ from dsgraph.lower.losses import LossLowering
 from dsgraph.lower.models import ModelLowering
 from dsgraph.lower.settings import lower_settings
 from dsgraph.lower.sources import lower_source
-from dsgraph.plan import SourceKind
+from dsgraph.plan import DataSet, SourceKind
 from dsgraph.source import SourceFile, Span
 from dsgraph.syntax import ast
 
@@ -50,7 +50,7 @@ class _Lowerer:
             if self._declare(decl.name, self.zero_names, "ZeRO config"):
                 local = builder if filename == self.filename else ZeroBuilder(filename, self.diags, self.sources)
                 zeros[decl.name.text] = local.build(decl.name.text, decl.span, decl.file, decl.block)
-        data: dict[str, ir.DataSet | None] = {}  # None: declared, with errors
+        data: dict[str, DataSet | None] = {}  # None: declared, with errors
         for data_decl in (i for i in items if isinstance(i, ast.DataDecl)):
             if self._declare(data_decl.name, self.names, "name"):
                 data[data_decl.name.text] = self._data(data_decl)
@@ -103,7 +103,7 @@ class _Lowerer:
         table[name.text] = name.span
         return True
 
-    def _data(self, decl: ast.DataDecl) -> ir.DataSet | None:
+    def _data(self, decl: ast.DataDecl) -> DataSet | None:
         source = lower_source(decl.source, catalogue.DATA, "data set", self.diags)
         if source is None:
             return None
@@ -115,7 +115,7 @@ class _Lowerer:
                 if spec.fields is not None
                 else (tuple(dict(source.args)["fields"]) if dict(source.args).get("fields") else None)
             )
-        return ir.DataSet(decl.name.text, source, fields, decl.span)
+        return DataSet(decl.name.text, source, fields, decl.span)
 
     # -- train statements ----------------------------------------------------------------------
 
