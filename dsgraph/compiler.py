@@ -30,7 +30,7 @@ from dsgraph.lower.pipeline import lower
 from dsgraph.overrides import apply_overrides
 from dsgraph.plan import Plan
 from dsgraph.planner import build_plan
-from dsgraph.source import SourceFile
+from dsgraph.source import InputTooLarge, SourceFile
 from dsgraph.strategy import Strategy, decide
 from dsgraph.syntax import ast as ast_mod
 from dsgraph.syntax.parse import parse
@@ -107,4 +107,17 @@ def _compile(
 def compile_file(
     path: str | Path, world_size: int | None = None, overrides: tuple[str, ...] = (), device_memory: int | None = None
 ) -> Compilation:
-    return compile_source(SourceFile.read(path), world_size, overrides, device_memory)
+    """Raises OSError when the file cannot be read; a file too large is a diagnostic (DSG105)."""
+    try:
+        source = SourceFile.read(path)
+    except InputTooLarge as error:
+        empty = SourceFile(str(path), "")
+        diags = Diagnostics()
+        diags.add(
+            "DSG105",
+            empty.whole(),
+            f"the file is {error.size:,} bytes long; it was not read",
+            f"a .dsg file may hold at most {error.limit:,} bytes; split it with `include`",
+        )
+        return Compilation(empty, {empty.name: empty}, diags.sorted())
+    return compile_source(source, world_size, overrides, device_memory)

@@ -76,16 +76,28 @@ class Diagnostics:
         return [unique[k] for k in sorted(unique)]
 
 
+MAX_SNIPPET = 160  # characters of a source line shown; a longer line is cut around the caret
+
+
 def render_snippet(span: Span, source: SourceFile | None) -> list[str]:
     if source is None:
         return []
     raw = source.line_text(span.line)
     end = span.end_col if span.end_line == span.line else len(raw) + 1
+    # A line of a megabyte is shown as the part around the caret, never whole.
+    cut = max(0, span.col - 1 - MAX_SNIPPET // 2) if len(raw) > MAX_SNIPPET else 0
+    shown = raw[cut : cut + MAX_SNIPPET]
+    col, end = span.col - cut, min(end - cut, len(shown) + 1)
+    prefix, suffix = ("..." if cut else ""), ("..." if cut + MAX_SNIPPET < len(raw) else "")
     # Columns count characters; a tab is drawn 4 wide, so measure the caret on the drawn text.
-    start = len(raw[: span.col - 1].expandtabs(4))
-    width = max(1, len(raw[: end - 1].expandtabs(4)) - start)
+    start = len(prefix) + len(shown[: col - 1].expandtabs(4))
+    width = max(1, len(prefix) + len(shown[: end - 1].expandtabs(4)) - start)
     gutter = " " * len(str(span.line))
-    return [f"{gutter} |", f"{span.line} | {raw.expandtabs(4)}", f"{gutter} | {' ' * start}{'^' * width}"]
+    return [
+        f"{gutter} |",
+        f"{span.line} | {prefix}{shown.expandtabs(4)}{suffix}",
+        f"{gutter} | {' ' * start}{'^' * width}",
+    ]
 
 
 def render_text(diag: Diagnostic, sources: dict[str, SourceFile]) -> str:

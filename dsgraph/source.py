@@ -1,10 +1,37 @@
-"""Source files and spans: every diagnostic and plan step points back here."""
+"""Source files and spans: every diagnostic and plan step points back here.
+
+Every file the compiler reads (the .dsg file, its includes, DeepSpeed JSON files) is read through
+`read_bounded`: its size is checked before it is read, and no more than the limit is ever read, so
+that no input can make compiling slow or exhaust memory."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+MAX_SOURCE_BYTES = 1_000_000  # a .dsg file beyond this is not a pipeline description
+
+
+class InputTooLarge(ValueError):
+    """A file larger than what its reader accepts; nothing of it beyond the limit was read."""
+
+    def __init__(self, path: str, size: int, limit: int):
+        self.path, self.size, self.limit = path, size, limit
+        super().__init__(f"{path} is {size:,} bytes; at most {limit:,} are read")
+
+
+def read_bounded(path: str | Path, limit: int) -> str:
+    """The text of a file of at most `limit` bytes (decoded as UTF-8, bad bytes replaced)."""
+    size = os.stat(path).st_size
+    if size > limit:
+        raise InputTooLarge(str(path), size, limit)
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)  # a file that grew, or a device that never ends
+    if len(data) > limit:
+        raise InputTooLarge(str(path), len(data), limit)
+    return data.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +69,9 @@ class SourceFile:
     text: str
 
     @staticmethod
-    def read(path: str | Path) -> SourceFile:
-        return SourceFile(str(path), Path(path).read_text(encoding="utf-8", errors="replace"))
+    def read(path: str | Path, limit: int = MAX_SOURCE_BYTES) -> SourceFile:
+        """Raises InputTooLarge, or OSError when the file cannot be read."""
+        return SourceFile(str(path), read_bounded(path, limit))
 
     def line_text(self, line: int) -> str:
         lines = self.text.splitlines()

@@ -16,7 +16,7 @@ from dsgraph.catalogue import OFFLOAD_DEVICES, PRECISIONS
 from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
 from dsgraph.ir import ZeroConfig
 from dsgraph.plan import Precision
-from dsgraph.source import SourceFile, Span
+from dsgraph.source import InputTooLarge, SourceFile, Span, read_bounded
 from dsgraph.syntax import ast
 from dsgraph.lower.values import INVALID, describe, to_python
 
@@ -87,7 +87,24 @@ class ZeroBuilder:
             )
             return {}, {}
         display = str(path)
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = read_bounded(path, MAX_CONFIG_BYTES)
+        except InputTooLarge as error:
+            self.diags.add(
+                "DSG410",
+                arg_span,
+                f"DeepSpeed config file `{rel}` is {error.size:,} bytes long; it was not read",
+                f"a DeepSpeed config is a few kilobytes; at most {error.limit:,} bytes are read",
+            )
+            return {}, {}
+        except OSError as error:
+            self.diags.add(
+                "DSG409",
+                arg_span,
+                f"DeepSpeed config file `{rel}` cannot be read: {error.strerror or error}",
+                f"check the file's permissions; looked for {path}",
+            )
+            return {}, {}
         source = SourceFile(display, text)
         self.sources[display] = source
         deep = _too_deep_json(text)
@@ -282,6 +299,7 @@ def _precision_of_json(
 
 
 _MAX_JSON_DEPTH = 100
+MAX_CONFIG_BYTES = 1_000_000
 
 
 def _too_deep_json(text: str) -> int | None:

@@ -16,9 +16,10 @@ from dsgraph.syntax import ast
 
 
 class ModelLowering:
-    def __init__(self, diags: Diagnostics, zero_names: dict[str, Span], builder: ZeroBuilder):
+    def __init__(self, diags: Diagnostics, zero_names: dict[str, Span], builder: ZeroBuilder, includes_loaded: bool):
         self.diags = diags
         self.zero_names = zero_names  # every declared ZeRO config, those with errors too
+        self.includes_loaded = includes_loaded  # False: a name may be declared in an include that failed
         self.builder = builder  # inline `zero = { ... }` blocks
 
     def model(self, decl: ast.ModelDecl, zeros: dict[str, ir.ZeroConfig]) -> ir.Model | None:
@@ -178,7 +179,7 @@ class ModelLowering:
                 return value.name
             if value.name == ir.ZERO_AUTO and value.name not in self.zero_names:
                 return ir.ZERO_AUTO  # the stage is chosen by dsgraph.zeroauto
-            if value.name not in self.zero_names:
+            if value.name not in self.zero_names and self.includes_loaded:
                 self.diags.add(
                     "DSG201",
                     value.span,

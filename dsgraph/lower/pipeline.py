@@ -29,7 +29,7 @@ def lower(loaded: Loaded, diags: Diagnostics, sources: dict[str, SourceFile]) ->
             "write `pipeline NAME { ... }`; share ZeRO configs between files with `include`",
         )
         return None
-    return _Lowerer(loaded.source.name, diags, sources).pipeline(pipelines[0], loaded.zeros)
+    return _Lowerer(loaded.source.name, diags, sources).pipeline(pipelines[0], loaded.zeros, loaded.complete)
 
 
 class _Lowerer:
@@ -40,7 +40,9 @@ class _Lowerer:
         self.names: dict[str, Span] = {}  # data, model and loss names share one namespace
         self.zero_names: dict[str, Span] = {}
 
-    def pipeline(self, node: ast.Pipeline, shared_zeros: tuple[SharedZero, ...]) -> ir.Pipeline | None:
+    def pipeline(
+        self, node: ast.Pipeline, shared_zeros: tuple[SharedZero, ...], includes_loaded: bool
+    ) -> ir.Pipeline | None:
         items = node.items
         settings = lower_settings([i for i in items if isinstance(i, ast.Setting)], node, self.diags)
         builder = ZeroBuilder(self.filename, self.diags, self.sources)
@@ -59,7 +61,7 @@ class _Lowerer:
         models_ok = [d for d in model_decls if self._declare(d.name, self.names, "name")]
         losses_ok = [d for d in loss_decls if self._declare(d.name, self.names, "name")]
         models: dict[str, ir.Model] = {}
-        model_lowering = ModelLowering(self.diags, self.zero_names, builder)
+        model_lowering = ModelLowering(self.diags, self.zero_names, builder, includes_loaded)
         for model_decl in models_ok:
             model = model_lowering.model(model_decl, zeros)
             if model is not None:

@@ -11,10 +11,10 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.lexer import PatternStr
 
 from dsgraph.diagnostics import Diagnostics
-from dsgraph.source import SourceFile, Span
+from dsgraph.source import MAX_SOURCE_BYTES, SourceFile, Span
 from dsgraph.syntax.grammar import file_parser
 
-MAX_BYTES = 1_000_000  # a .dsg file beyond this is not a pipeline description
+MAX_BYTES = MAX_SOURCE_BYTES  # a .dsg file beyond this is not a pipeline description
 MAX_DEPTH = 200  # nesting of brackets and of expression trees
 
 _TERMINAL_WORDS = {
