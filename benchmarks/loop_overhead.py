@@ -104,7 +104,7 @@ def main() -> None:
     plan = compile_file(str(ROOT / "pipelines" / "distill.dsg"), world).plan
     assert plan is not None
     run_dir = Path(tempfile.mkdtemp(prefix=f"dsgraph-loop-rank{rank}-"))  # metrics, heartbeat
-    executor = executor_module.Executor(plan, run_dir, rank, world)
+    executor = executor_module.Executor(plan, run_dir, rank, world, "0" * 16)
     executor.setup()
     backend = executor.backend
     accelerator = backend.accelerators[0]

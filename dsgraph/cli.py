@@ -1,7 +1,8 @@
 """The command line: `dsgraph compile | check | dot | run`.
 
 Exit codes: 0 ok, 1 user error (diagnostics), 2 usage, 4 a worker failed or hung, 70 internal
-error (traceback only with --debug), 130 interrupted."""
+error (traceback only with --debug), 74 the environment (the run directory, a full disk, a
+read-only file system, a run directory in use), 130 interrupted."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from dsgraph.compiler import Compilation
+    from dsgraph.diagnostics import Diagnostic
     from dsgraph.plan import Plan
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_WORKER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 4, 70, 130
+EXIT_ENVIRONMENT = 74  # the machine's fault: the run directory, a full disk, a read-only file system
 
 EPILOG = """examples:
   dsgraph compile pipelines/distill.dsg               the plan, as text
@@ -61,11 +64,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory of one device, e.g. 16GiB or 24e9: what `zero = auto` and --memory plan for",
     )
+    p.add_argument(
+        "--trust-user-code",
+        action="store_true",
+        help="let `zero = auto` build factory models on the meta device to size them (runs their code)",
+    )
 
     p = sub.add_parser("check", help="report the diagnostics of .dsg files")
     p.add_argument("files", nargs="+")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--world-size", type=_positive, default=None)
+    p.add_argument(
+        "--trust-user-code",
+        action="store_true",
+        help="let `zero = auto` build factory models on the meta device to size them (runs their code)",
+    )
 
     p = sub.add_parser("run", help="compile, then train on DeepSpeed engines with N processes")
     p.add_argument("file")
@@ -106,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("-o", "--output", help="out.dot, out.svg or out.png (default: DOT on stdout)")
     p.add_argument("--world-size", type=_positive, default=None)
+    p.add_argument(
+        "--trust-user-code",
+        action="store_true",
+        help="let `zero = auto` build factory models on the meta device to size them (runs their code)",
+    )
     return parser
 
 
@@ -139,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
-    except Exception:
+    except Exception as error:
+        from dsgraph.runtime.rundir import describe, is_environment_error
+
+        if isinstance(error, OSError) and is_environment_error(error) and not args.debug:
+            print(f"dsgraph: {describe(error)}", file=sys.stderr)  # the machine's, not a bug of dsgraph
+            return EXIT_ENVIRONMENT
         if args.debug:
             traceback.print_exc()
         else:
@@ -152,14 +175,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(
-    path: str, world_size: int | None, overrides: tuple[str, ...] = (), device_memory: int | None = None
+    path: str,
+    world_size: int | None,
+    overrides: tuple[str, ...] = (),
+    device_memory: int | None = None,
+    trust_user_code: bool = False,
 ) -> Compilation | None:
     from dsgraph.compiler import compile_file
 
     if not Path(path).is_file():
         print(f"dsgraph: no such file: {path}", file=sys.stderr)
         return None
-    return compile_file(path, world_size, overrides, device_memory)
+    return compile_file(path, world_size, overrides, device_memory, trust_user_code)
 
 
 def _print_diagnostics(result: Compilation, stream: TextIO = sys.stderr) -> None:
@@ -172,7 +199,7 @@ def _print_diagnostics(result: Compilation, stream: TextIO = sys.stderr) -> None
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    result = _load(args.file, args.world_size, (), args.device_memory)
+    result = _load(args.file, args.world_size, (), args.device_memory, args.trust_user_code)
     if result is None:
         return EXIT_USAGE
     if args.emit == "ast" and result.ast is not None:
@@ -225,7 +252,7 @@ def _print_memory(plan: Plan, args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     status, report = EXIT_OK, []
     for path in args.files:
-        result = _load(path, args.world_size)
+        result = _load(path, args.world_size, trust_user_code=args.trust_user_code)
         if result is None:
             status = max(status, EXIT_USAGE)
             continue
@@ -243,7 +270,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dot(args: argparse.Namespace) -> int:
-    result = _load(args.file, args.world_size)
+    result = _load(args.file, args.world_size, trust_user_code=args.trust_user_code)
     if result is None:
         return EXIT_USAGE
     _print_diagnostics(result)
@@ -281,14 +308,22 @@ def cmd_dot(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import hashlib
     import os
 
-    from dsgraph.runtime import env, launch
+    from dsgraph import resume
+    from dsgraph.runtime import env, launch, rundir
 
-    inside = env.inside_launcher()
-    procs = int(os.environ["WORLD_SIZE"]) if inside else (args.procs or env.gpu_count() or 2)
+    try:
+        ranks = env.launcher_rank()
+    except env.LauncherError as error:
+        print(f"dsgraph: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    inside = ranks is not None
+    procs = ranks[1] if ranks is not None else (args.procs or env.gpu_count() or 2)
     # Compile first: a wrong file stops here, before any worker starts.
-    result = _load(args.file, procs, tuple(args.overrides), args.device_memory)
+    # `run` runs the user's code anyway: `zero = auto` may size factory models.
+    result = _load(args.file, procs, tuple(args.overrides), args.device_memory, trust_user_code=True)
     if result is None:
         return EXIT_USAGE
     _print_diagnostics(result)
@@ -296,73 +331,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USER
     plan = result.plan
     assert plan is not None  # no error: it was planned
-    manifest = None
     if args.resume:
         run_dir = Path(args.resume)
-        manifest = _resume_checks(run_dir, plan, procs, result)
-        if manifest is None:
-            return EXIT_USER
     elif inside:
-        run_dir = Path(args.run_dir or f"runs/{plan.pipeline}-{os.environ.get('MASTER_PORT', 'run')}")
+        run_dir = Path(args.run_dir or f"runs/{plan.pipeline}-{os.environ['MASTER_PORT']}")
     else:
         run_dir = Path(args.run_dir) if args.run_dir else launch.default_run_dir(plan.pipeline)
-    launch.write_plan(run_dir, plan.to_json())
+    if inside:  # every rank of the launcher's job computes the same id
+        job = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+        run_id = hashlib.sha256(job.encode()).hexdigest()[:16]
+    else:
+        run_id = rundir.new_run_id()
+    try:
+        rundir.prepare(run_dir)
+        lock = None if inside else rundir.RunLock.acquire(run_dir, run_id)  # held until this process ends
+        manifest = None
+        if args.resume:
+            manifest, diags = resume.check(run_dir, plan, procs, result)
+            if manifest is None:
+                _print_list(diags, result)
+                return EXIT_USER
+        launch.write_plan(run_dir, plan.to_json())
+    except rundir.EnvironmentFault as fault:
+        print(f"dsgraph: {fault}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     if inside:
-        return launch.run_here(run_dir, manifest)
+        return launch.run_here(run_dir, run_id, manifest)
     resumed = f", resuming from {manifest.name}" if manifest else ""
     print(f"dsgraph: {procs} processes, run directory {run_dir}{resumed}", file=sys.stderr)
-    return launch.launch(run_dir, procs, args.hang_timeout, manifest)
+    code = launch.launch(run_dir, procs, args.hang_timeout, run_id, manifest)
+    assert lock is not None
+    lock.release()
+    return code
 
 
-def _resume_checks(run_dir: Path, plan: Plan, procs: int, result: Compilation) -> Path | None:
-    """The newest complete checkpoint of RUN_DIR if this plan may continue it, else None (with
-    DSG501/DSG502 printed). Nothing in RUN_DIR is unpickled here or without a valid manifest."""
-    from dsgraph.diagnostics import Diagnostic, Note, render_summary, render_text
-    from dsgraph.runtime import checkpoint
-    from dsgraph.source import Span
+def _print_list(diags: list[Diagnostic], result: Compilation) -> None:
+    from dsgraph.diagnostics import render_summary, render_text
 
-    file_span = Span(plan.file, 1, 1, 1, 2)
-    spans = {m.name: m.span for m in plan.models}
-    spans.update({loss.name: loss.span for loss in plan.losses})
-    spans.update({d.name: d.span for d in plan.data})
-    found = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-    diags = []
-    if found is None:
-        partial = checkpoint.incomplete(run_dir) if run_dir.is_dir() else []
-        why = f"; {len(partial)} incomplete checkpoint folder(s) are ignored" if partial else ""
-        diags.append(
-            Diagnostic(
-                "DSG502",
-                f"{run_dir} holds no complete dsgraph checkpoint{why}",
-                file_span,
-                "resume a run directory that `dsgraph run` checkpointed (checkpoint_every > 0)",
-            )
-        )
-    else:
-        manifest, path = found
-        for message, name in checkpoint.differences(manifest["identity"], checkpoint.identity(plan)):
-            diags.append(
-                Diagnostic(
-                    "DSG501",
-                    f"the checkpoint at step {manifest['step']} was saved by a different plan: {message}",
-                    spans.get(name or "", file_span),
-                    "resume with the file the run was started with, or start a new run",
-                    (Note(f"checkpoint: {path}"),),
-                )
-            )
-        if manifest["world_size"] != procs:
-            diags.append(
-                Diagnostic(
-                    "DSG501",
-                    f"the checkpoint was saved by {manifest['world_size']} processes, this run has {procs}",
-                    file_span,
-                    f"resume with --procs {manifest['world_size']}",
-                    (Note(f"checkpoint: {path}"),),
-                )
-            )
     for diag in diags:
         print(render_text(diag, result.sources), file=sys.stderr)
-    if diags:
-        print(render_summary(diags, result.source.name), file=sys.stderr)
-        return None
-    return path
+    print(render_summary(diags, result.source.name), file=sys.stderr)

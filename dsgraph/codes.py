@@ -83,6 +83,12 @@ _ALL = (
     Code("DSG415", "zero-auto-nothing-fits", E, "`zero = auto`: no stage fits, not even ZeRO-3 with offload"),
     Code("DSG416", "zero-auto-unsized", E, "`zero = auto`: a model could not be built on the meta device to size it"),
     Code("DSG417", "zero-auto-no-world-size", W, "`zero = auto` planned without a world size (for 1 process)"),
+    Code(
+        "DSG418",
+        "zero-auto-deferred",
+        W,
+        "`zero = auto` chosen only when the run starts: a model is built by user code",
+    ),
     # 5xx: run time (`dsgraph run`), checked by the driver before any worker starts.
     Code("DSG501", "checkpoint-mismatch", E, "a checkpoint saved by a different plan or world size"),
     Code("DSG502", "no-complete-checkpoint", E, "a run directory without a complete dsgraph checkpoint"),

@@ -70,16 +70,25 @@ def _no_gc() -> Iterator[None]:
 
 
 def compile_source(
-    source: SourceFile, world_size: int | None = None, overrides: tuple[str, ...] = (), device_memory: int | None = None
+    source: SourceFile,
+    world_size: int | None = None,
+    overrides: tuple[str, ...] = (),
+    device_memory: int | None = None,
+    trust_user_code: bool = False,
 ) -> Compilation:
     """`overrides` are `--set key=value` strings, applied to the AST before lowering;
-    `device_memory` (bytes per device) is what `zero = auto` plans for."""
+    `device_memory` (bytes per device) is what `zero = auto` plans for; `trust_user_code` lets
+    `zero = auto` build factory models on the meta device to size them (`dsgraph run`)."""
     with _no_gc():
-        return _compile(source, world_size, overrides, device_memory)
+        return _compile(source, world_size, overrides, device_memory, trust_user_code)
 
 
 def _compile(
-    source: SourceFile, world_size: int | None, overrides: tuple[str, ...], device_memory: int | None
+    source: SourceFile,
+    world_size: int | None,
+    overrides: tuple[str, ...],
+    device_memory: int | None,
+    trust_user_code: bool,
 ) -> Compilation:
     diags = Diagnostics()
     sources = {source.name: source}
@@ -92,7 +101,7 @@ def _compile(
     if pipeline is None:
         return Compilation(source, sources, diags.sorted(), tree)
     if has_auto(pipeline):  # sizes the models on the meta device: imports torch
-        pipeline = resolve_auto(pipeline, diags, world_size, device_memory)
+        pipeline = resolve_auto(pipeline, diags, world_size, device_memory, trust_user_code)
     graph = graph_mod.build(pipeline)
     analysis = analyse(pipeline, graph)
     strategy = decide(pipeline, analysis) if analysis else None
@@ -105,7 +114,11 @@ def _compile(
 
 
 def compile_file(
-    path: str | Path, world_size: int | None = None, overrides: tuple[str, ...] = (), device_memory: int | None = None
+    path: str | Path,
+    world_size: int | None = None,
+    overrides: tuple[str, ...] = (),
+    device_memory: int | None = None,
+    trust_user_code: bool = False,
 ) -> Compilation:
     """Raises OSError when the file cannot be read; a file too large is a diagnostic (DSG105)."""
     try:
@@ -120,4 +133,4 @@ def compile_file(
             f"a .dsg file may hold at most {error.limit:,} bytes; split it with `include`",
         )
         return Compilation(empty, {empty.name: empty}, diags.sorted())
-    return compile_source(source, world_size, overrides, device_memory)
+    return compile_source(source, world_size, overrides, device_memory, trust_user_code)

@@ -139,7 +139,7 @@ def test_a_worker_refuses_a_changed_plan_before_it_builds_anything(tmp_path):
     document["models"][0]["deepspeed_config"]["zero_optimization"]["stage"] = 1
     (tmp_path / "plan.json").write_text(json.dumps(document))
     done = subprocess.run(
-        [sys.executable, "-m", "dsgraph.runtime.worker", str(tmp_path)],
+        [sys.executable, "-m", "dsgraph.runtime.worker", str(tmp_path), "--run-id", "0" * 16],
         cwd=ROOT,
         capture_output=True,
         text=True,

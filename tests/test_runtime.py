@@ -234,7 +234,8 @@ def test_frozen_models_are_not_saved_in_checkpoints(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["manifests", "student"]
     manifest = json.loads((run_dir / "ckpt" / "manifests" / "step-00000004.json").read_text())
-    assert manifest["frozen"]["teacher"]["target"] == "mlp" and list(manifest["models"]) == ["student"]
+    assert [m["name"] for m in manifest["models"]] == ["student"]
+    assert manifest["identity"]["models"]["teacher"]["role"] == "frozen"
 
 
 def test_hugging_face_models_from_a_directory_and_from_a_config(tmp_path):

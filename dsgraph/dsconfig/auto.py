@@ -21,6 +21,7 @@ from dsgraph.dsconfig.keys import zero_stage
 from dsgraph.dsconfig.resolve import precision_of, resolve
 from dsgraph.dsconfig.sizes import human
 from dsgraph.dsconfig.zero import INLINE_DEFAULTS
+from dsgraph.plan import SourceKind
 
 
 Candidate: TypeAlias = tuple[int, bool, bool]  # (stage, offload_optimizer, offload_param)
@@ -67,8 +68,34 @@ def _name(candidate: Candidate) -> str:
     return f"ZeRO-{candidate[0]}{_offload_words(candidate)}"
 
 
-def resolve_auto(p: ir.Pipeline, diags: Diagnostics, world_size: int | None, device_memory: int | None) -> ir.Pipeline:
+def user_code(model: ir.Model) -> bool:
+    """Whether building the model runs the user's code: a factory, or a Hugging Face model that
+    trusts the code in its directory."""
+    return model.source.kind is SourceKind.FACTORY or bool(model.source.arg("trust_remote_code", False))
+
+
+def resolve_auto(
+    p: ir.Pipeline, diags: Diagnostics, world_size: int | None, device_memory: int | None, trust_user_code: bool
+) -> ir.Pipeline:
+    """Each `zero = auto` model on the least-sharded stage that fits. Sizing builds every model
+    on the meta device; a model built by user code is sized only when `trust_user_code` (`dsgraph
+    run`, which runs that code anyway, or `compile --trust-user-code`): otherwise the choice is
+    deferred (DSG418) and the plan shows ZeRO-3 meanwhile."""
     auto = [m for m in p.models.values() if m.zero == ir.ZERO_AUTO]
+    unsized = [m for m in p.models.values() if user_code(m)]
+    if unsized and not trust_user_code:
+        for a in auto:
+            diags.add(
+                "DSG418",
+                a.spans["zero"],
+                f"`zero = auto` on `{a.name}` is chosen when the run starts: `{unsized[0].name}` is built by "
+                "user code, which compiling does not run; this plan shows ZeRO-3 meanwhile",
+                "`dsgraph run` sizes it and chooses; `dsgraph compile --trust-user-code` shows that plan, "
+                "or give the stage: `zero = { stage = 3 }`",
+                *(Note(f"`{m.name}` is declared here", m.span) for m in unsized[:1]),
+            )
+        deferred = "zero = auto: ZeRO-3 until `dsgraph run` sizes the models built by user code"
+        return _assign(p, {a.name: ((3, False, False), deferred) for a in auto})
     world = world_size or 1
     if world_size is None:
         for m in auto:

@@ -1,12 +1,18 @@
 """The process that runs torch's elastic launcher for `dsgraph run`: `torch.distributed.run`,
 called as a library so that its own failure report (a traceback of ChildFailedError) does not
-bury dsgraph's one-line report. It records which ranks failed, and how, in the run
-directory (the last argument) for the driver. The workers' output passes through."""
+bury dsgraph's one-line report.
+
+    python -m dsgraph.runtime.agent RUN_DIR TORCHRUN_ARGUMENTS...
+
+It records which ranks failed, and how, in RUN_DIR/agent_failure.json for the driver (written
+whole or not at all: on a full disk the driver finds no record, never a torn one). The workers'
+output passes through."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,9 +22,9 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    run_dir = Path(argv[-1])
+    run_dir, torchrun = Path(argv[0]), argv[1:]
     try:
-        run(parse_args(argv))
+        run(parse_args(torchrun))
     except ChildFailedError as error:
         records = [
             {
@@ -28,9 +34,18 @@ def main(argv: list[str]) -> int:
             }
             for rank, failure in sorted(error.failures.items())
         ]
-        (run_dir / "agent_failure.json").write_text(json.dumps(records) + "\n")
+        _write(run_dir / "agent_failure.json", json.dumps(records) + "\n")
         return 1
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as error:
+        print(f"dsgraph: cannot record the failed ranks in {path}: {error.strerror or error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,15 @@
-"""Checkpoints that become visible atomically, and exact resume.
+"""Checkpoints that become visible atomically, and exact resume (inside the workers).
 
-Layout, per step N (`step-0000000N`):
-    ckpt/<model>/step-N/             each trained model's DeepSpeed checkpoint, its own folder
-    ckpt/manifests/step-N.json      the dsgraph manifest (JSON, never pickle), written last
-
-Every engine first writes into `step-N.partial`; after all ranks are done, rank 0 renames the
-folders and then writes the manifest. A crash at any point leaves either no manifest for N (the
-previous checkpoint stays the newest complete one) or a complete checkpoint. A folder is only
-ever loaded (DeepSpeed's loader unpickles) when a valid manifest names it."""
+Every engine first writes into `ckpt/<model>/step-N.partial`; once every rank is done, rank 0
+renames the folders, every rank digests its share of their files, and rank 0 writes the manifest
+(dsgraph.runtime.manifest) last, with fsync. A crash at any point leaves either no manifest for N
+(the previous checkpoint stays the newest complete one) or a complete checkpoint. A folder is only
+ever loaded (DeepSpeed's loader unpickles) when a valid manifest names it, and the worker checks
+the manifest again before loading."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -20,114 +17,19 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsgraph.plan import Model, Plan, Source
+from dsgraph.runtime.manifest import (
+    CheckpointInvalid,
+    Manifest,
+    RankState,
+    SavedModel,
+    folder_of,
+    read,
+    saved_files,
+    tag,
+)
 
 if TYPE_CHECKING:
     from dsgraph.runtime.executor import Executor
-
-MANIFEST_VERSION = 1
-
-
-def tag(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-# -- what must not change between a checkpoint and its resume --------------------------------------
-
-
-def identity(plan: Plan) -> dict[str, Any]:
-    """The parts of a plan a resumed run must share with the run that saved: models (source, role,
-    DeepSpeed config), losses, data, seed and batch geometry. Steps, logging and checkpoint
-    intervals may change."""
-
-    def config(m: Model) -> dict[str, Any]:
-        cfg: dict[str, Any] = json.loads(json.dumps(m.deepspeed_config))
-        cfg.get("scheduler", {}).get("params", {}).pop("total_num_steps", None)
-        cfg.pop("train_batch_size", None)  # follows the world size, which is compared on its own
-        return cfg
-
-    s = plan.settings
-    return {
-        "models": {
-            m.name: {"source": source_json(m.source), "role": m.role.value, "deepspeed_config": config(m)}
-            for m in plan.models
-        },
-        "losses": {loss.name: loss.text for loss in plan.losses},
-        "data": {d.name: source_json(d.source) for d in plan.data},
-        "seed": s.seed,
-        "micro_batch": s.micro_batch,
-        "grad_accum": s.grad_accum,
-    }
-
-
-def source_json(source: Source) -> dict[str, Any]:
-    """A source as JSON, without its span."""
-    return {"kind": source.kind.value, "target": source.target, "args": [[k, v] for k, v in source.args]}
-
-
-def digest(ident: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """What differs, in words, with the model/loss it concerns (to point at its declaration)."""
-    out: list[tuple[str, str | None]] = []
-    for key in ("seed", "micro_batch", "grad_accum"):
-        if saved[key] != current[key]:
-            out.append((f"{key} was {saved[key]}, is now {current[key]}", None))
-    for section, noun in (("models", "model"), ("losses", "loss"), ("data", "data set")):
-        for name in sorted(set(saved[section]) | set(current[section])):
-            before, now = saved[section].get(name), current[section].get(name)
-            if before == now:
-                continue
-            if before is None:
-                out.append((f"{noun} `{name}` is new", name))
-            elif now is None:
-                out.append((f"{noun} `{name}` is gone", None))
-            elif section == "models":
-                changed = [k for k in now if before.get(k) != now[k]]
-                if "deepspeed_config" in changed:
-                    keys = _changed_keys(before["deepspeed_config"], now["deepspeed_config"])
-                    changed[changed.index("deepspeed_config")] = f"deepspeed_config ({', '.join(keys)})"
-                out.append((f"{noun} `{name}` changed: {', '.join(changed)}", name))
-            else:
-                out.append((f"{noun} `{name}` changed: `{before}` -> `{now}`", name))
-    return out
-
-
-def _changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(now, dict):
-        out = []
-        for key in sorted(set(before) | set(now)):
-            out += _changed_keys(before.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if before == now else [prefix or "(whole)"]
-
-
-# -- finding the newest complete checkpoint (no torch needed) --------------------------------
-
-
-def latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest manifest whose model folders all exist, or None."""
-    folder = run_dir / "ckpt" / "manifests"
-    for path in sorted(folder.glob("step-*.json"), reverse=True) if folder.is_dir() else []:
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if manifest.get("dsgraph_checkpoint") != MANIFEST_VERSION:
-            continue
-        if all((run_dir / rel).is_dir() for rel in manifest.get("models", {}).values()):
-            return manifest, path
-    return None
-
-
-def incomplete(run_dir: Path) -> list[Path]:
-    ckpt = run_dir / "ckpt"
-    return sorted(ckpt.glob("*/*.partial")) if ckpt.is_dir() else []
-
-
-# -- saving and loading (inside workers) -----------------------------------------------------
 
 
 def rng_state() -> dict[str, str]:
@@ -171,47 +73,59 @@ def _jsonable(value: Any) -> Any:
 
 def save(executor: Executor, step: int) -> None:
     """Collective: every rank calls it at the same step."""
-    run_dir, name = executor.run_dir, tag(step)
+    run_dir, name, backend = executor.run_dir, tag(step), executor.backend
     trained = [m.name for m in executor.plan.models if m.trained]
     for model in trained:
         # DeepSpeed writes this rank's shards; `.partial` until every rank is done.
-        executor.backend.save_checkpoint(model, str(run_dir / "ckpt" / model), name + ".partial")
-    mine = {"rng": rng_state(), "data": {d: b.sampler.state() for d, b in executor.batches.items()}}
-    ranks = executor.backend.all_gather_object(mine, executor.world)
-    executor.backend.barrier()
+        backend.save_checkpoint(model, str(run_dir / "ckpt" / model), name + ".partial")
+    mine = RankState(rng_state(), {d: b.sampler.state() for d, b in executor.batches.items()})
+    ranks = backend.all_gather_object(mine, executor.world)
+    backend.barrier()
     if executor.rank == 0:
         for model in trained:
-            final = run_dir / "ckpt" / model / name
+            final = run_dir / folder_of(model, step)
             if final.exists():
                 shutil.rmtree(final)
             (run_dir / "ckpt" / model / (name + ".partial")).rename(final)
-        manifest = {
-            "dsgraph_checkpoint": MANIFEST_VERSION,
-            "step": step,
-            "world_size": executor.world,
-            "plan_digest": digest(identity(executor.plan)),
-            "identity": identity(executor.plan),
-            "seed": executor.settings.seed,
-            "models": {m: str(Path("ckpt") / m / name) for m in trained},
-            "frozen": {m.name: source_json(m.source) for m in executor.plan.models if not m.trained},
-            "ranks": ranks,
-        }
+    backend.barrier()
+    # Each rank digests every world-th file: the cost of reading a large checkpoint is shared.
+    share = {}
+    for model in trained:
+        folder = run_dir / folder_of(model, step)
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        share[model] = saved_files(folder, names[executor.rank :: executor.world])
+    shares = backend.all_gather_object(share, executor.world)
+    if executor.rank == 0:
+        models = tuple(
+            SavedModel(m, folder_of(m, step), tuple(sorted((f for s in shares for f in s[m]), key=lambda f: f.path)))
+            for m in trained
+        )
+        manifest = Manifest(step, executor.world, executor.identity, models, tuple(ranks))
         folder = run_dir / "ckpt" / "manifests"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{name}.json.tmp"
         with open(tmp, "w") as f:
-            f.write(json.dumps(manifest, indent=1) + "\n")
+            f.write(manifest.to_json())
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(folder / f"{name}.json")  # the checkpoint exists from this moment
-    executor.backend.barrier()
+    backend.barrier()
 
 
-def load(executor: Executor, manifest: dict[str, Any]) -> None:
-    for model, rel in manifest["models"].items():
-        path = executor.run_dir / rel
-        executor.backend.load_checkpoint(model, str(path.parent), path.name)
-    mine = manifest["ranks"][executor.rank]
-    for data_name, state in mine["data"].items():
+def load(executor: Executor, path: Path) -> Manifest:
+    """Restores the checkpoint whose manifest is at `path`, which the driver validated; it is
+    checked again here (layout and sizes) before any file of it is unpickled."""
+    try:
+        manifest = read(path, executor.run_dir, digests=False)
+    except CheckpointInvalid as error:
+        raise RuntimeError(f"checkpoint {path} {error}") from None
+    if manifest.world_size != executor.world:
+        raise RuntimeError(f"checkpoint {path} was saved by {manifest.world_size} processes, not {executor.world}")
+    for model in manifest.models:
+        folder = executor.run_dir / model.folder
+        executor.backend.load_checkpoint(model.name, str(folder.parent), folder.name)
+    mine = manifest.ranks[executor.rank]
+    for data_name, state in mine.data.items():
         executor.batches[data_name].sampler.restore(state)
-    executor.resume_rng = mine["rng"]
+    executor.resume_rng = mine.rng
+    return manifest

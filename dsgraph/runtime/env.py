@@ -1,14 +1,41 @@
-"""Process environment for workers: set before torch/deepspeed are imported.
+"""Process environment for workers, set before torch and DeepSpeed are imported; and whether this
+process was started by an external launcher.
 
 Without CUDA, DeepSpeed must be told to use its CPU accelerator (gloo plus its shared-memory
-all-reduce op); with 2 ranks on 2 cores, each rank gets one OpenMP thread."""
+all-reduce op); with 2 ranks on 2 cores, each rank gets one OpenMP thread. DeepSpeed JIT-builds
+that op once (~30-50 s); the build is kept per user, outside any virtual environment, keyed by
+the versions that make it valid, and is used from a writable copy when it lies on a read-only
+file system."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# What may stand above a rank that a launcher started (a part of an ancestor's command line).
+_LAUNCHERS = (
+    "torch.distributed.run",
+    "torchrun",
+    "torch.distributed.launch",
+    "accelerate",
+    "deepspeed",
+    "mpirun",
+    "mpiexec",
+    "orterun",
+    "srun",
+    "slurmstepd",
+)
+
+
+class LauncherError(ValueError):
+    """Launcher variables that do not describe a rank of a running launcher."""
 
 
 def cuda_available() -> bool:
@@ -25,27 +52,118 @@ def gpu_count() -> int:
         return 0
     import torch
 
-    return torch.cuda.device_count()
+    return int(torch.cuda.device_count())
 
 
 def worker_environment(procs: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment the launcher passes to every worker."""
     env = dict(os.environ if base is None else base)
+    # The environment's own tools first: a `ninja` of another version on PATH would make
+    # DeepSpeed rebuild its op in the same cache on every run.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if not cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
-        # DeepSpeed JIT-builds its CPU comm op once per environment; two virtualenvs sharing the
-        # default cache rebuild it on every run, so each environment gets its own folder.
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / ".torch_extensions"))
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(usable_extensions_dir(extensions_dir(env["PATH"]))))
     env.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-def inside_launcher() -> bool:
-    """True when torchrun, `accelerate launch` or `deepspeed` started this process as a rank."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and "DSGRAPH_DRIVER" not in os.environ
+def extensions_dir(path: str | None = None) -> Path:
+    """The per-user cache of DeepSpeed's JIT-built ops, keyed by what makes a build valid: the
+    versions of Python, torch and DeepSpeed, and of the `ninja` that builds it."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsgraph" / "torch_extensions"
+    versions = [f"py{sys.version_info.major}.{sys.version_info.minor}"]
+    for package in ("torch", "deepspeed"):
+        try:
+            versions.append(f"{package}-{metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package}-none")
+    ninja = shutil.which("ninja", path=path)
+    tag = hashlib.sha256(_version_of(ninja).encode()).hexdigest()[:8] if ninja else "noninja"
+    return root / f"{'-'.join(versions)}-ninja{tag}"
+
+
+def _version_of(program: str) -> str:
+    try:
+        done = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return program
+    return done.stdout.strip() or program
+
+
+def usable_extensions_dir(cache: Path) -> Path:
+    """`cache` when this process can write it (building there is needed once, and torch takes a
+    lock file there even to load a built op); else a fresh writable copy of it, or an empty
+    temporary folder when it cannot even be created."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=".probe"):
+            return cache
+    except OSError:
+        pass
+    copy = Path(tempfile.mkdtemp(prefix="dsgraph-torch-extensions-"))
+    if cache.is_dir():
+        # copy2 keeps the modification times: ninja sees the copied build as up to date.
+        shutil.copytree(cache, copy, dirs_exist_ok=True, copy_function=shutil.copy2)
+    print(
+        f"dsgraph: the op cache {cache} is not writable; using a copy in {copy}"
+        + ("" if cache.is_dir() else " (DeepSpeed builds its op there once, ~30-50 s)"),
+        file=sys.stderr,
+    )
+    return copy
+
+
+def launcher_rank() -> tuple[int, int] | None:
+    """(rank, world size) when an external launcher (torchrun, `accelerate launch`, `deepspeed`,
+    mpirun, srun) started this process as one rank of a job; None when no launcher variable is
+    set. Variables left over in a shell from another job are refused, not trusted: all of
+    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT must be set, consistent, and a
+    launcher must stand above this process."""
+    present = [name for name in LAUNCHER_VARIABLES if name in os.environ]
+    if not present:
+        return None
+    missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
+    if missing:
+        raise LauncherError(
+            f"{', '.join(present)} {'is' if len(present) == 1 else 'are'} set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: leftovers from another job? Unset "
+            f"{', '.join(present)} to let dsgraph start its own processes"
+        )
+    try:
+        rank, world, local = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        raise LauncherError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers") from None
+    if not 0 <= rank < world or not 0 <= local < world:
+        raise LauncherError(f"RANK={rank}, LOCAL_RANK={local} and WORLD_SIZE={world} do not describe a rank")
+    launcher = _launcher_above()
+    if launcher is None:
+        raise LauncherError(
+            f"{', '.join(LAUNCHER_VARIABLES)} are set, but no launcher (torchrun, accelerate launch, "
+            "deepspeed, mpirun, srun) started this process: leftovers from another job? Unset them to "
+            "let dsgraph start its own processes, or run under a launcher"
+        )
+    return rank, world
+
+
+def _launcher_above() -> str | None:
+    """The command line of the nearest ancestor that is a launcher, if any."""
+    import psutil
+
+    try:
+        process = psutil.Process().parent()
+        for _ in range(12):
+            if process is None:
+                return None
+            command = " ".join(process.cmdline())
+            if any(name in command for name in _LAUNCHERS):
+                return command
+            process = process.parent()
+    except psutil.Error:
+        return None
+    return None
 
 
 def prepare_current_process() -> None:

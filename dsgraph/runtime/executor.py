@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 import zlib
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from dsgraph import plan as P
 from dsgraph.compat import assert_never
-from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, sources
+from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, manifest, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
@@ -63,8 +63,9 @@ def _where(step: P.SetupStep | P.StepOp) -> str:
 
 
 class Executor:
-    def __init__(self, plan: P.Plan, run_dir: Path, rank: int, world: int):
+    def __init__(self, plan: P.Plan, run_dir: Path, rank: int, world: int, run_id: str, resume: Path | None = None):
         self.plan, self.run_dir, self.rank, self.world = plan, run_dir, rank, world
+        self.resume = resume  # a checkpoint manifest the driver checked
         self.settings = plan.settings
         self.base_dir = Path(plan.file).parent
         self.backend = Backend()
@@ -74,7 +75,7 @@ class Executor:
         self.built: dict[str, nn.Module] = {}  # built, not yet handed to an engine
         self.executed: list[int] = []  # setup step ids, in the order run
         self.executed_step: list[int] = []  # op ids of the first optimizer step
-        self.heartbeat = control.Heartbeat(run_dir, rank)
+        self.heartbeat = control.Heartbeat(run_dir, rank, run_id)
         self.first_step = 0  # > 0 when resuming
         self.resume_rng: dict[str, str] | None = None
         self.stopped_early = False
@@ -99,14 +100,12 @@ class Executor:
             out.mkdir(exist_ok=True)
             for name, config in self.configs.items():
                 (out / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        resume = os.environ.get("DSGRAPH_RESUME")
-        if resume:
-            manifest = json.loads(Path(resume).read_text())
+        if self.resume is not None:
             try:
-                checkpoint.load(self, manifest)
+                manifest = checkpoint.load(self, self.resume)
             except Exception as error:
-                raise RunFailure(f"resuming from {Path(resume).name}", None, error) from error
-            self.first_step = manifest["step"]
+                raise RunFailure(f"resuming from {self.resume.name}", None, error) from error
+            self.first_step = manifest.step
 
     def _setup_step(self, step: P.SetupStep) -> None:
         plan, backend = self.plan, self.backend
@@ -166,6 +165,11 @@ class Executor:
                 model, m.lora, model_seed(self.settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
             )
         return model
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint's resume must share with this run (data files digested once)."""
+        return manifest.identity(self.plan, self.base_dir)
 
     @property
     def total_steps(self) -> int:
@@ -239,7 +243,7 @@ class Executor:
             stop = self.heartbeat.stop_step()  # the driver asks for a clean stop
             every = self.settings.checkpoint_every
             if (every and step % every == 0) or (stop == step and every):
-                self.heartbeat.beat(control.SETUP, step)  # saving may take long: setup's timeout
+                self.heartbeat.beat(control.CHECKPOINT, step)  # watched like a step
                 checkpoint.save(self, step)
                 self.heartbeat.beat(control.TRAINING, step)
             if stop == step:

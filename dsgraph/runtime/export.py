@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dsgraph.plan import Model, SourceKind
 from dsgraph.runtime.adapters import export_lora
-from dsgraph.runtime.checkpoint import source_json
+from dsgraph.runtime.manifest import source_json
 from dsgraph.runtime.engines import Backend
 
 

@@ -1,5 +1,9 @@
 """What a run reports: metrics.jsonl (rank 0), a progress bar (rank 0), a summary at the end.
 
+metrics.jsonl gets one line per logged step, appended with a single write, so that a crash can at
+worst leave the last line torn; a resumed run keeps the lines up to its checkpoint and drops a torn
+one with a warning, never failing on it.
+
 With DSGRAPH_STEP_TIMES=1, rank 0 also writes step_times.json: the wall time of every step and
 the unix time the loop started (benchmarks/overhead.py reads it; one clock read per step)."""
 
@@ -10,25 +14,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class Metrics:
     def __init__(self, run_dir: Path, rank: int, total_steps: int, pipeline: str, first_step: int = 0):
         self.rank = rank
         self.start = time.perf_counter()
-        self.file = None
+        self.file: BinaryIO | None = None
         if rank == 0:
             path = run_dir / "metrics.jsonl"
-            kept = []
-            if first_step and path.exists():  # resuming: keep what led up to the checkpoint
-                kept = [
-                    line
-                    for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= first_step
-                ]
-            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - written every step, closed in close()
-            self.file.writelines(line + "\n" for line in kept)
+            kept = _kept_lines(path, first_step) if first_step else []
+            tmp = run_dir / ".metrics.jsonl.tmp"
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(path)
+            # Unbuffered, appending: each record is one write() of a whole line.
+            self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - written every step, closed in close()
         self.last: dict[str, Any] = {}
         self.bar = None
         if rank == 0:
@@ -54,8 +55,7 @@ class Metrics:
         record["wall_time"] = round(time.perf_counter() - self.start, 4)
         self.last = record
         if self.file is not None:
-            self.file.write(json.dumps(record, sort_keys=True) + "\n")
-            self.file.flush()
+            self.file.write((json.dumps(record, sort_keys=True) + "\n").encode())
         if self.bar is not None:
             shown = {k: f"{v:.4f}" for k, v in record["losses"].items()}
             shown.update({k.rpartition(".")[2]: f"{v:.4f}" for k, v in record.get("stats", {}).items()})
@@ -81,3 +81,22 @@ class Metrics:
             )
         if self.rank == 0:
             print("\n".join(summary_lines), flush=True)
+
+
+def _kept_lines(path: Path, first_step: int) -> list[str]:
+    """The lines of a resumed run's metrics.jsonl up to its checkpoint's step. A line that is not a
+    whole record (torn by a crash while it was written) is dropped with a warning."""
+    if not path.exists():
+        return []
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            print(f"dsgraph: {path}:{number}: not a whole record (torn by a crash?); dropped", file=sys.stderr)
+            continue
+        if isinstance(step, int) and step <= first_step:
+            kept.append(line)
+    return kept

@@ -1,4 +1,5 @@
-"""One rank: `python -m dsgraph.runtime.worker RUN_DIR`, started by the launcher.
+"""One rank: `python -m dsgraph.runtime.worker RUN_DIR --run-id ID [--driver PID] [--resume MANIFEST]`,
+started by the launcher.
 
 Reads RUN_DIR/plan.json, runs it, exports the trained models, and leaves RUN_DIR/done/rankN.
 A failure is written to RUN_DIR/failures/rankN.json (the plan step, the .dsg line, the cause) and
@@ -7,6 +8,7 @@ waiting in a collective."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -17,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from dsgraph.plan import Plan, PlanError, lint
-from dsgraph.runtime import control
+from dsgraph.runtime import control, rundir
 
 EXIT_FAILED = 1
+RECORD_BYTES = 16384  # the space of a failure record, reserved at start
 
 
 def _quiet() -> None:
@@ -40,38 +43,48 @@ def _quiet() -> None:
         pass
 
 
-def run(run_dir: Path) -> int:
+def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> int:
+    """One rank of run `run_id`. `driver`: the pid of the `dsgraph run` that started it (the rank
+    exits when it dies); `resume`: the checkpoint manifest to continue from, checked by the driver."""
+    if driver is not None:
+        control.exit_when_gone(driver)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    _quiet()
-    started = time.perf_counter()
     try:
+        # Held for the life of this process: no other run can take the directory meanwhile.
+        locks = [rundir.hold_shared(run_dir, rundir.WORKERS_LOCK)]
+        if driver is None:  # started by an external launcher: refuse a directory a driver owns
+            locks.append(rundir.hold_shared(run_dir, rundir.DRIVER_LOCK))
+        _reserve_failure_record(run_dir, rank)
         plan = Plan.from_json((run_dir / "plan.json").read_text(encoding="utf-8"))
         problems = lint(plan)
         if problems:
             raise PlanError(f"the plan does not hold together: {'; '.join(problems)}")
-    except (OSError, PlanError) as error:
-        _report_failure(run_dir, rank, RuntimeError(f"{run_dir / 'plan.json'}: {error}"), internal=False)
+    except (OSError, PlanError, rundir.EnvironmentFault) as error:
+        _report_failure(run_dir, rank, run_id, error, where="loading the plan")
         os._exit(EXIT_FAILED)
+    _quiet()
+    started = time.perf_counter()
     from dsgraph.runtime.executor import Executor  # imports torch and deepspeed
 
-    executor = Executor(plan, run_dir, rank, world)
+    executor = Executor(plan, run_dir, rank, world, run_id, resume)
     try:
         executor.setup()
         setup_time = time.perf_counter() - started
         metrics = executor.train()
-        executor.heartbeat.beat(control.FINISHED, executor.total_steps)  # finished training: no watchdog
+        executor.heartbeat.beat(control.EXPORT, executor.last_step)  # watched: a hang here ends the run
         exported = [] if executor.stopped_early else executor.export()
         executor.write_rank_report()
+        executor.heartbeat.beat(control.FINISHED, executor.last_step)
         train_time = time.perf_counter() - started - setup_time
         metrics.close(_summary(plan, executor.last_step, metrics.last, exported, setup_time, train_time, run_dir))
         executor.backend.shutdown()
+        (run_dir / "done").mkdir(exist_ok=True)
+        (run_dir / "done" / f"rank{rank}").write_text(f"{'stopped' if executor.stopped_early else 'ok'} {run_id}\n")
     except BaseException as error:
-        _report_failure(run_dir, rank, error)
+        _report_failure(run_dir, rank, run_id, error)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_FAILED)  # no clean-up that could wait on the other ranks
-    (run_dir / "done").mkdir(exist_ok=True)
-    (run_dir / "done" / f"rank{rank}").write_text("stopped\n" if executor.stopped_early else "ok\n")
     sys.stdout.flush()
     sys.stderr.flush()
     # Everything is written and the process group is gone. Skipping the interpreter's teardown
@@ -79,28 +92,50 @@ def run(run_dir: Path) -> int:
     os._exit(0)
 
 
-def _report_failure(run_dir: Path, rank: int, error: BaseException, internal: bool = True) -> None:
+def _report_failure(run_dir: Path, rank: int, run_id: str, error: BaseException, where: str | None = None) -> None:
+    """failures/rankN.json for the driver; when even that cannot be written (a full disk), the
+    same line on stderr, which the driver passes through."""
     from dsgraph.runtime.executor import RunFailure
 
+    cause = error.cause if isinstance(error, RunFailure) else error
     record: dict[str, Any]
     if isinstance(error, RunFailure):
         record = {"rank": rank, **error.to_json()}
     elif isinstance(error, KeyboardInterrupt):
         record = {"rank": rank, "where": "interrupted", "span": None, "error": "KeyboardInterrupt"}
-    elif not internal:
-        record = {"rank": rank, "where": "loading the plan", "span": None, "error": str(error)}
+    elif where is not None:
+        record = {"rank": rank, "where": where, "span": None, "error": str(error)}
     else:
-        record = {
-            "rank": rank,
-            "where": "dsgraph runtime",
-            "span": None,
-            "error": f"{type(error).__name__}: {error}",
-            "internal": True,
-        }
-    record["traceback"] = traceback.format_exc()
-    record["time"] = time.time()  # the first failure is the cause; the others follow from it
+        record = {"rank": rank, "where": "dsgraph runtime", "span": None, "error": f"{type(error).__name__}: {error}"}
+        record["internal"] = not rundir.is_environment_error(cause)
+    if rundir.is_environment_error(cause):  # the machine's fault: a full disk, a read-only file system
+        assert isinstance(cause, OSError)
+        record["environment"] = True
+        record["error"] = rundir.describe(cause)
+        record.pop("internal", None)
+    record.update(run_id=run_id, traceback=traceback.format_exc(), time=time.time())  # the first is the cause
+    text = json.dumps(record, indent=2) + "\n"
+    if len(text.encode()) > RECORD_BYTES:  # the traceback's end is what tells most
+        record["traceback"] = record["traceback"][-(RECORD_BYTES // 2) :]
+        text = json.dumps(record) + "\n"
+    try:
+        # Written over the space reserved at start: it needs no new block on a full disk.
+        with open(run_dir / "failures" / f"rank{rank}.json", "r+b") as file:
+            data = text.encode()[:RECORD_BYTES]
+            file.write(data)
+            file.truncate(len(data))
+    except OSError:
+        print(f"dsgraph: rank {rank} failed in {record['where']}: {record['error']}", file=sys.stderr)
+
+
+def _reserve_failure_record(run_dir: Path, rank: int) -> None:
+    """failures/rankN.json, blank: the space a failure record needs, taken while there is some.
+    The driver ignores a blank record."""
     (run_dir / "failures").mkdir(exist_ok=True)
-    (run_dir / "failures" / f"rank{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
+    with open(run_dir / "failures" / f"rank{rank}.json", "wb") as file:
+        file.write(b" " * RECORD_BYTES)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _summary(
@@ -122,11 +157,13 @@ def _summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m dsgraph.runtime.worker RUN_DIR", file=sys.stderr)
-        return 2
-    return run(Path(args[0]))
+    parser = argparse.ArgumentParser(prog="python -m dsgraph.runtime.worker", description="one rank of a dsgraph run")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--driver", type=int, default=None, help="the pid of the `dsgraph run` that started it")
+    parser.add_argument("--resume", type=Path, default=None, help="the checkpoint manifest to continue from")
+    args = parser.parse_args(argv)
+    return run(args.run_dir, args.run_id, args.driver, args.resume)
 
 
 if __name__ == "__main__":

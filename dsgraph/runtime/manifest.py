@@ -1,0 +1,280 @@
+"""The checkpoint manifest: what a checkpoint holds, as a typed and versioned JSON document, and
+its validation before anything of the checkpoint is loaded. Imports no torch: the driver checks a
+`--resume` here before any worker starts.
+
+Layout, per step N (`step-0000000N`):
+    ckpt/<model>/step-N/             each trained model's DeepSpeed checkpoint, its own folder
+    ckpt/manifests/step-N.json      the manifest (JSON, never pickle), written last
+
+A manifest is valid when it has the schema of this version, lists exactly the models its own
+identity trains, each in the folder the layout names (inside the run directory, no symbolic
+links), holds one saved state per rank, and every file of every folder is there with the size and
+SHA-256 digest recorded when it was saved, and no other file is. Only then is a folder handed to
+DeepSpeed, whose loader unpickles. A manifest that is not valid is skipped with a warning naming
+the file and why, and the previous checkpoint is used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsgraph.plan import Model, Plan, Source
+from dsgraph.plan.codec import decode, encode
+from dsgraph.source import InputTooLarge, read_bounded
+
+MANIFEST_VERSION = 2
+MAX_MANIFEST_BYTES = 64_000_000
+
+
+class CheckpointInvalid(ValueError):
+    """A checkpoint that must not be loaded, and why."""
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    path: str  # relative to the model's folder
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    name: str
+    folder: str  # relative to the run directory: ckpt/<name>/step-N
+    files: tuple[SavedFile, ...]
+
+
+@dataclass(frozen=True)
+class RankState:
+    rng: dict[str, str]  # torch, python, numpy (and cuda) generator states
+    data: dict[str, dict[str, Any]]  # data set -> its sampler's position
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    world_size: int
+    identity: dict[str, Any]  # what a resumed run must share with the run that saved
+    models: tuple[SavedModel, ...]
+    ranks: tuple[RankState, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"dsgraph_checkpoint": MANIFEST_VERSION, **encode(self, frozenset())}, indent=1) + "\n"
+
+
+def tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def folder_of(model: str, step: int) -> str:
+    return f"ckpt/{model}/{tag(step)}"
+
+
+# -- what must not change between a checkpoint and its resume ----------------------------------
+
+
+def identity(plan: Plan, base_dir: Path | None = None) -> dict[str, Any]:
+    """The parts of a plan a resumed run must share with the run that saved: models (source, role,
+    DeepSpeed config), losses, data (source, and the content of a data file), seed and batch
+    geometry. Steps, logging and checkpoint intervals may change."""
+
+    def config(m: Model) -> dict[str, Any]:
+        cfg: dict[str, Any] = json.loads(json.dumps(m.deepspeed_config))
+        cfg.get("scheduler", {}).get("params", {}).pop("total_num_steps", None)
+        cfg.pop("train_batch_size", None)  # follows the world size, which is compared on its own
+        return cfg
+
+    base = base_dir if base_dir is not None else Path(plan.file).parent
+    s = plan.settings
+    return {
+        "models": {
+            m.name: {"source": source_json(m.source), "role": m.role.value, "deepspeed_config": config(m)}
+            for m in plan.models
+        },
+        "losses": {loss.name: loss.text for loss in plan.losses},
+        "data": {d.name: {**source_json(d.source), "content": data_digest(d.source, base)} for d in plan.data},
+        "seed": s.seed,
+        "micro_batch": s.micro_batch,
+        "grad_accum": s.grad_accum,
+    }
+
+
+def source_json(source: Source) -> dict[str, Any]:
+    """A source as JSON, without its span."""
+    return {"kind": source.kind.value, "target": source.target, "args": [[k, v] for k, v in source.args]}
+
+
+def data_digest(source: Source, base_dir: Path) -> str | None:
+    """The SHA-256 of the file a data set reads (its `path`), None when it reads none."""
+    path = source.arg("path")
+    if not isinstance(path, str):
+        return None
+    try:
+        return _sha256(base_dir / path)
+    except OSError:
+        return None  # the run fails on it with its own message
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str]]:
+    """What differs, in words, with what it concerns: `setting:seed`, `model:student`,
+    `loss:kd`, `data:train` (to point at the line that changed it)."""
+    out: list[tuple[str, str]] = []
+    for key in ("seed", "micro_batch", "grad_accum"):
+        if saved.get(key) != current[key]:
+            out.append((f"{key} was {saved.get(key)}, is now {current[key]}", f"setting:{key}"))
+    for section, noun in (("models", "model"), ("losses", "loss"), ("data", "data set")):
+        before_all, now_all = saved.get(section) or {}, current[section]
+        for name in sorted(set(before_all) | set(now_all)):
+            before, now = before_all.get(name), now_all.get(name)
+            if before == now:
+                continue
+            where = f"{noun.split()[0]}:{name}"
+            if before is None:
+                out.append((f"{noun} `{name}` is new", where))
+            elif now is None:
+                out.append((f"{noun} `{name}` is gone", "pipeline"))
+            elif section == "models":
+                changed = [k for k in now if before.get(k) != now[k]]
+                if "deepspeed_config" in changed:
+                    keys = _changed_keys(before["deepspeed_config"], now["deepspeed_config"])
+                    changed[changed.index("deepspeed_config")] = f"deepspeed_config ({', '.join(keys)})"
+                out.append((f"{noun} `{name}` changed: {', '.join(changed)}", where))
+            elif section == "data" and {k: v for k, v in before.items() if k != "content"} == {
+                k: v for k, v in now.items() if k != "content"
+            }:
+                out.append((f"the file of {noun} `{name}` changed since the checkpoint was saved", where))
+            else:
+                out.append((f"{noun} `{name}` changed: `{before}` -> `{now}`", where))
+    return out
+
+
+def _changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(before) | set(now)):
+            out += _changed_keys(before.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if before == now else [prefix or "(whole)"]
+
+
+# -- reading and validating ---------------------------------------------------------------------
+
+
+def read(path: Path, run_dir: Path, digests: bool = True) -> Manifest:
+    """The manifest at `path`, validated against the files of `run_dir` (sizes always, digests
+    when `digests`); CheckpointInvalid, with the reason, when it must not be loaded."""
+    try:
+        document = json.loads(read_bounded(path, MAX_MANIFEST_BYTES))
+    except (OSError, ValueError, InputTooLarge) as error:
+        raise CheckpointInvalid(f"cannot be read: {error}") from None
+    if not isinstance(document, dict) or document.get("dsgraph_checkpoint") != MANIFEST_VERSION:
+        version = document.get("dsgraph_checkpoint") if isinstance(document, dict) else None
+        raise CheckpointInvalid(f"is not a manifest of version {MANIFEST_VERSION} (it says {version})")
+    try:
+        manifest: Manifest = decode(
+            Manifest, {k: v for k, v in document.items() if k != "dsgraph_checkpoint"}, frozenset()
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointInvalid(f"does not have a manifest's shape: {error}") from None
+    try:
+        _check_layout(manifest, path)
+    except (AttributeError, TypeError, KeyError) as error:  # an identity of the wrong shape
+        raise CheckpointInvalid(f"does not have a manifest's shape: {error}") from None
+    for model in manifest.models:
+        _check_files(model, run_dir, digests)
+    return manifest
+
+
+def _check_layout(manifest: Manifest, path: Path) -> None:
+    if path.name != f"{tag(manifest.step)}.json" or manifest.step < 1:
+        raise CheckpointInvalid(f"names step {manifest.step}, which is not the step of its file name")
+    trained = sorted(name for name, m in (manifest.identity.get("models") or {}).items() if m.get("role") == "trained")
+    listed = sorted(m.name for m in manifest.models)
+    if not trained or listed != trained:
+        raise CheckpointInvalid(f"lists the models {listed or 'none'}, but its plan trains {trained or 'none'}")
+    for model in manifest.models:
+        if model.folder != folder_of(model.name, manifest.step):
+            raise CheckpointInvalid(
+                f"puts `{model.name}` in {model.folder!r}, not {folder_of(model.name, manifest.step)}"
+            )
+    if manifest.world_size < 1 or len(manifest.ranks) != manifest.world_size:
+        raise CheckpointInvalid(f"holds {len(manifest.ranks)} rank states for {manifest.world_size} processes")
+    data = set(manifest.identity.get("data") or {})
+    for rank in manifest.ranks:
+        if set(rank.data) != data or not all(_is_position(p) for p in rank.data.values()):
+            raise CheckpointInvalid("holds a data position that is not one")
+
+
+def _is_position(state: Any) -> bool:
+    return (
+        isinstance(state, dict)
+        and isinstance(state.get("epoch"), int)
+        and isinstance(state.get("position"), int)
+        and isinstance(state.get("generator"), str)
+    )
+
+
+def _check_files(model: SavedModel, run_dir: Path, digests: bool) -> None:
+    """Every file recorded is there, whole and unchanged, inside the run directory; nothing else."""
+    folder = run_dir / model.folder
+    root = os.path.realpath(run_dir)
+    if os.path.realpath(folder) != os.path.join(root, model.folder) or not folder.is_dir():
+        raise CheckpointInvalid(f"names {folder} for `{model.name}`, which is not a folder of the run directory")
+    on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
+    recorded = {f.path for f in model.files}
+    if on_disk != recorded:
+        extra, missing = sorted(on_disk - recorded), sorted(recorded - on_disk)
+        raise CheckpointInvalid(
+            f"does not match {folder}: "
+            + "; ".join(
+                part
+                for part in (f"missing {missing}" if missing else "", f"not recorded {extra}" if extra else "")
+                if part
+            )
+        )
+    for record in model.files:
+        path = folder / record.path
+        if path.is_symlink() or not path.is_file():
+            raise CheckpointInvalid(f"names {path}, which is not a plain file")
+        size = path.stat().st_size
+        if size != record.size:
+            raise CheckpointInvalid(f"{path} is {size:,} bytes, {record.size:,} when it was saved (truncated?)")
+        if digests and _sha256(path) != record.sha256:
+            raise CheckpointInvalid(f"{path} changed since it was saved (its SHA-256 differs)")
+
+
+def saved_files(folder: Path, names: list[str]) -> list[SavedFile]:
+    """The records of some files of a model's folder (each rank digests its share)."""
+    return [SavedFile(name, (folder / name).stat().st_size, _sha256(folder / name)) for name in names]
+
+
+def newest(run_dir: Path) -> tuple[Manifest, Path, list[str]]:
+    """The newest valid checkpoint of `run_dir`, and a warning for each newer one skipped;
+    CheckpointInvalid (with every reason) when there is none."""
+    folder = run_dir / "ckpt" / "manifests"
+    skipped: list[str] = []
+    for path in sorted(folder.glob("step-*.json"), reverse=True) if folder.is_dir() else []:
+        try:
+            return read(path, run_dir), path, skipped
+        except CheckpointInvalid as error:
+            skipped.append(f"{path} {error}")
+    partial = incomplete(run_dir)
+    reasons = skipped + ([f"{len(partial)} incomplete checkpoint folder(s), never used"] if partial else [])
+    raise CheckpointInvalid("; ".join(reasons) or "no checkpoint")
+
+
+def incomplete(run_dir: Path) -> list[Path]:
+    ckpt = run_dir / "ckpt"
+    return sorted(ckpt.glob("*/*.partial")) if ckpt.is_dir() else []

@@ -1,0 +1,146 @@
+"""The run directory: checked before anything is written to it, and owned by one run at a time.
+
+Ownership is two `flock` locks in the directory. The driver of a run (`dsgraph run`) holds
+`.dsgraph.lock` exclusively for as long as it lives, and writes who it is into it; each worker
+holds `.dsgraph.workers.lock` shared for as long as it lives. A second run, or a resume, is
+refused while either is held: by a live driver (its pid and command are named), or by workers of
+an earlier run that have not exited yet. A lock dies with the process that holds it, so the lock
+of a dead run is never in the way. Every run also has an id, written into its heartbeats, done
+markers and failure records, so that no run mistakes another's processes or markers for its own.
+
+Faults of the machine (a run directory that is a file, lies under a file, is a dangling link, is
+read-only, or a full disk) are `EnvironmentFault`s: one plain line naming the path and the OS
+error, and their own exit code."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+DRIVER_LOCK = ".dsgraph.lock"
+WORKERS_LOCK = ".dsgraph.workers.lock"
+# OS errors that are the machine's (disk, permissions, file system), not a bug of dsgraph.
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EIO,
+        errno.EMFILE,
+        errno.ENFILE,
+    }
+)
+
+
+class EnvironmentFault(Exception):
+    """A fault of the machine, told in one line that names the path and the OS error."""
+
+
+def is_environment_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
+
+
+def describe(error: OSError, path: Path | str | None = None) -> str:
+    """`No space left on device (errno 28)`, with the path it concerns."""
+    where = error.filename if error.filename is not None else path
+    text = f"{error.strerror or error} (errno {error.errno})"
+    return f"{where}: {text}" if where is not None else text
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
+def prepare(run_dir: Path) -> None:
+    """The run directory exists and can be written; else an EnvironmentFault."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise EnvironmentFault(
+            f"run directory {run_dir} is a symbolic link to {os.readlink(run_dir)}, which does not exist"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EnvironmentFault(f"run directory {run_dir} exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".probe.{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as error:
+        raise EnvironmentFault(f"cannot use run directory {run_dir}: {describe(error)}") from None
+
+
+class RunLock:
+    """The driver's exclusive ownership of a run directory (see the module's docstring)."""
+
+    def __init__(self, file: IO[str]):
+        self._file = file
+
+    @staticmethod
+    def acquire(run_dir: Path, run_id: str) -> RunLock:
+        file = _open_lock(run_dir / DRIVER_LOCK)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(run_dir / DRIVER_LOCK)
+            file.close()
+            raise EnvironmentFault(f"run directory {run_dir} is in use by another dsgraph run{holder}") from None
+        workers = _open_lock(run_dir / WORKERS_LOCK)
+        try:
+            fcntl.flock(workers, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nothing of an earlier run still works here
+        except BlockingIOError:
+            file.close()
+            raise EnvironmentFault(
+                f"run directory {run_dir} is still in use by the workers of an earlier run, which have "
+                "not exited yet; wait for them, or stop them"
+            ) from None
+        finally:
+            workers.close()
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps({"pid": os.getpid(), "run_id": run_id, "command": sys.argv, "started": time.time()}))
+        file.flush()
+        return RunLock(file)
+
+    def release(self) -> None:
+        self._file.close()
+
+
+def hold_shared(run_dir: Path, name: str) -> IO[str]:
+    """A shared lock on `name` held for as long as the returned file stays open (a worker keeps it
+    for its life); EnvironmentFault when a run holds it exclusively."""
+    file = _open_lock(run_dir / name)
+    try:
+        fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(run_dir / name)
+        file.close()
+        raise EnvironmentFault(f"run directory {run_dir} is in use by another dsgraph run{holder}") from None
+    return file
+
+
+def _open_lock(path: Path) -> IO[str]:
+    try:
+        return open(path, "a+", encoding="utf-8")
+    except OSError as error:
+        raise EnvironmentFault(f"cannot lock run directory {path.parent}: {describe(error)}") from None
+
+
+def _holder(path: Path) -> str:
+    """`(pid 1234: dsgraph run p.dsg)` of the driver that holds the lock, when it says."""
+    try:
+        holder: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        command = " ".join(str(part) for part in holder["command"])
+        return f" (pid {holder['pid']}: {command})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

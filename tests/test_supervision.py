@@ -1,0 +1,282 @@
+"""A run nothing can fool, with real processes: the driver's death or a closed terminal stops the
+run and leaves its checkpoint resumable bit-identically; one run owns its directory; a rank hung
+in the export is stopped; leftover launcher variables are refused; the environment's faults get
+their own exit code and one line; `check` of a `zero = auto` file runs no user code."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_reliability import FIXTURES, ROOT, heartbeat_step, losses, wait_until, workers_of
+
+pytestmark = pytest.mark.runtime
+EXIT_ENVIRONMENT = 74
+
+
+def dsgraph(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dsgraph", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def start_driver(*args: str) -> subprocess.Popen[str]:
+    """`dsgraph run` as a terminal starts it: in a process group of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsgraph", "run", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def processes_of(run_dir: Path) -> list[int]:
+    """Every process whose command line names the run directory: the launcher and the workers."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(run_dir) in (proc.info["cmdline"] or []):
+            found.append(proc.pid)
+    return found
+
+
+# -- the driver's death ------------------------------------------------------------------------
+
+
+def test_kill_9_of_the_driver_stops_every_process_and_leaves_a_resumable_checkpoint(tmp_path):
+    # long.dsg has no schedule that depends on `steps`: the killed run of 100000 steps and the
+    # straight run of 150 make the same updates.
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    every = ("--set", "checkpoint_every=50")
+    done = dsgraph(
+        "run", str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(straight), "--set", "steps=150", *every
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    driver = start_driver(str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(broken), *every)
+    manifest = broken / "ckpt" / "manifests" / "step-00000050.json"
+    wait_until(lambda: manifest.exists() or driver.poll() is not None, 240)
+    assert driver.poll() is None
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver's whole process group, as when a terminal dies
+    killed = time.time()
+    wait_until(lambda: not processes_of(broken), 15)  # the launcher and every worker
+    assert time.time() - killed < 15
+    resumed = dsgraph("run", str(FIXTURES / "long.dsg"), "--procs", "2", "--resume", str(broken), "--set", "steps=150")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    start = int(resumed.stderr.split("resuming from step-")[1][:8])
+    a, b = losses(straight), losses(broken)
+    assert start >= 50 and sorted(b) == list(range(1, 151))
+    for step in range(start + 1, 151):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
+
+
+def test_sighup_of_the_driver_stops_cleanly_checkpoints_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    driver = start_driver(str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(run_dir))
+    wait_until(lambda: heartbeat_step(run_dir) >= 5 or driver.poll() is not None, 240)
+    driver.send_signal(signal.SIGHUP)  # the terminal closed
+    _, stderr = driver.communicate(timeout=90)
+    assert driver.returncode == 130, stderr[-2000:]
+    stop = json.loads((run_dir / "stop").read_text())["after_step"]
+    assert [m.name for m in (run_dir / "ckpt" / "manifests").glob("*.json")] == [f"step-{stop:08d}.json"]
+    assert workers_of(run_dir) == []
+
+
+# -- one owner per run directory ---------------------------------------------------------------
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_the_first_is_unharmed(tmp_path):
+    run_dir = tmp_path / "run"
+    first = start_driver(str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(run_dir))
+    try:
+        wait_until(lambda: heartbeat_step(run_dir) >= 3 or first.poll() is not None, 240)
+        for args in (("--run-dir", str(run_dir)), ("--resume", str(run_dir))):
+            second = dsgraph("run", str(FIXTURES / "long.dsg"), "--procs", "2", *args, timeout=60)
+            assert second.returncode == EXIT_ENVIRONMENT, second.stderr
+            assert f"run directory {run_dir} is in use by another dsgraph run (pid {first.pid}:" in second.stderr
+        step = heartbeat_step(run_dir)
+        wait_until(lambda: heartbeat_step(run_dir) > step + 3, 60)  # the first goes on
+        assert first.poll() is None
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # one writer
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=90)
+
+
+def test_workers_of_an_earlier_run_still_alive_keep_the_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # A process holding the workers' lock, as a worker of a dead driver would until it exits.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(run_dir / '.dsgraph.workers.lock')!r}, 'a+')\n"
+            "fcntl.flock(f, fcntl.LOCK_SH)\nprint('held', flush=True)\ntime.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        refused = dsgraph("run", str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(run_dir), timeout=60)
+        assert refused.returncode == EXIT_ENVIRONMENT
+        assert "still in use by the workers of an earlier run" in refused.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(run_dir / ".dsgraph.lock", "a+") as lock:  # a dead run's lock is no lock
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# -- the watchdog after training ---------------------------------------------------------------
+
+
+def test_a_rank_hung_in_the_export_is_stopped_by_the_watchdog(tmp_path):
+    run_dir = tmp_path / "run"
+    start = time.time()
+    done = dsgraph(
+        "run", str(FIXTURES / "hang_export.dsg"), "--procs", "2", "--run-dir", str(run_dir), "--hang-timeout", "4"
+    )
+    assert done.returncode == 4, done.stderr[-2000:]
+    assert "made no progress for" in done.stderr and "in the export (last completed step 3)" in done.stderr
+    assert workers_of(run_dir) == []
+    assert time.time() - start < 120
+
+
+# -- launcher variables ------------------------------------------------------------------------
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    return {**env, **extra}
+
+
+def test_leftover_launcher_variables_are_refused_with_their_names(tmp_path):
+    partial = dsgraph(
+        "run", str(FIXTURES / "long.dsg"), "--run-dir", str(tmp_path / "a"),
+        env=_environment(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"), timeout=60,
+    )  # fmt: skip
+    assert partial.returncode == 2
+    assert "RANK, WORLD_SIZE, LOCAL_RANK are set but MASTER_ADDR, MASTER_PORT are not" in partial.stderr
+    whole = dsgraph(
+        "run", str(FIXTURES / "long.dsg"), "--run-dir", str(tmp_path / "b"),
+        env=_environment(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511"),
+        timeout=60,
+    )  # fmt: skip
+    assert whole.returncode == 2
+    assert "no launcher (torchrun, accelerate launch, deepspeed, mpirun, srun) started this process" in whole.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_internal_variables_in_the_shell_are_not_read(tmp_path):
+    """An old DSGRAPH_RESUME or DSGRAPH_DRIVER in the user's shell changes nothing: workers are told
+    on their command line."""
+    run_dir = tmp_path / "run"
+    env = _environment(DSGRAPH_RESUME=str(tmp_path / "nowhere.json"), DSGRAPH_DRIVER="1")
+    done = dsgraph(
+        "run", str(FIXTURES / "resume.dsg"), "--procs", "2", "--run-dir", str(run_dir), "--set", "steps=2", env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(losses(run_dir)) == [1, 2]
+
+
+# -- the environment's faults ------------------------------------------------------------------
+
+
+def _fault(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    return dsgraph("run", str(FIXTURES / "resume.dsg"), "--procs", "2", "--run-dir", str(run_dir), "--set", "steps=2")
+
+
+def _one_line(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert done.returncode == EXIT_ENVIRONMENT, (done.returncode, done.stderr[-2000:])
+    lines = [line for line in done.stderr.splitlines() if line.startswith("dsgraph:")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+
+
+def test_a_run_directory_that_is_a_file_under_a_file_or_a_dangling_link_is_an_environment_fault(tmp_path):
+    (tmp_path / "file").write_text("x")
+    _one_line(_fault(tmp_path / "file"), "is not a directory")
+    _one_line(_fault(tmp_path / "file" / "sub"), "Not a directory")
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    _one_line(_fault(tmp_path / "link"), "symbolic link", "does not exist")
+
+
+def _mount(target: Path, options: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+
+
+def _unmount(target: Path) -> None:
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_read_only_run_directory_is_an_environment_fault(tmp_path):
+    mount = tmp_path / "ro"
+    _mount(mount, "size=1m,ro")
+    try:
+        _one_line(_fault(mount / "run"), "Read-only file system")
+    finally:
+        _unmount(mount)
+
+
+def test_a_full_disk_at_start_and_during_training_is_an_environment_fault(tmp_path):
+    mount = tmp_path / "small"
+    _mount(mount, "size=64k")
+    try:
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError):
+            while True:  # until the file system is full
+                os.write(filler, b"\0" * 4096)
+        os.close(filler)
+        _one_line(_fault(mount / "run"), "No space left on device")
+        (mount / "filler").unlink()
+        # Room for the plan and the metrics, not for a checkpoint.
+        done = dsgraph(
+            "run", str(FIXTURES / "resume.dsg"), "--procs", "2", "--run-dir", str(mount / "run2"),
+            "--set", "steps=8", "--set", "checkpoint_every=4",
+        )  # fmt: skip
+        assert done.returncode == EXIT_ENVIRONMENT, done.stderr[-3000:]
+        assert "No space left on device" in done.stderr and "Traceback" not in done.stderr
+        assert workers_of(mount / "run2") == []
+    finally:
+        _unmount(mount)
+
+
+# -- compiling runs no user code ---------------------------------------------------------------
+
+
+def test_check_of_a_zero_auto_file_runs_no_factory(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "sidefx.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "import torch\n\ndef make(width):\n    return torch.nn.Linear(width, 2)\n"
+    )
+    (tmp_path / "p.dsg").write_text((ROOT / "tests" / "errors" / "dsg418_auto_factory_deferred.dsg").read_text())
+    for command in (("check",), ("compile",), ("dot",)):
+        done = dsgraph(*command, str(tmp_path / "p.dsg"), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "DSG418" in done.stderr + done.stdout
+        assert not marker.exists(), command
+    trusted = dsgraph("compile", str(tmp_path / "p.dsg"), "--world-size", "2", "--trust-user-code", timeout=120)
+    assert trusted.returncode == 0, trusted.stderr
+    assert marker.exists() and "DSG418" not in trusted.stderr
