@@ -262,6 +262,39 @@ def test_a_full_disk_at_start_and_during_training_is_an_environment_fault(tmp_pa
         _unmount(mount)
 
 
+def test_a_read_only_comm_op_cache_is_used_through_a_private_copy(tmp_path):
+    from dsgraph.runtime.env import extensions_dir
+
+    built = extensions_dir(os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    cache_home = tmp_path / "cache"
+    _mount(cache_home, "size=256m")
+    try:
+        read_only = cache_home / "dsgraph" / "torch_extensions" / built.name
+        read_only.parent.mkdir(parents=True)
+        if built.is_dir():  # the build earlier runs made (else the copy builds it once)
+            subprocess.run(["cp", "-a", str(built), str(read_only.parent)], check=True)
+        else:
+            read_only.mkdir(parents=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(cache_home)], check=True)
+        environment = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+        environment["XDG_CACHE_HOME"] = str(cache_home)
+        runs = []
+        for name in ("first", "second"):
+            done = dsgraph(
+                "run", str(FIXTURES / "resume.dsg"), "--procs", "2", "--run-dir", str(tmp_path / name),
+                "--set", "steps=2", env=environment,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs.append(done.stderr)
+        notice = f"the op cache {read_only} is not writable; using a copy in "
+        copies = {line.split(notice)[1].split()[0] for stderr in runs for line in stderr.splitlines() if notice in line}
+        assert len(copies) == 1, runs  # made once, then reused
+        copy = Path(copies.pop())
+        assert copy.parent.stat().st_mode & 0o077 == 0 and copy.parent.stat().st_uid == os.getuid()
+    finally:
+        _unmount(cache_home)
+
+
 # -- compiling runs no user code ---------------------------------------------------------------
 
 

@@ -75,6 +75,12 @@ def save(executor: Executor, step: int) -> None:
     """Collective: every rank calls it at the same step."""
     run_dir, name, backend = executor.run_dir, tag(step), executor.backend
     trained = [m.name for m in executor.plan.models if m.trained]
+    if executor.rank == 0:  # what an earlier run left of this step goes first, its manifest before its files
+        (run_dir / "ckpt" / "manifests" / f"{name}.json").unlink(missing_ok=True)
+        for model in trained:
+            _remove(run_dir / "ckpt" / model / (name + ".partial"))
+            _remove(run_dir / folder_of(model, step))
+    backend.barrier()
     for model in trained:
         # DeepSpeed writes this rank's shards; `.partial` until every rank is done.
         backend.save_checkpoint(model, str(run_dir / "ckpt" / model), name + ".partial")
@@ -83,10 +89,7 @@ def save(executor: Executor, step: int) -> None:
     backend.barrier()
     if executor.rank == 0:
         for model in trained:
-            final = run_dir / folder_of(model, step)
-            if final.exists():
-                shutil.rmtree(final)
-            (run_dir / "ckpt" / model / (name + ".partial")).rename(final)
+            (run_dir / "ckpt" / model / (name + ".partial")).rename(run_dir / folder_of(model, step))
     backend.barrier()
     # Each rank digests every world-th file: the cost of reading a large checkpoint is shared.
     share = {}
@@ -110,6 +113,14 @@ def save(executor: Executor, step: int) -> None:
             os.fsync(f.fileno())
         tmp.replace(folder / f"{name}.json")  # the checkpoint exists from this moment
     backend.barrier()
+
+
+def _remove(path: Path) -> None:
+    """A file, a link (never what it points to) or a folder."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def load(executor: Executor, path: Path) -> Manifest:

@@ -4,14 +4,15 @@ process was started by an external launcher.
 Without CUDA, DeepSpeed must be told to use its CPU accelerator (gloo plus its shared-memory
 all-reduce op); with 2 ranks on 2 cores, each rank gets one OpenMP thread. DeepSpeed JIT-builds
 that op once (~30-50 s); the build is kept per user, outside any virtual environment, keyed by
-the versions that make it valid, and is used from a writable copy when it lies on a read-only
-file system."""
+the versions that make it valid, and is used from a writable copy (made once, in a private
+temporary folder) when it lies on a read-only file system."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -96,24 +97,45 @@ def _version_of(program: str) -> str:
 
 def usable_extensions_dir(cache: Path) -> Path:
     """`cache` when this process can write it (building there is needed once, and torch takes a
-    lock file there even to load a built op); else a fresh writable copy of it, or an empty
-    temporary folder when it cannot even be created."""
+    lock file there even to load a built op); else a writable copy of it, made once per user and
+    cache in a private temporary folder and reused by later runs."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache, prefix=".probe"):
             return cache
     except OSError:
         pass
-    copy = Path(tempfile.mkdtemp(prefix="dsgraph-torch-extensions-"))
-    if cache.is_dir():
-        # copy2 keeps the modification times: ninja sees the copied build as up to date.
-        shutil.copytree(cache, copy, dirs_exist_ok=True, copy_function=shutil.copy2)
+    private = _private_temporary_folder()
+    copy = private / cache.name
+    if not copy.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=private))
+        if cache.is_dir():
+            # copy2 keeps the modification times: ninja sees the copied build as up to date.
+            shutil.copytree(cache, staging, dirs_exist_ok=True, copy_function=shutil.copy2)
+        try:
+            staging.rename(copy)  # atomic; another run may have made it first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
     print(
         f"dsgraph: the op cache {cache} is not writable; using a copy in {copy}"
-        + ("" if cache.is_dir() else " (DeepSpeed builds its op there once, ~30-50 s)"),
+        + ("" if any(copy.iterdir()) else " (DeepSpeed builds its op there once, ~30-50 s)"),
         file=sys.stderr,
     )
     return copy
+
+
+def _private_temporary_folder() -> Path:
+    """`$TMPDIR/dsgraph-<uid>`, only this user's (0700, owned by this user): the ops loaded from
+    it are code. Another user's folder under that name is never used; a fresh one is made."""
+    folder = Path(tempfile.gettempdir()) / f"dsgraph-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        status = folder.lstat()
+        if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077:
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="dsgraph-"))
 
 
 def launcher_rank() -> tuple[int, int] | None:

@@ -85,7 +85,10 @@ def identity(plan: Plan, base_dir: Path | None = None) -> dict[str, Any]:
     def config(m: Model) -> dict[str, Any]:
         cfg: dict[str, Any] = json.loads(json.dumps(m.deepspeed_config))
         cfg.get("scheduler", {}).get("params", {}).pop("total_num_steps", None)
-        cfg.pop("train_batch_size", None)  # follows the world size, which is compared on its own
+        # The batch geometry follows the settings and the world size, which are compared on their
+        # own: one change, one difference.
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            cfg.pop(key, None)
         return cfg
 
     base = base_dir if base_dir is not None else Path(plan.file).parent
