@@ -98,8 +98,26 @@ def test_a_manifest_that_lists_one_model_of_two_is_skipped(run_dir, capsys):
         lambda d: d.update(identity=[]),
         lambda d: d.update(dsgraph_checkpoint=1),
         lambda d: [1, 2, 3],
+        lambda d: d["ranks"].pop(),
+        lambda d: d["ranks"][0]["rng"].update(torch="not base64!"),
+        lambda d: d["ranks"][1]["rng"].update(python="[3, [1, 2], null"),
+        lambda d: d["ranks"][1]["data"]["a"].update(position=-3),
+        lambda d: d["ranks"][0]["data"].pop("b"),
     ],
-    ids=["models-a-string", "no-ranks", "step-a-string", "size-null", "identity-a-list", "version-1", "a-list"],
+    ids=[
+        "models-a-string",
+        "no-ranks",
+        "step-a-string",
+        "size-null",
+        "identity-a-list",
+        "version-1",
+        "a-list",
+        "one-rank-of-two",
+        "torch-rng-not-base64",
+        "python-rng-not-json",
+        "negative-position",
+        "data-set-missing",
+    ],
 )
 def test_a_manifest_of_the_wrong_shape_is_skipped(run_dir, capsys, change):
     edit_manifest(run_dir, change)

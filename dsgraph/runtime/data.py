@@ -64,6 +64,8 @@ class RankBatchSampler(Sampler[list[int]]):
 
     def restore(self, state: dict[str, Any]) -> None:
         """The next iteration replays the saved epoch's shuffle and skips what was served."""
+        if not 0 <= state["position"] <= len(self):
+            raise ValueError(f"a data position of {state['position']} batches, in an epoch of {len(self)}")
         raw = base64.b64decode(state["generator"])
         self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         self.epoch, self._skip, self._started = state["epoch"], state["position"], False

@@ -15,6 +15,7 @@ the file and why, and the previous checkpoint is used."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -218,15 +219,54 @@ def _check_layout(manifest: Manifest, path: Path) -> None:
     for rank in manifest.ranks:
         if set(rank.data) != data or not all(_is_position(p) for p in rank.data.values()):
             raise CheckpointInvalid("holds a data position that is not one")
+        if not _is_rng(rank.rng):
+            raise CheckpointInvalid("holds a random generator state that is not one")
 
 
 def _is_position(state: Any) -> bool:
     return (
         isinstance(state, dict)
-        and isinstance(state.get("epoch"), int)
-        and isinstance(state.get("position"), int)
-        and isinstance(state.get("generator"), str)
+        and _count(state.get("epoch"))
+        and _count(state.get("position"))
+        and _base64(state.get("generator"))
     )
+
+
+def _is_rng(state: dict[str, str]) -> bool:
+    """The shapes `checkpoint.rng_state` saves: torch's (and CUDA's) bytes, Python's and NumPy's
+    states as JSON."""
+    if not {"torch", "python", "numpy"} <= set(state) <= {"torch", "python", "numpy", "cuda"}:
+        return False
+    try:
+        python, numpy = json.loads(state["python"]), json.loads(state["numpy"])
+    except ValueError:
+        return False
+    return (
+        _base64(state["torch"])
+        and _base64(state.get("cuda", "AA=="))
+        and isinstance(python, list)
+        and len(python) == 3
+        and isinstance(python[1], list)
+        and all(_count(v) for v in python[1])
+        and isinstance(numpy, list)
+        and len(numpy) == 5
+        and isinstance(numpy[1], list)
+        and all(_count(v) for v in numpy[1])
+    )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _base64(value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        base64.b64decode(value, validate=True)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_files(model: SavedModel, run_dir: Path, digests: bool) -> None:
