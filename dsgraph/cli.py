@@ -342,6 +342,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_id = hashlib.sha256(job.encode()).hexdigest()[:16]
     else:
         run_id = rundir.new_run_id()
+    if args.resume and not os.path.lexists(run_dir):  # DSG502, and nothing created
+        _print_list(resume.check(run_dir, plan, procs, result)[1], result)
+        return EXIT_USER
     try:
         rundir.prepare(run_dir)
         lock = None if inside else rundir.RunLock.acquire(run_dir, run_id)  # held until this process ends

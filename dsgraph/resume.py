@@ -6,6 +6,7 @@ valid checkpoint is DSG502. Nothing of RUN_DIR is unpickled here."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,12 @@ def check(run_dir: Path, plan: Plan, procs: int, result: Compilation) -> tuple[P
     spans.update({f"loss:{loss.name}": loss.span for loss in plan.losses})
     spans.update({f"data:{d.name}": d.span for d in plan.data})
     spans.update({f"setting:{key}": span for key, span in result.ir.settings.spans.items()})
+    help = "resume a run directory that `dsgraph run` checkpointed (checkpoint_every > 0), or start a new run"
+    if not os.path.lexists(run_dir):
+        return None, [diagnostic("DSG502", pipeline, f"{run_dir} does not exist", help)]
     try:
         manifest, path, skipped = checkpoints.newest(run_dir)
     except checkpoints.CheckpointInvalid as error:
-        help = "resume a run directory that `dsgraph run` checkpointed (checkpoint_every > 0), or start a new run"
         return None, [diagnostic("DSG502", pipeline, f"{run_dir} holds no valid dsgraph checkpoint: {error}", help)]
     for warning in skipped:
         print(f"dsgraph: warning: skipping the checkpoint {warning}; using an older one", file=sys.stderr)

@@ -92,7 +92,7 @@ def test_case_gives_exactly_the_expected_diagnostics(case, compiled):
         assert result.plan is None
 
 
-RUNTIME_CASES = {"DSG501", "DSG502"}  # found by `dsgraph run --resume`: tests/test_reliability.py
+RUNTIME_CASES = {"DSG501", "DSG502"}  # found by `dsgraph run --resume`: test_manifest.py, test_reliability.py
 
 
 def test_every_code_has_a_corpus_case():

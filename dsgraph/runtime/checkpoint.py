@@ -129,7 +129,7 @@ def load(executor: Executor, path: Path) -> Manifest:
     try:
         manifest = read(path, executor.run_dir, digests=False)
     except CheckpointInvalid as error:
-        raise RuntimeError(f"checkpoint {path} {error}") from None
+        raise RuntimeError(f"checkpoint {path}: {error}") from None
     if manifest.world_size != executor.world:
         raise RuntimeError(f"checkpoint {path} was saved by {manifest.world_size} processes, not {executor.world}")
     for model in manifest.models:

@@ -209,6 +209,7 @@ class Executor:
         if self.resume_rng is not None:
             checkpoint.set_rng_state(self.resume_rng)
         tick, last_logged = time.perf_counter(), self.first_step
+        self.last_step = self.first_step  # a resume at the last step runs none
         self.heartbeat.beat(control.TRAINING, self.first_step)
         for step in range(self.first_step + 1, self.total_steps + 1):
             logged = step % log_every == 0 or step == self.total_steps

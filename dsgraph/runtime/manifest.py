@@ -182,20 +182,20 @@ def read(path: Path, run_dir: Path, digests: bool = True) -> Manifest:
     try:
         document = json.loads(read_bounded(path, MAX_MANIFEST_BYTES))
     except (OSError, ValueError, InputTooLarge) as error:
-        raise CheckpointInvalid(f"cannot be read: {error}") from None
+        raise CheckpointInvalid(f"it cannot be read: {error}") from None
     if not isinstance(document, dict) or document.get("dsgraph_checkpoint") != MANIFEST_VERSION:
         version = document.get("dsgraph_checkpoint") if isinstance(document, dict) else None
-        raise CheckpointInvalid(f"is not a manifest of version {MANIFEST_VERSION} (it says {version})")
+        raise CheckpointInvalid(f"it is not a manifest of version {MANIFEST_VERSION} (it says {version})")
     try:
         manifest: Manifest = decode(
             Manifest, {k: v for k, v in document.items() if k != "dsgraph_checkpoint"}, frozenset()
         )
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointInvalid(f"does not have a manifest's shape: {error}") from None
+        raise CheckpointInvalid(f"it does not have a manifest's shape: {error}") from None
     try:
         _check_layout(manifest, path)
     except (AttributeError, TypeError, KeyError) as error:  # an identity of the wrong shape
-        raise CheckpointInvalid(f"does not have a manifest's shape: {error}") from None
+        raise CheckpointInvalid(f"it does not have a manifest's shape: {error}") from None
     for model in manifest.models:
         _check_files(model, run_dir, digests)
     return manifest
@@ -203,24 +203,24 @@ def read(path: Path, run_dir: Path, digests: bool = True) -> Manifest:
 
 def _check_layout(manifest: Manifest, path: Path) -> None:
     if path.name != f"{tag(manifest.step)}.json" or manifest.step < 1:
-        raise CheckpointInvalid(f"names step {manifest.step}, which is not the step of its file name")
+        raise CheckpointInvalid(f"it names step {manifest.step}, which is not the step of its file name")
     trained = sorted(name for name, m in (manifest.identity.get("models") or {}).items() if m.get("role") == "trained")
     listed = sorted(m.name for m in manifest.models)
     if not trained or listed != trained:
-        raise CheckpointInvalid(f"lists the models {listed or 'none'}, but its plan trains {trained or 'none'}")
+        raise CheckpointInvalid(f"it lists the models {listed or 'none'}, but its plan trains {trained or 'none'}")
     for model in manifest.models:
         if model.folder != folder_of(model.name, manifest.step):
             raise CheckpointInvalid(
                 f"puts `{model.name}` in {model.folder!r}, not {folder_of(model.name, manifest.step)}"
             )
     if manifest.world_size < 1 or len(manifest.ranks) != manifest.world_size:
-        raise CheckpointInvalid(f"holds {len(manifest.ranks)} rank states for {manifest.world_size} processes")
+        raise CheckpointInvalid(f"it holds {len(manifest.ranks)} rank states for {manifest.world_size} processes")
     data = set(manifest.identity.get("data") or {})
     for rank in manifest.ranks:
         if set(rank.data) != data or not all(_is_position(p) for p in rank.data.values()):
-            raise CheckpointInvalid("holds a data position that is not one")
+            raise CheckpointInvalid("it holds a data position that is not one")
         if not _is_rng(rank.rng):
-            raise CheckpointInvalid("holds a random generator state that is not one")
+            raise CheckpointInvalid("it holds a random generator state that is not one")
 
 
 def _is_position(state: Any) -> bool:
@@ -274,13 +274,13 @@ def _check_files(model: SavedModel, run_dir: Path, digests: bool) -> None:
     folder = run_dir / model.folder
     root = os.path.realpath(run_dir)
     if os.path.realpath(folder) != os.path.join(root, model.folder) or not folder.is_dir():
-        raise CheckpointInvalid(f"names {folder} for `{model.name}`, which is not a folder of the run directory")
+        raise CheckpointInvalid(f"it names {folder} for `{model.name}`, which is not a folder of the run directory")
     on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
     recorded = {f.path for f in model.files}
     if on_disk != recorded:
         extra, missing = sorted(on_disk - recorded), sorted(recorded - on_disk)
         raise CheckpointInvalid(
-            f"does not match {folder}: "
+            f"it does not match {folder}: "
             + "; ".join(
                 part
                 for part in (f"missing {missing}" if missing else "", f"not recorded {extra}" if extra else "")
@@ -290,7 +290,7 @@ def _check_files(model: SavedModel, run_dir: Path, digests: bool) -> None:
     for record in model.files:
         path = folder / record.path
         if path.is_symlink() or not path.is_file():
-            raise CheckpointInvalid(f"names {path}, which is not a plain file")
+            raise CheckpointInvalid(f"it names {path}, which is not a plain file")
         size = path.stat().st_size
         if size != record.size:
             raise CheckpointInvalid(f"{path} is {size:,} bytes, {record.size:,} when it was saved (truncated?)")
@@ -312,7 +312,7 @@ def newest(run_dir: Path) -> tuple[Manifest, Path, list[str]]:
         try:
             return read(path, run_dir), path, skipped
         except CheckpointInvalid as error:
-            skipped.append(f"{path} {error}")
+            skipped.append(f"{path}: {error}")
     partial = incomplete(run_dir)
     reasons = skipped + ([f"{len(partial)} incomplete checkpoint folder(s), never used"] if partial else [])
     raise CheckpointInvalid("; ".join(reasons) or "no checkpoint")

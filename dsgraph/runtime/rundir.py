@@ -89,21 +89,18 @@ class RunLock:
     @staticmethod
     def acquire(run_dir: Path, run_id: str) -> RunLock:
         file = _open_lock(run_dir / DRIVER_LOCK)
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(file, fcntl.LOCK_EX):
             holder = _holder(run_dir / DRIVER_LOCK)
             file.close()
-            raise EnvironmentFault(f"run directory {run_dir} is in use by another dsgraph run{holder}") from None
+            raise EnvironmentFault(f"run directory {run_dir} is in use by another dsgraph run{holder}")
         workers = _open_lock(run_dir / WORKERS_LOCK)
         try:
-            fcntl.flock(workers, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nothing of an earlier run still works here
-        except BlockingIOError:
-            file.close()
-            raise EnvironmentFault(
-                f"run directory {run_dir} is still in use by the workers of an earlier run, which have "
-                "not exited yet; wait for them, or stop them"
-            ) from None
+            if not _lock(workers, fcntl.LOCK_EX):  # nothing of an earlier run still works here
+                file.close()
+                raise EnvironmentFault(
+                    f"run directory {run_dir} is still in use by the workers of an earlier run, which have "
+                    "not exited yet; wait for them, or stop them"
+                )
         finally:
             workers.close()
         file.seek(0)
@@ -120,13 +117,27 @@ def hold_shared(run_dir: Path, name: str) -> IO[str]:
     """A shared lock on `name` held for as long as the returned file stays open (a worker keeps it
     for its life); EnvironmentFault when a run holds it exclusively."""
     file = _open_lock(run_dir / name)
-    try:
-        fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _lock(file, fcntl.LOCK_SH):
         holder = _holder(run_dir / name)
         file.close()
-        raise EnvironmentFault(f"run directory {run_dir} is in use by another dsgraph run{holder}") from None
+        raise EnvironmentFault(f"run directory {run_dir} is in use by another dsgraph run{holder}")
     return file
+
+
+def _lock(file: IO[str], kind: int) -> bool:
+    """False when another process holds it; an EnvironmentFault when the file system has no locks
+    (a run directory left unguarded is worse than one refused)."""
+    try:
+        fcntl.flock(file, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        file.close()
+        raise EnvironmentFault(
+            f"cannot lock run directory {Path(file.name).parent}: {describe(error)}; "
+            "its file system does not support flock"
+        ) from None
+    return True
 
 
 def _open_lock(path: Path) -> IO[str]:
@@ -137,10 +148,15 @@ def _open_lock(path: Path) -> IO[str]:
 
 
 def _holder(path: Path) -> str:
-    """`(pid 1234: dsgraph run p.dsg)` of the driver that holds the lock, when it says."""
+    """`(pid 1234: dsgraph run p.dsg)` of the driver that holds the lock, when it wrote so and is
+    alive; the ranks of an external launcher's job hold it without writing who they are."""
+    import psutil
+
     try:
         holder: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         command = " ".join(str(part) for part in holder["command"])
-        return f" (pid {holder['pid']}: {command})"
+        if psutil.pid_exists(int(holder["pid"])):
+            return f" (pid {holder['pid']}: {command})"
     except (OSError, ValueError, KeyError, TypeError):
-        return ""
+        pass
+    return " (the ranks of a job started by an external launcher?)"

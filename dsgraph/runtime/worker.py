@@ -142,10 +142,11 @@ def _summary(
     plan: Plan, steps: int, last: dict[str, Any], exported: list[Path], setup: float, train: float, run_dir: Path
 ) -> list[str]:
     stopped = "" if steps == plan.settings.steps or plan.settings.steps is None else " (stopped early)"
-    lines = [
-        f"done: {plan.pipeline}, {steps} steps{stopped} in {train:.1f} s "
-        f"(setup {setup:.1f} s), {last.get('samples_per_s', 0):.0f} samples/s"
-    ]
+    if last:
+        rate = f"{last.get('samples_per_s', 0):.0f} samples/s"
+        lines = [f"done: {plan.pipeline}, {steps} steps{stopped} in {train:.1f} s (setup {setup:.1f} s), {rate}"]
+    else:  # resumed at its last step
+        lines = [f"done: {plan.pipeline}, {steps} steps, none left to run (setup {setup:.1f} s)"]
     for name, value in last.get("losses", {}).items():
         lines.append(f"  loss {name:<12} {value:.6f}   (step {last['step']})")
     for name, value in last.get("stats", {}).items():  # e.g. dpo's reward margin and accuracy
