@@ -206,7 +206,11 @@ def _fault(run_dir: Path) -> subprocess.CompletedProcess[str]:
 
 def _one_line(done: subprocess.CompletedProcess[str], *words: str) -> None:
     assert done.returncode == EXIT_ENVIRONMENT, (done.returncode, done.stderr[-2000:])
-    lines = [line for line in done.stderr.splitlines() if line.startswith("dsgraph:")]
+    lines = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith("dsgraph:") and not line.startswith("dsgraph: 2 processes, run directory")
+    ]
     assert len(lines) == 1 and all(w in lines[0] for w in words), done.stderr
     assert "Traceback" not in done.stderr and "internal error" not in done.stderr
 
@@ -239,25 +243,37 @@ def test_a_read_only_run_directory_is_an_environment_fault(tmp_path):
         _unmount(mount)
 
 
+def _fill(mount: Path, name: str) -> None:
+    filler = os.open(mount / name, os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError):
+        while True:  # until the file system is full
+            os.write(filler, b"\0" * 4096)
+    os.close(filler)
+
+
 def test_a_full_disk_at_start_and_during_training_is_an_environment_fault(tmp_path):
     mount = tmp_path / "small"
-    _mount(mount, "size=64k")
+    _mount(mount, "size=4m")
     try:
-        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
-        with pytest.raises(OSError):
-            while True:  # until the file system is full
-                os.write(filler, b"\0" * 4096)
-        os.close(filler)
+        _fill(mount, "filler")
         _one_line(_fault(mount / "run"), "No space left on device")
         (mount / "filler").unlink()
-        # Room for the plan and the metrics, not for a checkpoint.
-        done = dsgraph(
-            "run", str(FIXTURES / "resume.dsg"), "--procs", "2", "--run-dir", str(mount / "run2"),
-            "--set", "steps=8", "--set", "checkpoint_every=4",
-        )  # fmt: skip
-        assert done.returncode == EXIT_ENVIRONMENT, done.stderr[-3000:]
-        assert "No space left on device" in done.stderr and "Traceback" not in done.stderr
-        assert workers_of(mount / "run2") == []
+        # Room to start; the disk fills while the run trains, before its first checkpoint.
+        run_dir = mount / "run2"
+        driver = start_driver(
+            str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(run_dir), "--set", "checkpoint_every=40"
+        )
+        wait_until(lambda: heartbeat_step(run_dir) >= 3 or driver.poll() is not None, 240)
+        assert driver.poll() is None
+        _fill(mount, "filler")
+        _, stderr = driver.communicate(timeout=120)
+        _one_line(
+            subprocess.CompletedProcess(driver.args, driver.returncode, "", stderr),
+            "No space left on device",
+            str(run_dir / "metrics.jsonl"),
+            "(rank 0, in training)",
+        )
+        assert workers_of(run_dir) == []
     finally:
         _unmount(mount)
 

@@ -5,11 +5,12 @@ DeepSpeed and Accelerate call goes through the Backend."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 from dsgraph import plan as P
 from dsgraph.compat import assert_never
-from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, manifest, sources
+from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, manifest, rundir, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
@@ -41,6 +42,20 @@ class RunFailure(Exception):
             "span": self.span.to_json() if self.span else None,
             "error": f"{type(self.cause).__name__}: {self.cause}",
         }
+
+
+@contextlib.contextmanager
+def writing(where: str, path: Path) -> Iterator[None]:
+    """A fault of the machine while writing (a full disk, a read-only file system) is reported
+    with the place and the path it concerns; any other error passes through."""
+    try:
+        yield
+    except OSError as error:
+        if not rundir.is_environment_error(error):
+            raise
+        if error.filename is None:
+            error.filename = str(path)
+        raise RunFailure(where, None, error) from error
 
 
 def model_seed(pipeline_seed: int, name: str) -> int:
@@ -245,7 +260,8 @@ class Executor:
             every = self.settings.checkpoint_every
             if (every and step % every == 0) or (stop == step and every):
                 self.heartbeat.beat(control.CHECKPOINT, step)  # watched like a step
-                checkpoint.save(self, step)
+                with writing(f"saving the checkpoint of step {step}", self.run_dir / "ckpt"):
+                    checkpoint.save(self, step)
                 self.heartbeat.beat(control.TRAINING, step)
             if stop == step:
                 self.stopped_early = True

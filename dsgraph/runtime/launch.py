@@ -120,13 +120,20 @@ def _watch(
                     if beat.phase == control.TRAINING
                     else f"in {control.PHASES.get(beat.phase, 'an unknown phase')} (last completed step {beat.step})"
                 )
-                print(
+                _report(
                     f"dsgraph: rank {rank} made no progress for {now - seen[1]:.0f} s {where}; "
-                    "stopping the run (a rank stuck in a collective)",
-                    file=sys.stderr,
+                    "stopping the run (a rank stuck in a collective)"
                 )
                 _kill_all(process, run_dir, procs, run_id)
                 return -1, True
+
+
+def _report(text: str) -> None:
+    """A line of the driver's, on a line of its own: rank 0's progress bar may have left its line
+    open (in a terminal it is cleared, in a log the message starts a new line)."""
+    start = "\r\033[K" if sys.stderr.isatty() else "\n"
+    sys.stderr.write(f"{start}{text}\n")
+    sys.stderr.flush()
 
 
 def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
@@ -137,7 +144,7 @@ def _interrupt(process: subprocess.Popen[bytes], run_dir: Path, procs: int, run_
     """Ctrl-C: ask the ranks to stop after a step none has finished (they checkpoint it when
     checkpointing is on); a second Ctrl-C, or 60 s, stops them at once."""
     step = control.request_stop(run_dir, procs, run_id)
-    print(f"\ndsgraph: stopping after step {step} (Ctrl-C again to stop at once)", file=sys.stderr)
+    _report(f"dsgraph: stopping after step {step} (Ctrl-C again to stop at once)")
     with contextlib.suppress(KeyboardInterrupt, subprocess.TimeoutExpired):
         process.wait(timeout=60)
     _kill_all(process, run_dir, procs, run_id)
@@ -219,25 +226,25 @@ def outcome(run_dir: Path, procs: int, launcher_code: int, run_id: str) -> int:
         died = min(silent, key=lambda e: (e.get("signal") == "SIGTERM", e.get("rank", 0)))
         step = last_completed_step(run_dir, procs, run_id)
         how = f"was killed by {died['signal']}" if died.get("signal") else f"exited with code {died.get('exitcode')}"
-        print(f"dsgraph: rank {died.get('rank')} {how}; last completed step {step}", file=sys.stderr)
+        _report(f"dsgraph: rank {died.get('rank')} {how}; last completed step {step}")
         return EXIT_WORKER
     if records:
         record = min(records, key=lambda r: r.get("time", 0))
+        if record.get("environment"):  # the machine's fault: one line, the path and the OS error
+            _report(f"dsgraph: {record['error']} (rank {record['rank']}, in {record['where']})")
+            return EXIT_ENVIRONMENT
         span = record.get("span")
         where = f"{span['file']}:{span['line']}:{span['col']}: " if span else ""
-        print(f"{where}error: rank {record['rank']} failed in {record['where']}\n  {record['error']}", file=sys.stderr)
+        _report(f"{where}error: rank {record['rank']} failed in {record['where']}\n  {record['error']}")
         if record.get("internal"):
             print(record.get("traceback", ""), file=sys.stderr)
         if len(records) > 1:
             print(f"  ({len(records) - 1} other rank(s) failed too; see {run_dir / 'failures'})", file=sys.stderr)
-        if record.get("environment"):
-            return EXIT_ENVIRONMENT
         return EXIT_USER if not record.get("internal") else EXIT_WORKER
     step = last_completed_step(run_dir, procs, run_id)
-    print(
+    _report(
         f"dsgraph: the workers stopped without a report (launcher exit code {launcher_code}); "
-        f"{done} of {procs} ranks finished; last completed step {step}",
-        file=sys.stderr,
+        f"{done} of {procs} ranks finished; last completed step {step}"
     )
     return EXIT_WORKER
 

@@ -55,7 +55,11 @@ class Metrics:
         record["wall_time"] = round(time.perf_counter() - self.start, 4)
         self.last = record
         if self.file is not None:
-            self.file.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            try:
+                self.file.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            except OSError as error:  # a full disk: name the file
+                error.filename = error.filename or self.file.name
+                raise
         if self.bar is not None:
             shown = {k: f"{v:.4f}" for k, v in record["losses"].items()}
             shown.update({k.rpartition(".")[2]: f"{v:.4f}" for k, v in record.get("stats", {}).items()})

@@ -67,12 +67,16 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
     from dsgraph.runtime.executor import Executor  # imports torch and deepspeed
 
     executor = Executor(plan, run_dir, rank, world, run_id, resume)
+    phase = "setup"  # where an error outside the plan's steps happened
     try:
         executor.setup()
         setup_time = time.perf_counter() - started
+        phase = "training"
         metrics = executor.train()
+        phase = "the export"
         executor.heartbeat.beat(control.EXPORT, executor.last_step)  # watched: a hang here ends the run
         exported = [] if executor.stopped_early else executor.export()
+        phase = "the report"
         executor.write_rank_report()
         executor.heartbeat.beat(control.FINISHED, executor.last_step)
         train_time = time.perf_counter() - started - setup_time
@@ -81,7 +85,7 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
         (run_dir / "done").mkdir(exist_ok=True)
         (run_dir / "done" / f"rank{rank}").write_text(f"{'stopped' if executor.stopped_early else 'ok'} {run_id}\n")
     except BaseException as error:
-        _report_failure(run_dir, rank, run_id, error)
+        _report_failure(run_dir, rank, run_id, error, phase=phase)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_FAILED)  # no clean-up that could wait on the other ranks
@@ -92,9 +96,12 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
     os._exit(0)
 
 
-def _report_failure(run_dir: Path, rank: int, run_id: str, error: BaseException, where: str | None = None) -> None:
+def _report_failure(
+    run_dir: Path, rank: int, run_id: str, error: BaseException, where: str | None = None, phase: str = "setup"
+) -> None:
     """failures/rankN.json for the driver; when even that cannot be written (a full disk), the
-    same line on stderr, which the driver passes through."""
+    same line on stderr, which the driver passes through. `where`: a failure before the plan is
+    running; `phase`: where the run was when an error outside the plan's steps happened."""
     from dsgraph.runtime.executor import RunFailure
 
     cause = error.cause if isinstance(error, RunFailure) else error
@@ -111,7 +118,9 @@ def _report_failure(run_dir: Path, rank: int, run_id: str, error: BaseException,
     if rundir.is_environment_error(cause):  # the machine's fault: a full disk, a read-only file system
         assert isinstance(cause, OSError)
         record["environment"] = True
-        record["error"] = rundir.describe(cause)
+        record["error"] = rundir.describe(cause, run_dir)
+        if record["where"] == "dsgraph runtime":
+            record["where"] = phase
         record.pop("internal", None)
     record.update(run_id=run_id, traceback=traceback.format_exc(), time=time.time())  # the first is the cause
     text = json.dumps(record, indent=2) + "\n"
