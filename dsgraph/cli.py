@@ -33,6 +33,14 @@ EPILOG = """examples:
 """
 
 
+def _trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-user-code",
+        action="store_true",
+        help="let `zero = auto` build factory models on the meta device to size them (runs their code)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsgraph",
@@ -64,21 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory of one device, e.g. 16GiB or 24e9: what `zero = auto` and --memory plan for",
     )
-    p.add_argument(
-        "--trust-user-code",
-        action="store_true",
-        help="let `zero = auto` build factory models on the meta device to size them (runs their code)",
-    )
+    _trust_option(p)
 
     p = sub.add_parser("check", help="report the diagnostics of .dsg files")
     p.add_argument("files", nargs="+")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--world-size", type=_positive, default=None)
-    p.add_argument(
-        "--trust-user-code",
-        action="store_true",
-        help="let `zero = auto` build factory models on the meta device to size them (runs their code)",
-    )
+    _trust_option(p)
 
     p = sub.add_parser("run", help="compile, then train on DeepSpeed engines with N processes")
     p.add_argument("file")
@@ -119,11 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("-o", "--output", help="out.dot, out.svg or out.png (default: DOT on stdout)")
     p.add_argument("--world-size", type=_positive, default=None)
-    p.add_argument(
-        "--trust-user-code",
-        action="store_true",
-        help="let `zero = auto` build factory models on the meta device to size them (runs their code)",
-    )
+    _trust_option(p)
     return parser
 
 
