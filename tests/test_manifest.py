@@ -8,6 +8,7 @@ outside the run directory is unpickled, with a torn metrics line left by a crash
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -52,10 +53,16 @@ def manifest_path(run_dir: Path, tag: str = NEWEST) -> Path:
     return run_dir / "ckpt" / "manifests" / f"{tag}.json"
 
 
-def edit_manifest(run_dir: Path, change: Any) -> None:
+def edit_manifest(run_dir: Path, change: Any, digest: bool = True) -> None:
+    """Change the newest manifest; with `digest`, give it the digest of its new content (as a
+    deliberate forger would), so that the checks behind the digest are what refuses it."""
     path = manifest_path(run_dir)
     document = json.loads(path.read_text())
-    path.write_text(json.dumps(change(document) or document))
+    document = change(document) or document
+    if digest and isinstance(document, dict):
+        body = {k: v for k, v in document.items() if k not in ("dsgraph_checkpoint", "digest")}
+        document["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    path.write_text(json.dumps(document))
 
 
 def falls_back(run_dir: Path, capsys, *why: str) -> None:
@@ -76,6 +83,38 @@ def shard(run_dir: Path, model: str = "left") -> Path:
 
 def test_an_intact_run_resumes_from_its_newest_checkpoint(run_dir):
     assert check(run_dir) == (manifest_path(run_dir), [])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["ranks"].reverse(),  # each rank would continue with the other's generators
+        lambda d: d["ranks"][0]["data"]["a"].update(position=d["ranks"][0]["data"]["a"]["position"] + 1),
+        lambda d: d["identity"].update(seed=12),
+    ],
+    ids=["ranks-swapped", "position-moved", "seed-changed"],
+)
+def test_a_manifest_edited_after_it_was_saved_is_skipped(run_dir, capsys, change):
+    edit_manifest(run_dir, change, digest=False)
+    falls_back(run_dir, capsys, "it was changed after it was saved (its digest does not match its content)")
+
+
+def test_a_manifest_that_is_a_fifo_a_link_or_a_folder_is_skipped(run_dir, capsys):
+    path = manifest_path(run_dir)
+    path.unlink()
+    os.mkfifo(path)  # opening it would wait for a writer forever
+    falls_back(run_dir, capsys, "it is not a plain file")
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    falls_back(run_dir, capsys, "it is not a plain file")
+    path.unlink()
+    path.mkdir()
+    falls_back(run_dir, capsys, "it is not a plain file")
+
+
+def test_a_manifest_nested_too_deep_to_read_is_skipped(run_dir, capsys):
+    manifest_path(run_dir).write_text("[" * 100_000 + "]" * 100_000)
+    falls_back(run_dir, capsys, "it cannot be read")
 
 
 def test_a_manifest_that_lists_no_models_is_skipped(run_dir, capsys):
@@ -103,6 +142,9 @@ def test_a_manifest_that_lists_one_model_of_two_is_skipped(run_dir, capsys):
         lambda d: d["ranks"][1]["rng"].update(python="[3, [1, 2], null"),
         lambda d: d["ranks"][1]["data"]["a"].update(position=-3),
         lambda d: d["ranks"][0]["data"].pop("b"),
+        lambda d: d["identity"]["models"].update(left={"role": "trained"}),
+        lambda d: d["identity"].update(losses=[["x"]]),
+        lambda d: d["identity"]["data"].update(a="x"),
     ],
     ids=[
         "models-a-string",
@@ -117,6 +159,9 @@ def test_a_manifest_that_lists_one_model_of_two_is_skipped(run_dir, capsys):
         "python-rng-not-json",
         "negative-position",
         "data-set-missing",
+        "model-identity-partial",
+        "losses-a-list",
+        "data-identity-a-string",
     ],
 )
 def test_a_manifest_of_the_wrong_shape_is_skipped(run_dir, capsys, change):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dsgraph.runtime.launch import _free_port
 from test_reliability import FIXTURES, ROOT, heartbeat_step, losses, wait_until, workers_of
 
 pytestmark = pytest.mark.runtime
@@ -183,6 +184,35 @@ def test_leftover_launcher_variables_are_refused_with_their_names(tmp_path):
     assert whole.returncode == 2
     assert "no launcher (torchrun, accelerate launch, deepspeed, mpirun, srun) started this process" in whole.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_launcher_named_only_in_an_argument_above_is_no_launcher(tmp_path):
+    # A shell whose command line merely mentions "deepspeed" (a folder name) is not a launcher.
+    folder = tmp_path / "deepspeed-exp"
+    folder.mkdir()
+    pipeline = folder / "resume.dsg"
+    pipeline.write_text((FIXTURES / "resume.dsg").read_text())
+    variables = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
+    done = subprocess.run(
+        ["sh", "-c", f"{sys.executable} -m dsgraph run {pipeline} --run-dir {tmp_path / 'run'}; exit $?"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=_environment(**variables),
+    )  # fmt: skip
+    assert done.returncode == 2 and "no launcher" in done.stderr, done.stderr
+
+
+def test_under_torchrun_each_process_is_one_rank_of_the_job(tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            "-m", "dsgraph", "run", str(FIXTURES / "resume.dsg"), "--run-dir", str(run_dir), "--set", "steps=2",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=_environment(LOGLEVEL="CRITICAL"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [1, 2]
+    markers = [(run_dir / "done" / f"rank{r}").read_text().split() for r in range(2)]
+    assert markers[0] == markers[1] and markers[0][0] == "ok"  # one job, one run id
 
 
 def test_internal_variables_in_the_shell_are_not_read(tmp_path):

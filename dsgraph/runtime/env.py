@@ -20,18 +20,19 @@ from importlib import metadata
 from pathlib import Path
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# What may stand above a rank that a launcher started (a part of an ancestor's command line).
-_LAUNCHERS = (
-    "torch.distributed.run",
-    "torchrun",
-    "torch.distributed.launch",
-    "accelerate",
-    "deepspeed",
-    "mpirun",
-    "mpiexec",
-    "orterun",
-    "srun",
-    "slurmstepd",
+# What may stand above a rank that a launcher started: programs, and modules run with `python -m`.
+_LAUNCHER_PROGRAMS = frozenset(
+    {"torchrun", "accelerate", "deepspeed", "mpirun", "mpiexec", "orterun", "prterun", "srun", "slurmstepd"}
+)
+_LAUNCHER_MODULES = frozenset(
+    {
+        "torch.distributed.run",
+        "torch.distributed.launch",
+        "accelerate.commands.launch",
+        "accelerate.commands.accelerate_cli",
+        "deepspeed.launcher.launch",
+        "deepspeed.launcher.runner",
+    }
 )
 
 
@@ -179,13 +180,30 @@ def _launcher_above() -> str | None:
         for _ in range(12):
             if process is None:
                 return None
-            command = " ".join(process.cmdline())
-            if any(name in command for name in _LAUNCHERS):
-                return command
+            if _is_launcher(process.cmdline()):
+                return " ".join(process.cmdline())
             process = process.parent()
     except psutil.Error:
         return None
     return None
+
+
+def _is_launcher(command: list[str]) -> bool:
+    """Whether a command line runs a launcher: the program itself (`torchrun ...`, `srun ...`,
+    `slurmstepd: [job]`), the program as a Python script (`python .../bin/torchrun ...`), or a
+    launcher module (`python -m torch.distributed.run ...`). A launcher's name anywhere else on the
+    line (a file path, an argument) does not count."""
+    if not command:
+        return False
+    program = Path(command[0]).name
+    if program.split(":")[0] in _LAUNCHER_PROGRAMS:
+        return True
+    if not program.startswith("python"):
+        return False
+    arguments = [a for a in command[1:] if a not in ("-u", "-B", "-E", "-s", "-S", "-O", "-OO")]
+    if arguments[:1] == ["-m"]:
+        return arguments[1:2] != [] and arguments[1] in _LAUNCHER_MODULES
+    return bool(arguments) and Path(arguments[0]).name in _LAUNCHER_PROGRAMS
 
 
 def prepare_current_process() -> None:

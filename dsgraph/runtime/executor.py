@@ -50,12 +50,13 @@ def writing(where: str, path: Path) -> Iterator[None]:
     with the place and the path it concerns; any other error passes through."""
     try:
         yield
-    except OSError as error:
-        if not rundir.is_environment_error(error):
+    except Exception as error:
+        cause = rundir.environment_cause(error, path)
+        if cause is None:
             raise
-        if error.filename is None:
-            error.filename = str(path)
-        raise RunFailure(where, None, error) from error
+        if cause.filename is None:
+            cause.filename = str(path)
+        raise RunFailure(where, None, cause) from error
 
 
 def model_seed(pipeline_seed: int, name: str) -> int:

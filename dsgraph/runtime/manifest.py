@@ -6,11 +6,12 @@ Layout, per step N (`step-0000000N`):
     ckpt/<model>/step-N/             each trained model's DeepSpeed checkpoint, its own folder
     ckpt/manifests/step-N.json      the manifest (JSON, never pickle), written last
 
-A manifest is valid when it has the schema of this version, lists exactly the models its own
-identity trains, each in the folder the layout names (inside the run directory, no symbolic
-links), holds one saved state per rank, and every file of every folder is there with the size and
-SHA-256 digest recorded when it was saved, and no other file is. Only then is a folder handed to
-DeepSpeed, whose loader unpickles. A manifest that is not valid is skipped with a warning naming
+A manifest is valid when it has the schema of this version and the digest of its own content (it
+was not edited after it was saved), lists exactly the models its own identity trains, each in the
+folder the layout names (inside the run directory, no symbolic links), holds one saved state per
+rank, and every file of every folder is there with the size and SHA-256 digest recorded when it
+was saved, and no other file is. Only then is a folder handed to DeepSpeed, whose loader
+unpickles. A manifest that is not valid is skipped with a warning naming
 the file and why, and the previous checkpoint is used."""
 
 from __future__ import annotations
@@ -63,8 +64,13 @@ class Manifest:
     models: tuple[SavedModel, ...]
     ranks: tuple[RankState, ...]
 
+    def digest(self) -> str:
+        """A hash of the content: a manifest edited after it was saved no longer matches it."""
+        return hashlib.sha256(json.dumps(encode(self, frozenset()), sort_keys=True).encode()).hexdigest()
+
     def to_json(self) -> str:
-        return json.dumps({"dsgraph_checkpoint": MANIFEST_VERSION, **encode(self, frozenset())}, indent=1) + "\n"
+        document = {"dsgraph_checkpoint": MANIFEST_VERSION, **encode(self, frozenset()), "digest": self.digest()}
+        return json.dumps(document, indent=1) + "\n"
 
 
 def tag(step: int) -> str:
@@ -179,23 +185,25 @@ def _changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
 def read(path: Path, run_dir: Path, digests: bool = True) -> Manifest:
     """The manifest at `path`, validated against the files of `run_dir` (sizes always, digests
     when `digests`); CheckpointInvalid, with the reason, when it must not be loaded."""
+    if path.is_symlink() or not path.is_file():  # a link, a FIFO (opening it would block), a device
+        raise CheckpointInvalid("it is not a plain file")
     try:
         document = json.loads(read_bounded(path, MAX_MANIFEST_BYTES))
-    except (OSError, ValueError, InputTooLarge) as error:
+    except (OSError, ValueError, RecursionError, InputTooLarge) as error:
         raise CheckpointInvalid(f"it cannot be read: {error}") from None
     if not isinstance(document, dict) or document.get("dsgraph_checkpoint") != MANIFEST_VERSION:
         version = document.get("dsgraph_checkpoint") if isinstance(document, dict) else None
         raise CheckpointInvalid(f"it is not a manifest of version {MANIFEST_VERSION} (it says {version})")
     try:
-        manifest: Manifest = decode(
-            Manifest, {k: v for k, v in document.items() if k != "dsgraph_checkpoint"}, frozenset()
-        )
-    except (KeyError, TypeError, ValueError) as error:
+        body = {k: v for k, v in document.items() if k not in ("dsgraph_checkpoint", "digest")}
+        manifest: Manifest = decode(Manifest, body, frozenset())
+    except (KeyError, TypeError, ValueError, RecursionError) as error:
         raise CheckpointInvalid(f"it does not have a manifest's shape: {error}") from None
-    try:
-        _check_layout(manifest, path)
-    except (AttributeError, TypeError, KeyError) as error:  # an identity of the wrong shape
-        raise CheckpointInvalid(f"it does not have a manifest's shape: {error}") from None
+    if document.get("digest") != manifest.digest():
+        raise CheckpointInvalid("it was changed after it was saved (its digest does not match its content)")
+    if not _is_identity(manifest.identity):
+        raise CheckpointInvalid("it does not have a manifest's shape: its identity is not one")
+    _check_layout(manifest, path)
     for model in manifest.models:
         _check_files(model, run_dir, digests)
     return manifest
@@ -221,6 +229,33 @@ def _check_layout(manifest: Manifest, path: Path) -> None:
             raise CheckpointInvalid("it holds a data position that is not one")
         if not _is_rng(rank.rng):
             raise CheckpointInvalid("it holds a random generator state that is not one")
+
+
+def _is_identity(identity: dict[str, Any]) -> bool:
+    """The shape `identity` writes, so that comparing it with a plan's cannot fail."""
+
+    def table(value: Any, entry: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and entry(v) for k, v in value.items())
+
+    def source(value: Any) -> bool:
+        return isinstance(value, dict) and isinstance(value.get("kind"), str) and isinstance(value.get("args"), list)
+
+    def model(value: Any) -> bool:
+        return (
+            isinstance(value, dict)
+            and set(value) == {"source", "role", "deepspeed_config"}
+            and source(value["source"])
+            and isinstance(value["role"], str)
+            and isinstance(value["deepspeed_config"], dict)
+        )
+
+    return (
+        set(identity) == {"models", "losses", "data", "seed", "micro_batch", "grad_accum"}
+        and table(identity["models"], model)
+        and table(identity["losses"], lambda v: isinstance(v, str))
+        and table(identity["data"], source)
+        and all(_count(identity[k]) for k in ("seed", "micro_batch", "grad_accum"))
+    )
 
 
 def _is_position(state: Any) -> bool:

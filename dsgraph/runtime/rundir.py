@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,26 @@ class EnvironmentFault(Exception):
 
 def is_environment_error(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
+
+
+FULL_BELOW = 1 << 20  # free bytes under which a file system counts as full
+
+
+def environment_cause(error: BaseException, path: Path) -> OSError | None:
+    """The machine's fault behind `error`, if it is one: an OSError of the machine, or any error
+    raised while the file system of `path` has no room left (torch's zip writer reports a full
+    disk as a RuntimeError)."""
+    if isinstance(error, OSError):
+        return error if is_environment_error(error) else None
+    if not isinstance(error, Exception):  # Ctrl-C, an exit
+        return None
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    if free < FULL_BELOW:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
 
 
 def describe(error: OSError, path: Path | str | None = None) -> str:

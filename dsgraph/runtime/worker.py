@@ -104,7 +104,11 @@ def _report_failure(
     running; `phase`: where the run was when an error outside the plan's steps happened."""
     from dsgraph.runtime.executor import RunFailure
 
-    cause = error.cause if isinstance(error, RunFailure) else error
+    cause: OSError | None  # the machine's fault behind the error, if it is one
+    if isinstance(error, RunFailure):  # in a plan step: only an OSError of the machine
+        cause = error.cause if isinstance(error.cause, OSError) and rundir.is_environment_error(error.cause) else None
+    else:
+        cause = rundir.environment_cause(error, run_dir)
     record: dict[str, Any]
     if isinstance(error, RunFailure):
         record = {"rank": rank, **error.to_json()}
@@ -114,9 +118,8 @@ def _report_failure(
         record = {"rank": rank, "where": where, "span": None, "error": str(error)}
     else:
         record = {"rank": rank, "where": "dsgraph runtime", "span": None, "error": f"{type(error).__name__}: {error}"}
-        record["internal"] = not rundir.is_environment_error(cause)
-    if rundir.is_environment_error(cause):  # the machine's fault: a full disk, a read-only file system
-        assert isinstance(cause, OSError)
+        record["internal"] = cause is None
+    if cause is not None:  # a full disk, a read-only file system
         record["environment"] = True
         record["error"] = rundir.describe(cause, run_dir)
         if record["where"] == "dsgraph runtime":
