@@ -281,27 +281,40 @@ def _fill(mount: Path, name: str) -> None:
     os.close(filler)
 
 
-def test_a_full_disk_at_start_and_during_training_is_an_environment_fault(tmp_path):
+def test_a_full_disk_at_the_start_is_an_environment_fault(tmp_path):
     mount = tmp_path / "small"
     _mount(mount, "size=4m")
     try:
         _fill(mount, "filler")
         _one_line(_fault(mount / "run"), "No space left on device")
-        (mount / "filler").unlink()
-        # Room to start; the disk fills while the run trains, before its first checkpoint.
-        run_dir = mount / "run2"
-        driver = start_driver(
-            str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(run_dir), "--set", "checkpoint_every=40"
-        )
+    finally:
+        _unmount(mount)
+
+
+@pytest.mark.parametrize(
+    ("settings", "where", "path"),
+    [
+        (("log_every=1",), "(rank 0, in training)", "metrics.jsonl"),
+        (("log_every=100000", "checkpoint_every=40"), "in saving the checkpoint of step 40", "ckpt"),
+    ],
+    ids=["metrics", "checkpoint"],
+)
+def test_a_disk_that_fills_while_the_run_trains_is_an_environment_fault(tmp_path, settings, where, path):
+    mount = tmp_path / "small"
+    _mount(mount, "size=4m")
+    try:
+        run_dir = mount / "run"
+        overrides = [part for setting in settings for part in ("--set", setting)]
+        driver = start_driver(str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(run_dir), *overrides)
         wait_until(lambda: heartbeat_step(run_dir) >= 3 or driver.poll() is not None, 240)
         assert driver.poll() is None
-        _fill(mount, "filler")
+        _fill(mount, "filler")  # the next write is the metrics line, or the checkpoint
         _, stderr = driver.communicate(timeout=120)
         _one_line(
             subprocess.CompletedProcess(driver.args, driver.returncode, "", stderr),
             "No space left on device",
-            str(run_dir / "metrics.jsonl"),
-            "(rank 0, in training)",
+            str(run_dir / path),
+            where,
         )
         assert workers_of(run_dir) == []
     finally:

@@ -75,7 +75,8 @@ def environment_cause(error: BaseException, path: Path) -> OSError | None:
 
 def describe(error: OSError, path: Path | str | None = None) -> str:
     """`No space left on device (errno 28)`, with the path it concerns."""
-    where = error.filename if error.filename is not None else path
+    # Of two paths (a copy, a rename), the second is the one written.
+    where = next((name for name in (error.filename2, error.filename) if name is not None), path)
     text = f"{error.strerror or error} (errno {error.errno})"
     return f"{where}: {text}" if where is not None else text
 
