@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from dsgraph.compiler import Compilation
 from dsgraph.diagnostics import Diagnostic, Note, diagnostic
@@ -33,6 +34,7 @@ def check(run_dir: Path, plan: Plan, procs: int, result: Compilation) -> tuple[P
         manifest, path, skipped = checkpoints.newest(run_dir)
     except checkpoints.CheckpointInvalid as error:
         return None, [diagnostic("DSG502", pipeline, f"{run_dir} holds no valid dsgraph checkpoint: {error}", help)]
+    spans.update(_model_key_spans(result, checkpoints.identity(plan), manifest.identity))
     for warning in skipped:
         print(f"dsgraph: warning: skipping the checkpoint {warning}; using an older one", file=sys.stderr)
     where = Note(f"checkpoint: {path}")
@@ -68,3 +70,45 @@ def check(run_dir: Path, plan: Plan, procs: int, result: Compilation) -> tuple[P
             )
         )
     return (None if diags else path), diags
+
+
+# A DeepSpeed config key of a model, and the model property that sets it.
+_PROPERTY_OF_KEY = (
+    ("optimizer", "optimizer"),
+    ("scheduler", "scheduler"),
+    ("gradient_clipping", "clip"),
+    ("fp16", "precision"),
+    ("bf16", "precision"),
+)
+
+
+def _model_key_spans(result: Compilation, current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Span]:
+    """`model:NAME:KEY` -> where that key of the model is written: the `--set` that gave it, else
+    its key in the ZeRO config (inline or a JSON file), else the model property, else the model."""
+    assert result.ir is not None
+    overrides = []  # (key, span of the key), in command-line order
+    for name, source in result.sources.items():
+        if name.startswith("--set["):
+            key = source.text.partition("=")[0].strip()
+            overrides.append((key, source.span_at(0, len(key))))
+    out: dict[str, Span] = {}
+    for name, model in result.ir.models.items():
+        before, now = (saved.get("models") or {}).get(name), current["models"].get(name)
+        if not isinstance(before, dict) or now is None:
+            continue
+        keys = ["source", "role", *checkpoints.changed_keys(before.get("deepspeed_config"), now["deepspeed_config"])]
+        for key in keys:
+            prop = {"source": "source", "role": "frozen"}.get(key) or next(
+                (p for prefix, p in _PROPERTY_OF_KEY if key == prefix or key.startswith(prefix + ".")), "zero"
+            )
+            given = [span for k, span in overrides if k == f"{name}.{prop}" or k.startswith(f"{name}.{prop}.")]
+            zero = result.ir.zeros.get(model.zero) if model.zero else None
+            if given:
+                out[f"model:{name}:{key}"] = given[-1]
+            elif prop == "zero" and zero is not None:
+                out[f"model:{name}:{key}"] = zero.span_of(key)
+            elif prop == "precision" and prop not in model.spans and "precision" in result.ir.settings.spans:
+                out[f"model:{name}:{key}"] = result.ir.settings.spans["precision"]
+            else:
+                out[f"model:{name}:{key}"] = model.spans.get(prop, model.span)
+    return out

@@ -173,3 +173,24 @@ def assert_estimate_holds(run_dir: Path, world: int = W) -> None:
                 )
         total = sum(m["total"] for m in measured.values())
         assert abs(total - est.total) <= TOLERANCE * est.total
+
+
+def test_zero_auto_deferred_for_user_code_names_the_model_that_stops_the_sizing(tmp_path):
+    pipeline = tmp_path / "p.dsg"
+    pipeline.write_text(
+        "pipeline p {\n"
+        "    steps = 2\n"
+        "    micro_batch = 4\n"
+        "    data d = builtin.synthetic_classification(samples=16, features=4, classes=2)\n"
+        "    model a = builtin.mlp(inputs=4, outputs=2) { zero = auto  optimizer = sgd(lr=0.1) }\n"
+        "    model b = never_imported:make(width=4) { zero = auto  optimizer = sgd(lr=0.1) }\n"
+        "    loss l = ce(a(d.x), d.y) + ce(b(d.x), d.y)\n"
+        "    train a, b on l\n"
+        "}\n"
+    )
+    result = compile_file(pipeline, world_size=2)
+    deferred = {d.span.line: d for d in result.diagnostics if d.code == "DSG418"}
+    assert sorted(deferred) == [5, 6]
+    assert "`b` is built by user code" in deferred[5].message and deferred[5].notes  # a waits for b
+    assert "`b` is built by user code" in deferred[6].message and not deferred[6].notes  # b for itself
+    assert "never_imported" not in sys.modules

@@ -94,7 +94,8 @@ def test_resume_refuses_a_different_plan_world_size_or_no_checkpoint(tmp_path):
     assert changed.returncode == 1
     assert "error[DSG501]" in changed.stderr and "seed was 11, is now 12" in changed.stderr
     assert "model `left` changed: deepspeed_config" in changed.stderr
-    assert "resume.dsg:11:5" in changed.stderr  # points at `model left`
+    assert "--set[1]:1:1: error[DSG501]" in changed.stderr  # the seed, at its --set
+    assert "--set[2]:1:1: error[DSG501]" in changed.stderr  # the learning rate, at its --set
     more = subprocess.run(
         [
             sys.executable,

@@ -251,6 +251,8 @@ def test_a_run_directory_that_is_a_file_under_a_file_or_a_dangling_link_is_an_en
     _one_line(_fault(tmp_path / "file" / "sub"), "Not a directory")
     os.symlink(tmp_path / "gone", tmp_path / "link")
     _one_line(_fault(tmp_path / "link"), "symbolic link", "does not exist")
+    (tmp_path / "odd" / "metrics.jsonl").mkdir(parents=True)
+    _one_line(_fault(tmp_path / "odd"), "metrics.jsonl is not a plain file")
 
 
 def _mount(target: Path, options: str) -> None:

@@ -85,14 +85,15 @@ def resolve_auto(
     unsized = [m for m in p.models.values() if user_code(m)]
     if unsized and not trust_user_code:
         for a in auto:
+            culprit = a if a in unsized else unsized[0]  # itself, else the first that stops the sizing
             diags.add(
                 "DSG418",
                 a.spans["zero"],
-                f"`zero = auto` on `{a.name}` is chosen when the run starts: `{unsized[0].name}` is built by "
+                f"`zero = auto` on `{a.name}` is chosen when the run starts: `{culprit.name}` is built by "
                 "user code, which compiling does not run; this plan shows ZeRO-3 meanwhile",
                 "`dsgraph run` sizes it and chooses; `dsgraph compile --trust-user-code` shows that plan, "
                 "or give the stage: `zero = { stage = 3 }`",
-                *(Note(f"`{m.name}` is declared here", m.span) for m in unsized[:1]),
+                *([Note(f"`{culprit.name}` is declared here", culprit.span)] if culprit is not a else []),
             )
         deferred = "zero = auto: ZeRO-3 until `dsgraph run` sizes the models built by user code"
         return _assign(p, {a.name: ((3, False, False), deferred) for a in auto})

@@ -138,8 +138,10 @@ def _sha256(path: Path) -> str:
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str]]:
-    """What differs, in words, with what it concerns: `setting:seed`, `model:student`,
-    `loss:kd`, `data:train` (to point at the line that changed it)."""
+    """What differs, in words, with what it concerns: `setting:seed`, `model:student:KEY` (KEY:
+    `source`, `role` or the first DeepSpeed config key that changed, `optimizer.params.lr`),
+    `model:student` (new), `loss:kd`, `data:train`, `pipeline` (to point at the line that
+    changed it)."""
     out: list[tuple[str, str]] = []
     for key in ("seed", "micro_batch", "grad_accum"):
         if saved.get(key) != current[key]:
@@ -157,10 +159,12 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[st
                 out.append((f"{noun} `{name}` is gone", "pipeline"))
             elif section == "models":
                 changed = [k for k in now if before.get(k) != now[k]]
+                first = changed[0]  # what the caret points at: `source`, `role` or a config key
                 if "deepspeed_config" in changed:
-                    keys = _changed_keys(before["deepspeed_config"], now["deepspeed_config"])
+                    keys = changed_keys(before["deepspeed_config"], now["deepspeed_config"])
                     changed[changed.index("deepspeed_config")] = f"deepspeed_config ({', '.join(keys)})"
-                out.append((f"{noun} `{name}` changed: {', '.join(changed)}", where))
+                    first = first if first != "deepspeed_config" else keys[0]
+                out.append((f"{noun} `{name}` changed: {', '.join(changed)}", f"{where}:{first}"))
             elif section == "data" and {k: v for k, v in before.items() if k != "content"} == {
                 k: v for k, v in now.items() if k != "content"
             }:
@@ -170,11 +174,12 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[st
     return out
 
 
-def _changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
+def changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """The paths of the keys that differ between two configs (`optimizer.params.lr`)."""
     if isinstance(before, dict) and isinstance(now, dict):
         out = []
         for key in sorted(set(before) | set(now)):
-            out += _changed_keys(before.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+            out += changed_keys(before.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
         return out
     return [] if before == now else [prefix or "(whole)"]
 
@@ -199,6 +204,8 @@ def read(path: Path, run_dir: Path, digests: bool = True) -> Manifest:
         manifest: Manifest = decode(Manifest, body, frozenset())
     except (KeyError, TypeError, ValueError, RecursionError) as error:
         raise CheckpointInvalid(f"it does not have a manifest's shape: {error}") from None
+    if "digest" not in document:
+        raise CheckpointInvalid("it has no digest of its content (saved by another version of dsgraph?)")
     if document.get("digest") != manifest.digest():
         raise CheckpointInvalid("it was changed after it was saved (its digest does not match its content)")
     if not _is_identity(manifest.identity):

@@ -98,7 +98,7 @@ def _kept_lines(path: Path, first_step: int) -> list[str]:
             continue
         try:
             step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             print(f"dsgraph: {path}:{number}: not a whole record (torn by a crash?); dropped", file=sys.stderr)
             continue
         if isinstance(step, int) and step <= first_step:

@@ -100,6 +100,10 @@ def prepare(run_dir: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise EnvironmentFault(f"cannot use run directory {run_dir}: {describe(error)}") from None
+    for name in ("plan.json", "metrics.jsonl"):  # the files a run rewrites in place
+        entry = run_dir / name
+        if os.path.lexists(entry) and (entry.is_symlink() or not entry.is_file()):
+            raise EnvironmentFault(f"{entry} is not a plain file; move it away to use run directory {run_dir}")
 
 
 class RunLock:
