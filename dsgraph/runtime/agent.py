@@ -10,11 +10,14 @@ output passes through."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
+
+from dsgraph.runtime.rundir import is_environment_error
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +48,10 @@ def _write(path: Path, text: str) -> None:
         tmp.write_text(text)
         tmp.replace(path)
     except OSError as error:
-        print(f"dsgraph: cannot record the failed ranks in {path}: {error.strerror or error}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not is_environment_error(error):  # a full disk: the ranks' own reserved records tell it
+            print(f"dsgraph: cannot record the failed ranks in {path}: {error.strerror or error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

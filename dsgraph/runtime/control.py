@@ -85,8 +85,11 @@ def request_stop(run_dir: Path, world: int, run_id: str) -> int:
     # Ranks meet in a collective every step, so none is more than one step ahead of another.
     target = max(steps) + 2
     tmp = run_dir / f".stop.{os.getpid()}"
-    tmp.write_text(json.dumps({"after_step": target}))
-    tmp.replace(run_dir / "stop")  # first the file: a rank that starts from now on reads it
+    try:
+        tmp.write_text(json.dumps({"after_step": target}))
+        tmp.replace(run_dir / "stop")  # first the file: a rank that starts from now on reads it
+    except OSError:
+        pass  # a full disk: the heartbeats below are written in place and need no new space
     for rank in range(world):
         try:
             with open(run_dir / "heartbeat" / f"rank{rank}", "r+b") as beat:
