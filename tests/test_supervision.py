@@ -255,6 +255,22 @@ def test_a_run_directory_that_is_a_file_under_a_file_or_a_dangling_link_is_an_en
     _one_line(_fault(tmp_path / "odd"), "metrics.jsonl is not a plain file")
 
 
+def test_links_planted_in_the_run_directory_are_never_written_through(tmp_path):
+    precious = tmp_path / "precious"
+    precious.write_text("keep")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".dsgraph.lock").symlink_to(precious)
+    _one_line(_fault(run_dir), ".dsgraph.lock is a symbolic link")
+    (run_dir / ".dsgraph.lock").unlink()
+    for name in ("heartbeat/rank0", "failures/rank1.json", "done/rank0", ".metrics.jsonl.tmp", "ranks/rank0.json"):
+        (run_dir / name).parent.mkdir(exist_ok=True)
+        (run_dir / name).symlink_to(precious)
+    done = _fault(run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert precious.read_text() == "keep"
+
+
 def _mount(target: Path, options: str) -> None:
     target.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsgraph.runtime.rundir import is_environment_error
+from dsgraph.runtime.rundir import is_environment_error, write_new
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        tmp.write_text(text)
+        write_new(tmp, text)
         tmp.replace(path)
     except OSError as error:
         with contextlib.suppress(OSError):

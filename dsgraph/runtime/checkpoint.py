@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsgraph.runtime import rundir
 from dsgraph.runtime.manifest import (
     CheckpointInvalid,
     Manifest,
@@ -107,8 +108,8 @@ def save(executor: Executor, step: int) -> None:
         folder = run_dir / "ckpt" / "manifests"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{name}.json.tmp"
-        with open(tmp, "w") as f:
-            f.write(manifest.to_json())
+        with rundir.open_new(tmp) as f:
+            f.write(manifest.to_json().encode())
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(folder / f"{name}.json")  # the checkpoint exists from this moment

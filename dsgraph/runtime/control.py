@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from dsgraph.runtime import rundir
+
 _FORMAT = struct.Struct("<qqdq8s")  # phase, last completed step, time of the beat, pid, run id
 _STOP = struct.Struct("<q")  # after the beat: the step to stop after (0: none), the driver writes it
 SETUP, TRAINING, FINISHED, CHECKPOINT, EXPORT = 0, 1, 2, 3, 4
@@ -46,9 +48,9 @@ class Heartbeat:
         folder.mkdir(exist_ok=True)
         path = folder / f"rank{rank}"
         self._id = bytes.fromhex(run_id)
-        with open(path, "wb") as f:
-            f.write(b"\0" * (_FORMAT.size + _STOP.size))
-        self._file = open(path, "r+b")  # noqa: SIM115 - stays open under the memory map for the whole run
+        self._file = rundir.open_new(path, read=True)  # stays open under the memory map for the whole run
+        self._file.write(b"\0" * (_FORMAT.size + _STOP.size))
+        self._file.flush()
         self._map = mmap.mmap(self._file.fileno(), _FORMAT.size + _STOP.size)
         self.beat(SETUP, 0)
         requested = _stop_file(run_dir)  # asked before this heartbeat existed
@@ -86,13 +88,13 @@ def request_stop(run_dir: Path, world: int, run_id: str) -> int:
     target = max(steps) + 2
     tmp = run_dir / f".stop.{os.getpid()}"
     try:
-        tmp.write_text(json.dumps({"after_step": target}))
+        rundir.write_new(tmp, json.dumps({"after_step": target}))
         tmp.replace(run_dir / "stop")  # first the file: a rank that starts from now on reads it
     except OSError:
         pass  # a full disk: the heartbeats below are written in place and need no new space
     for rank in range(world):
         try:
-            with open(run_dir / "heartbeat" / f"rank{rank}", "r+b") as beat:
+            with rundir.open_existing(run_dir / "heartbeat" / f"rank{rank}") as beat:
                 beat.seek(_FORMAT.size)
                 beat.write(_STOP.pack(target))
         except OSError:

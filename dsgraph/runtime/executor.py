@@ -115,7 +115,7 @@ class Executor:
             out = self.run_dir / "deepspeed_configs"
             out.mkdir(exist_ok=True)
             for name, config in self.configs.items():
-                (out / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                rundir.write_new(out / f"{name}.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.resume is not None:
             try:
                 manifest = checkpoint.load(self, self.resume)
@@ -351,7 +351,7 @@ class Executor:
             "samples": {name: b.sampler.served for name, b in self.batches.items()},
         }
         (self.run_dir / "ranks").mkdir(exist_ok=True)
-        (self.run_dir / "ranks" / f"rank{self.rank}.json").write_text(json.dumps(report, indent=2) + "\n")
+        rundir.write_new(self.run_dir / "ranks" / f"rank{self.rank}.json", json.dumps(report, indent=2) + "\n")
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

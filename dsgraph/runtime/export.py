@@ -10,6 +10,7 @@ from pathlib import Path
 from dsgraph.plan import Model, SourceKind
 from dsgraph.runtime.adapters import export_lora
 from dsgraph.runtime.manifest import source_json
+from dsgraph.runtime.rundir import write_new
 from dsgraph.runtime.engines import Backend
 
 
@@ -28,5 +29,5 @@ def export_model(backend: Backend, model: Model, out_dir: Path) -> Path | None:
         from safetensors.torch import save_file
 
         save_file(state, str(target / "model.safetensors"), metadata={"dsgraph_model": model.name})
-        (target / "source.json").write_text(json.dumps(source_json(model.source), indent=2) + "\n")
+        write_new(target / "source.json", json.dumps(source_json(model.source), indent=2) + "\n")
     return target

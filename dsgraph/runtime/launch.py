@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from dsgraph.runtime import control, env
+from dsgraph.runtime import control, env, rundir
 
 EXIT_OK, EXIT_USER, EXIT_WORKER, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 1, 4, 74, 130
 SETUP_TIMEOUT = 900  # the first run builds DeepSpeed's comm op (~30-50 s on 2 cores)
@@ -43,7 +43,7 @@ def write_plan(run_dir: Path, plan_json: str) -> None:
     for stale in ("stop", "agent_failure.json"):
         (run_dir / stale).unlink(missing_ok=True)
     tmp = run_dir / f".plan.json.{os.getpid()}"
-    tmp.write_text(plan_json, encoding="utf-8")
+    rundir.write_new(tmp, plan_json)
     tmp.replace(run_dir / "plan.json")  # atomic: ranks of an external launcher race here
 
 

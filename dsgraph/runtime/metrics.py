@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dsgraph.runtime.rundir import write_new
+
 
 class Metrics:
     def __init__(self, run_dir: Path, rank: int, total_steps: int, pipeline: str, first_step: int = 0):
@@ -26,7 +28,7 @@ class Metrics:
             path = run_dir / "metrics.jsonl"
             kept = _kept_lines(path, first_step) if first_step else []
             tmp = run_dir / ".metrics.jsonl.tmp"
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            write_new(tmp, "".join(line + "\n" for line in kept))
             tmp.replace(path)
             # Unbuffered, appending: each record is one write() of a whole line.
             self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - written every step, closed in close()
@@ -80,8 +82,9 @@ class Metrics:
         if self.file is not None:
             self.file.close()
         if self.step_times is not None:
-            self.step_times_path.write_text(
-                json.dumps({"loop_start_unix": self.loop_start, "step_seconds": self.step_times}) + "\n"
+            write_new(
+                self.step_times_path,
+                json.dumps({"loop_start_unix": self.loop_start, "step_seconds": self.step_times}) + "\n",
             )
         if self.rank == 0:
             print("\n".join(summary_lines), flush=True)

@@ -14,16 +14,18 @@ error, and their own exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 DRIVER_LOCK = ".dsgraph.lock"
 WORKERS_LOCK = ".dsgraph.workers.lock"
@@ -39,6 +41,7 @@ ENVIRONMENT_ERRNOS = frozenset(
         errno.ELOOP,
         errno.ENAMETOOLONG,
         errno.EIO,
+        errno.EISDIR,
         errno.EMFILE,
         errno.ENFILE,
     }
@@ -96,7 +99,7 @@ def prepare(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".probe.{os.getpid()}"
-        probe.write_bytes(b"x")
+        write_new(probe, b"x")
         probe.unlink()
     except OSError as error:
         raise EnvironmentFault(f"cannot use run directory {run_dir}: {describe(error)}") from None
@@ -167,10 +170,38 @@ def _lock(file: IO[str], kind: int) -> bool:
 
 
 def _open_lock(path: Path) -> IO[str]:
+    """The lock file, never through a link: the driver rewrites it."""
     try:
-        return open(path, "a+", encoding="utf-8")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise EnvironmentFault(f"{path} is a symbolic link; remove it to use run directory {path.parent}") from None
         raise EnvironmentFault(f"cannot lock run directory {path.parent}: {describe(error)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise EnvironmentFault(f"{path} is not a plain file; remove it to use run directory {path.parent}")
+    return os.fdopen(fd, "r+", encoding="utf-8")
+
+
+def open_new(path: Path, read: bool = False) -> BinaryIO:
+    """A new plain file at `path`, for writing (and reading, with `read`): what was there (a file,
+    a link) is removed first, and a link is never followed, so that nothing planted in a run
+    directory redirects a write elsewhere."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    flags = (os.O_RDWR if read else os.O_WRONLY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, 0o644), "r+b" if read else "wb")
+
+
+def write_new(path: Path, data: str | bytes) -> None:
+    """`data` into a new plain file at `path` (see open_new)."""
+    with open_new(path) as file:
+        file.write(data.encode() if isinstance(data, str) else data)
+
+
+def open_existing(path: Path) -> BinaryIO:
+    """A plain file this run made, for reading and writing in place, never through a link."""
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), "r+b")
 
 
 def _holder(path: Path) -> str:

@@ -83,7 +83,8 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
         metrics.close(_summary(plan, executor.last_step, metrics.last, exported, setup_time, train_time, run_dir))
         executor.backend.shutdown()
         (run_dir / "done").mkdir(exist_ok=True)
-        (run_dir / "done" / f"rank{rank}").write_text(f"{'stopped' if executor.stopped_early else 'ok'} {run_id}\n")
+        outcome = "stopped" if executor.stopped_early else "ok"
+        rundir.write_new(run_dir / "done" / f"rank{rank}", f"{outcome} {run_id}\n")
     except BaseException as error:
         _report_failure(run_dir, rank, run_id, error, phase=phase)
         sys.stdout.flush()
@@ -132,7 +133,7 @@ def _report_failure(
         text = json.dumps(record) + "\n"
     try:
         # Written over the space reserved at start: it needs no new block on a full disk.
-        with open(run_dir / "failures" / f"rank{rank}.json", "r+b") as file:
+        with rundir.open_existing(run_dir / "failures" / f"rank{rank}.json") as file:
             data = text.encode()[:RECORD_BYTES]
             file.write(data)
             file.truncate(len(data))
@@ -144,7 +145,7 @@ def _reserve_failure_record(run_dir: Path, rank: int) -> None:
     """failures/rankN.json, blank: the space a failure record needs, taken while there is some.
     The driver ignores a blank record."""
     (run_dir / "failures").mkdir(exist_ok=True)
-    with open(run_dir / "failures" / f"rank{rank}.json", "wb") as file:
+    with rundir.open_new(run_dir / "failures" / f"rank{rank}.json") as file:
         file.write(b" " * RECORD_BYTES)
         file.flush()
         os.fsync(file.fileno())
