@@ -355,10 +355,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"dsgraph: {fault}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     if inside:
-        return launch.run_here(run_dir, run_id, manifest)
+        try:
+            return launch.run_here(run_dir, run_id, manifest)
+        except rundir.EnvironmentFault as fault:
+            print(f"dsgraph: {fault}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
     resumed = f", resuming from {manifest.name}" if manifest else ""
     print(f"dsgraph: {procs} processes, run directory {run_dir}{resumed}", file=sys.stderr)
-    code = launch.launch(run_dir, procs, args.hang_timeout, run_id, manifest)
+    try:
+        code = launch.launch(run_dir, procs, args.hang_timeout, run_id, manifest)
+    except rundir.EnvironmentFault as fault:  # the workers' environment: e.g. no op cache usable
+        print(f"dsgraph: {fault}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     assert lock is not None
     lock.release()
     return code

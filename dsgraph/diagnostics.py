@@ -100,7 +100,16 @@ def render_snippet(span: Span, source: SourceFile | None) -> list[str]:
     ]
 
 
+# Control characters of a file are drawn as their Unicode pictures (ESC as U+241B), one column
+# each: a file being checked cannot move the cursor, retitle or clear the terminal.
+_VISIBLE = {code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A)} | {0x7F: 0x2421}
+
+
 def render_text(diag: Diagnostic, sources: dict[str, SourceFile]) -> str:
+    return _render_text(diag, sources).translate(_VISIBLE)
+
+
+def _render_text(diag: Diagnostic, sources: dict[str, SourceFile]) -> str:
     lines = [f"{diag.span}: {diag.severity.value}[{diag.code}]: {diag.message}"]
     lines += render_snippet(diag.span, sources.get(diag.span.file))
     pad = " " * len(str(diag.span.line))

@@ -6,6 +6,8 @@ that no input can make compiling slow or exhaust memory."""
 
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +76,7 @@ class SourceFile:
         return SourceFile(str(path), read_bounded(path, limit))
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
+        lines = _lines(self.text)
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
     def span_at(self, offset: int, length: int = 1) -> Span:
@@ -86,3 +88,9 @@ class SourceFile:
 
     def whole(self) -> Span:
         return Span(self.name, 1, 1, 1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _lines(text: str) -> list[str]:
+    """The lines of a file, split once however many diagnostics show them (a str caches its hash)."""
+    return text.splitlines()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,3 +98,16 @@ def test_a_diagnostic_shows_a_bounded_snippet_of_a_very_long_line(tmp_path):
     source_line, caret_line = text.splitlines()[2:4]
     caret = caret_line.index("^")
     assert source_line[caret] == "x"  # the caret is still under the mistake
+
+
+def test_control_characters_of_a_file_are_drawn_not_sent_to_the_terminal(tmp_path):
+    pipeline = tmp_path / "esc.dsg"
+    pipeline.write_text("pipeline p { steps = 2 \x1b]0;retitled\x07\x1b[2J }\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "dsgraph", "check", str(pipeline)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout + done.stderr
+    assert "\u241b]0;retitled\u2407" in done.stdout  # drawn as the control pictures, one column each
+    line, carets = [x for x in done.stdout.splitlines() if x.startswith(("1 |", "  |  "))][:2]
+    assert line.index("\u241b") == carets.index("^")

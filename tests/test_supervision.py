@@ -246,6 +246,7 @@ def _one_line(done: subprocess.CompletedProcess[str], *words: str) -> None:
 
 
 def test_a_run_directory_that_is_a_file_under_a_file_or_a_dangling_link_is_an_environment_fault(tmp_path):
+    # and one whose files or folders are not what a run writes there
     (tmp_path / "file").write_text("x")
     _one_line(_fault(tmp_path / "file"), "is not a directory")
     _one_line(_fault(tmp_path / "file" / "sub"), "Not a directory")
@@ -253,6 +254,12 @@ def test_a_run_directory_that_is_a_file_under_a_file_or_a_dangling_link_is_an_en
     _one_line(_fault(tmp_path / "link"), "symbolic link", "does not exist")
     (tmp_path / "odd" / "metrics.jsonl").mkdir(parents=True)
     _one_line(_fault(tmp_path / "odd"), "metrics.jsonl is not a plain file")
+    (tmp_path / "odd2").mkdir()
+    (tmp_path / "odd2" / "heartbeat").write_text("")
+    _one_line(_fault(tmp_path / "odd2"), "heartbeat is not a folder")
+    (tmp_path / "odd3" / "ckpt").mkdir(parents=True)
+    (tmp_path / "odd3" / "ckpt" / "left").symlink_to(tmp_path)  # checkpoints would leave the run directory
+    _one_line(_fault(tmp_path / "odd3"), "ckpt/left is a symbolic link")
 
 
 def test_links_planted_in_the_run_directory_are_never_written_through(tmp_path):

@@ -9,6 +9,7 @@ temporary folder) when it lies on a read-only file system."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -18,6 +19,8 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from dsgraph.runtime import rundir
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # What may stand above a rank that a launcher started: programs, and modules run with `python -m`.
@@ -106,17 +109,27 @@ def usable_extensions_dir(cache: Path) -> Path:
             return cache
     except OSError:
         pass
-    private = _private_temporary_folder()
-    copy = private / cache.name
-    if not copy.is_dir():
-        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=private))
-        if cache.is_dir():
-            # copy2 keeps the modification times: ninja sees the copied build as up to date.
-            shutil.copytree(cache, staging, dirs_exist_ok=True, copy_function=shutil.copy2)
-        try:
-            staging.rename(copy)  # atomic; another run may have made it first
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
+    try:
+        private = _private_temporary_folder()
+        copy = private / cache.name
+        if not copy.is_dir():
+            staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=private))
+            try:
+                if cache.is_dir():
+                    # copy2 keeps the modification times: ninja sees the copied build as up to date.
+                    shutil.copytree(cache, staging, dirs_exist_ok=True, copy_function=shutil.copy2)
+                with contextlib.suppress(OSError):  # atomic; another run may have made it first
+                    staging.rename(copy)
+                if not copy.is_dir():
+                    raise OSError(f"cannot make {copy}")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:  # shutil.Error too: no temporary folder, or no room in it
+        reason = error.strerror or str(error).splitlines()[0][:200]
+        raise rundir.EnvironmentFault(
+            f"the op cache {cache} is not writable, and no writable copy of it can be made: {reason}; "
+            "set TORCH_EXTENSIONS_DIR to a writable folder"
+        ) from None
     print(
         f"dsgraph: the op cache {cache} is not writable; using a copy in {copy}"
         + ("" if any(copy.iterdir()) else " (DeepSpeed builds its op there once, ~30-50 s)"),

@@ -103,10 +103,37 @@ def prepare(run_dir: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise EnvironmentFault(f"cannot use run directory {run_dir}: {describe(error)}") from None
-    for name in ("plan.json", "metrics.jsonl"):  # the files a run rewrites in place
+    _check_layout(run_dir)
+
+
+# What a run writes into its directory: files it rewrites, and folders (with, for `ckpt` and
+# `models`, a folder per model below).
+_FILES = ("plan.json", "metrics.jsonl")
+_FOLDERS = ("ckpt", "models", "heartbeat", "done", "failures", "ranks", "deepspeed_configs")
+
+
+def _check_layout(run_dir: Path) -> None:
+    """What an earlier run (or a person) left in the run directory can take this run's files:
+    each must be what the run writes there, and no link. Checkpoints are written into, removed
+    from and loaded from `ckpt/` only inside the run directory."""
+
+    def refuse(entry: Path, what: str) -> EnvironmentFault:
+        return EnvironmentFault(f"{entry} {what}; move it away to use run directory {run_dir}")
+
+    for name in _FILES:
         entry = run_dir / name
         if os.path.lexists(entry) and (entry.is_symlink() or not entry.is_file()):
-            raise EnvironmentFault(f"{entry} is not a plain file; move it away to use run directory {run_dir}")
+            raise refuse(entry, "is not a plain file")
+    for name in _FOLDERS:
+        entry = run_dir / name
+        if entry.is_symlink():
+            raise refuse(entry, f"is a symbolic link (to {os.readlink(entry)})")
+        if os.path.lexists(entry) and not entry.is_dir():
+            raise refuse(entry, "is not a folder")
+    for name in ("ckpt", "models"):
+        for entry in sorted((run_dir / name).iterdir()) if (run_dir / name).is_dir() else []:
+            if entry.is_symlink():
+                raise refuse(entry, f"is a symbolic link (to {os.readlink(entry)})")
 
 
 class RunLock:
