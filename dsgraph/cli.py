@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -180,7 +181,8 @@ def _load(
     from dsgraph.compiler import compile_file
 
     if not Path(path).is_file():
-        print(f"dsgraph: no such file: {path}", file=sys.stderr)
+        what = "not a plain file" if os.path.lexists(path) else "no such file"
+        print(f"dsgraph: {what}: {path}", file=sys.stderr)
         return None
     return compile_file(path, world_size, overrides, device_memory, trust_user_code)
 
@@ -305,11 +307,13 @@ def cmd_dot(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import hashlib
-    import os
 
     from dsgraph import resume
     from dsgraph.runtime import env, launch, rundir
 
+    if args.resume and args.run_dir:
+        print("dsgraph: give --resume RUN_DIR or --run-dir RUN_DIR, not both", file=sys.stderr)
+        return EXIT_USAGE
     try:
         ranks = env.launcher_rank()
     except env.LauncherError as error:

@@ -25,7 +25,8 @@ class InputTooLarge(ValueError):
 
 
 def read_bounded(path: str | Path, limit: int) -> str:
-    """The text of a file of at most `limit` bytes (decoded as UTF-8, bad bytes replaced)."""
+    """The text of a file of at most `limit` bytes (decoded as UTF-8, bad bytes replaced; a
+    byte-order mark that an editor wrote first is dropped)."""
     size = os.stat(path).st_size
     if size > limit:
         raise InputTooLarge(str(path), size, limit)
@@ -33,7 +34,7 @@ def read_bounded(path: str | Path, limit: int) -> str:
         data = file.read(limit + 1)  # a file that grew, or a device that never ends
     if len(data) > limit:
         raise InputTooLarge(str(path), len(data), limit)
-    return data.decode("utf-8", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,3 +111,10 @@ def test_control_characters_of_a_file_are_drawn_not_sent_to_the_terminal(tmp_pat
     assert "\u241b]0;retitled\u2407" in done.stdout  # drawn as the control pictures, one column each
     line, carets = [x for x in done.stdout.splitlines() if x.startswith(("1 |", "  |  "))][:2]
     assert line.index("\u241b") == carets.index("^")
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    pipeline = tmp_path / "bom.dsg"
+    pipeline.write_bytes(b"\xef\xbb\xbf" + (Path(__file__).parent / "fixtures" / "resume.dsg").read_bytes())
+    result = compile_file(pipeline, world_size=2)
+    assert result.ok, [d.message for d in result.diagnostics]

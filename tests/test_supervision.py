@@ -142,6 +142,29 @@ def test_workers_of_an_earlier_run_still_alive_keep_the_directory(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_done_markers_planted_for_a_run_do_not_make_a_killed_rank_finished(tmp_path):
+    run_dir = tmp_path / "run"
+    driver = start_driver(str(FIXTURES / "long.dsg"), "--procs", "2", "--run-dir", str(run_dir))
+    wait_until(lambda: heartbeat_step(run_dir) >= 3 or driver.poll() is not None, 240)
+    assert driver.poll() is None
+    run_id = json.loads((run_dir / ".dsgraph.lock").read_text())["run_id"]
+    (run_dir / "done").mkdir(exist_ok=True)
+    for rank in range(2):  # what a confused script (or a person) might write
+        (run_dir / "done" / f"rank{rank}").write_text(f"ok {run_id}\n")
+    next(w for w in workers_of(run_dir) if w.environ().get("RANK") == "1").kill()
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 4 and "rank 1 was killed by SIGKILL" in stderr, stderr[-2000:]
+
+
+def test_resume_and_run_dir_together_are_refused(tmp_path):
+    done = dsgraph(
+        "run", str(FIXTURES / "resume.dsg"), "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b"),
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "not both" in done.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 # -- the watchdog after training ---------------------------------------------------------------
 
 

@@ -125,7 +125,9 @@ def usable_extensions_dir(cache: Path) -> Path:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except OSError as error:  # shutil.Error too: no temporary folder, or no room in it
-        reason = error.strerror or str(error).splitlines()[0][:200]
+        # shutil.Error holds (source, target, why) of each file it could not copy.
+        failures = error.args[0] if isinstance(error, shutil.Error) and error.args else None
+        reason = str(failures[0][-1]) if isinstance(failures, list) and failures else error.strerror or str(error)
         raise rundir.EnvironmentFault(
             f"the op cache {cache} is not writable, and no writable copy of it can be made: {reason}; "
             "set TORCH_EXTENSIONS_DIR to a writable folder"
@@ -140,15 +142,17 @@ def usable_extensions_dir(cache: Path) -> Path:
 
 def _private_temporary_folder() -> Path:
     """`$TMPDIR/dsgraph-<uid>`, only this user's (0700, owned by this user): the ops loaded from
-    it are code. Another user's folder under that name is never used; a fresh one is made."""
-    folder = Path(tempfile.gettempdir()) / f"dsgraph-{os.getuid()}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        status = folder.lstat()
+    it are code. Another user's folder under that name is never used: the next name
+    (`dsgraph-<uid>.1`, ...) that is, or can be made, this user's is, so that later runs find it."""
+    base = Path(tempfile.gettempdir()) / f"dsgraph-{os.getuid()}"
+    for folder in [base, *(base.with_name(f"{base.name}.{n}") for n in range(1, 10))]:
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            status = folder.lstat()
+        except OSError:
+            continue
         if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077:
             return folder
-    except OSError:
-        pass
     return Path(tempfile.mkdtemp(prefix="dsgraph-"))
 
 

@@ -201,10 +201,14 @@ def _agent_exits(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _done(run_dir: Path, procs: int, run_id: str) -> int:
+    """The ranks of this run that finished: a done marker with its id, and a heartbeat that says
+    so (a marker alone, left or planted, does not make a killed rank finished)."""
+    beats = control.read_heartbeats(run_dir, procs, run_id)
     count = 0
     for rank in range(procs):
+        finished = rank in beats and beats[rank].phase == control.FINISHED
         with contextlib.suppress(OSError):
-            count += (run_dir / "done" / f"rank{rank}").read_text().split()[-1:] == [run_id]
+            count += finished and (run_dir / "done" / f"rank{rank}").read_text().split()[-1:] == [run_id]
     return count
 
 

@@ -130,6 +130,8 @@ def _check_layout(run_dir: Path) -> None:
             raise refuse(entry, f"is a symbolic link (to {os.readlink(entry)})")
         if os.path.lexists(entry) and not entry.is_dir():
             raise refuse(entry, "is not a folder")
+        if entry.is_dir() and not os.access(entry, os.W_OK | os.X_OK):
+            raise refuse(entry, "is not writable by this user")
     for name in ("ckpt", "models"):
         for entry in sorted((run_dir / name).iterdir()) if (run_dir / name).is_dir() else []:
             if entry.is_symlink():
@@ -199,7 +201,7 @@ def _lock(file: IO[str], kind: int) -> bool:
 def _open_lock(path: Path) -> IO[str]:
     """The lock file, never through a link: the driver rewrites it."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise EnvironmentFault(f"{path} is a symbolic link; remove it to use run directory {path.parent}") from None

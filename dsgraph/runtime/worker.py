@@ -66,9 +66,9 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
     started = time.perf_counter()
     from dsgraph.runtime.executor import Executor  # imports torch and deepspeed
 
-    executor = Executor(plan, run_dir, rank, world, run_id, resume)
     phase = "setup"  # where an error outside the plan's steps happened
     try:
+        executor = Executor(plan, run_dir, rank, world, run_id, resume)
         executor.setup()
         setup_time = time.perf_counter() - started
         phase = "training"
