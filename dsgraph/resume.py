@@ -1,8 +1,8 @@
 """`dsgraph run --resume RUN_DIR`: which checkpoint of RUN_DIR this plan may continue, decided by
 the driver before any worker starts, without torch. The newest valid checkpoint is taken (a newer
-one that fails validation is skipped with a warning naming the file and why; dsgraph.runtime.
-manifest); a plan that differs from the one that saved it is DSG501 at the line that changed; no
-valid checkpoint is DSG502. Nothing of RUN_DIR is unpickled here."""
+one that fails validation, see runtime/manifest.py, is skipped with a warning naming the file and
+why); a plan that differs from the one that saved it is DSG501 at what changed; no valid
+checkpoint is DSG502. Nothing of RUN_DIR is unpickled here."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def check(run_dir: Path, plan: Plan, procs: int, result: Compilation) -> tuple[P
         manifest, path, skipped = checkpoints.newest(run_dir)
     except checkpoints.CheckpointInvalid as error:
         return None, [diagnostic("DSG502", pipeline, f"{run_dir} holds no valid dsgraph checkpoint: {error}", help)]
-    spans.update(_model_key_spans(result, checkpoints.identity(plan), manifest.identity))
+    current = checkpoints.identity(plan)  # reads every data file once, for its digest
+    spans.update(_model_key_spans(result, current, manifest.identity))
     for warning in skipped:
         print(f"dsgraph: warning: skipping the checkpoint {warning}; using an older one", file=sys.stderr)
     where = Note(f"checkpoint: {path}")
@@ -46,7 +47,7 @@ def check(run_dir: Path, plan: Plan, procs: int, result: Compilation) -> tuple[P
             "resume with the file the run was started with, or start a new run",
             where,
         )
-        for message, concerns in checkpoints.differences(manifest.identity, checkpoints.identity(plan))
+        for message, concerns in checkpoints.differences(manifest.identity, current)
     ]
     if manifest.world_size != procs:
         diags.append(
