@@ -240,9 +240,14 @@ def _holder(path: Path) -> str:
 
     try:
         holder: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:  # another user's run: its lock file is private
+        return ""
+    except ValueError:
+        holder = {}
+    try:
         command = " ".join(str(part) for part in holder["command"])
         if psutil.pid_exists(int(holder["pid"])):
             return f" (pid {holder['pid']}: {command})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         pass
     return " (the ranks of a job started by an external launcher?)"
