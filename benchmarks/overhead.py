@@ -132,7 +132,8 @@ def run_dsgraph(out: Path, steps: int) -> dict:
     if result["exit_code"] != 0:
         raise launch.failed(result["exit_code"])
     timing = json.loads((run_dir / "step_times.json").read_text())
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    logged = [r for r in rows if r.get("split", "train") == "train"]
     configs = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "deepspeed_configs").glob("*.json"))}
     return {
         **result,

@@ -43,6 +43,10 @@ class Analysis:
     call_groups: dict[str, frozenset[int]]  # call id -> the groups whose gradients pass through it
     group_of_model: dict[str, int]
     reached: frozenset[str]  # the dataflow nodes some train group depends on
+    # Evaluation: the reached losses all of whose data sets have an eval set, in evaluation order,
+    # and those that read data sets with and without one (not evaluated, DSG314).
+    evaluated: tuple[str, ...] = ()
+    partly_evaluated: tuple[str, ...] = ()
 
     def group(self, index: int) -> Group | None:
         return next((grp for grp in self.groups if grp.index == index), None)
@@ -104,4 +108,24 @@ def analyse(pipeline: ir.Pipeline, graph: Graph) -> Analysis | None:
                 owners.add(group.index)
         call_groups[node] = frozenset(owners)
     reached = frozenset().union(*(group.reach for group in groups))
-    return Analysis(order, {n: i for i, n in enumerate(order)}, roles, groups, call_groups, group_of_model, reached)
+    with_eval = {g.data_id(d.name) for d in pipeline.data.values() if d.eval is not None}
+    held_out = {g.data_id(d.eval) for d in pipeline.data.values() if d.eval is not None}  # DSG312 if read
+    evaluated, partly = [], []
+    for node in order:
+        if node.startswith("loss:") and node in reached:
+            read = {n for n in nx.ancestors(flow, node) if n.startswith("data:")} - held_out
+            if read and read <= with_eval:
+                evaluated.append(graph.nodes[node]["name"])
+            elif read & with_eval:
+                partly.append(graph.nodes[node]["name"])
+    return Analysis(
+        order,
+        {n: i for i, n in enumerate(order)},
+        roles,
+        groups,
+        call_groups,
+        group_of_model,
+        reached,
+        tuple(evaluated),
+        tuple(partly),
+    )

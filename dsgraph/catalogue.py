@@ -98,6 +98,19 @@ DATA = {
             ),
             summary="JSONL {prompt, chosen, rejected}, each answer tokenized after the prompt",
         ),
+        Builtin(
+            "hf_dataset",
+            (
+                P("path", "str"),
+                P("split", "str", "train"),
+                P("format", "str", "prompt_completion"),  # prompt_completion, preference, chat, raw
+                P("columns", "any", None),  # a block {field = "column"}: which column each field reads
+                P("tokenizer", "str", "bytes"),
+                P("max_length", "int", 128),
+            ),
+            fields=None,  # they follow `format`: lower/pipeline.py
+            summary="a Hugging Face `datasets` data set (save_to_disk, parquet, JSON, CSV), tokenized by format",
+        ),
     )
 }
 
@@ -211,8 +224,34 @@ SETTINGS = {
         P("log_every", "int", 10),
         P("checkpoint_every", "int", 0),
         P("precision", "str", "fp32"),
+        P("eval_every", "int", 0),
     )
 }
+
+# `data NAME = SOURCE { ... }`: how the data set is dealt, and its eval set.
+DATA_PROPERTIES = {
+    p.name: p
+    for p in (
+        P("eval", "name", None),  # the data set evaluation reads in this one's place
+        P("shuffle", "bool", True),
+        P("drop_last", "bool", True),
+        P("workers", "int", 0),
+    )
+}
+
+
+def eval_stats(loss: str, options: dict[str, Any]) -> tuple[str, ...]:
+    """What an evaluation reports beside a built-in loss's value, each an exact mean over the
+    whole eval set: accuracy for classification, token accuracy and perplexity for a causal LM's
+    next-token cross-entropy (`shift = true`), and what the loss reports in training."""
+    if loss == "ce":
+        return ("token_accuracy", "perplexity") if options.get("shift") is True else ("accuracy",)
+    return LOSSES[loss].stats
+
+
+# Reported as exp(mean) rather than the mean of what the loss adds up (the mean negative
+# log-likelihood per token).
+EXP_STATS = frozenset({"perplexity"})
 
 MODEL_PROPERTIES = ("zero", "frozen", "optimizer", "scheduler", "clip", "precision", "lora")
 # hf("dir", task=...): the AutoModel class; without it, the class the config names
@@ -240,6 +279,8 @@ def type_matches(kind: str, value: Any) -> bool:
             return isinstance(value, list) and all(number(v) for v in value)
         case "strs":
             return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        case "name":
+            return isinstance(value, str)
     return True
 
 
@@ -253,4 +294,5 @@ TYPE_WORDS = {
     "strs": "a list of strings",
     "tensor": "a tensor",
     "any": "a value",
+    "name": "a name",
 }

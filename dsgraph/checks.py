@@ -129,8 +129,9 @@ def check_unused(ctx: Context) -> Iterator[Diagnostic]:
                 f"loss `{name}` is computed by no `train` statement",
                 f"train a model on it (`train MODEL on {name}`) or remove it",
             )
+    eval_sets = {d.eval for d in p.data.values()}
     for name, data in p.data.items():
-        if not any(True for _ in ctx.graph.successors(g.data_id(name))):
+        if name not in eval_sets and not any(True for _ in ctx.graph.successors(g.data_id(name))):
             yield diagnostic(
                 "DSG310",
                 data.span,
@@ -146,6 +147,70 @@ def check_unused(ctx: Context) -> Iterator[Diagnostic]:
                 f"ZeRO config `{name}` is declared but no model uses it",
                 f"use it with `zero = {name}` in a model block, or remove it",
             )
+
+
+def check_eval_sets(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG312 an eval set that training reads, DSG313 an eval set with nothing to evaluate (or
+    `eval_every` without one), DSG314 a loss that reads data with and without eval sets, DSG211 an
+    eval set without a field the losses read."""
+    if ctx.analysis is None or not ctx.pipeline.complete:
+        return
+    p, graph = ctx.pipeline, ctx.graph
+    evaluated = set(ctx.analysis.evaluated)
+    pairs = [(d, p.data[d.eval]) for d in p.data.values() if d.eval is not None and d.eval in p.data]
+    for data, held_out in pairs:
+        assert data.eval_span is not None
+        if any(True for _ in graph.successors(g.data_id(held_out.name))):
+            yield diagnostic(
+                "DSG312",
+                data.eval_span,
+                f"`{held_out.name}` is the eval set of `{data.name}`, but a loss also reads it in training",
+                f"read `{data.name}` in the losses; evaluation reads `{held_out.name}` in its place",
+            )
+            continue
+        readers = [graph.nodes[n]["name"] for n in nx.descendants(graph, g.data_id(data.name)) if n.startswith("loss:")]
+        if not readers:  # unread: DSG310 says so
+            continue
+        partly = set(ctx.analysis.partly_evaluated)  # DSG314 says why those are not evaluated
+        if not any(name in evaluated or name in partly for name in readers):
+            yield diagnostic(
+                "DSG313",
+                data.eval_span,
+                f"no trained loss reads `{data.name}`, so its eval set `{held_out.name}` has nothing to evaluate",
+                f"read `{data.name}` in a loss that a `train` statement uses, or remove `eval`",
+            )
+            continue
+        read = sorted(
+            {
+                f
+                for _, _, e in graph.out_edges(g.data_id(data.name), data=True)
+                for f in e.get("field", "").split(",")
+                if f
+            }
+        )
+        missing = [f for f in read if held_out.fields is not None and f not in held_out.fields]
+        if missing:
+            yield diagnostic(
+                "DSG211",
+                data.eval_span,
+                f"eval set `{held_out.name}` has no field {', '.join(f'`{f}`' for f in missing)}, which the losses "
+                f"read from `{data.name}`",
+                f"its fields are: {', '.join(held_out.fields or ())}",
+            )
+    if not pairs and p.settings.eval_every and "eval_every" in p.settings.spans:
+        yield diagnostic(
+            "DSG313",
+            p.settings.spans["eval_every"],
+            "`eval_every` is set, but no data set has an eval set",
+            "name a held-out data set in a data block: `data train = ... { eval = val }`",
+        )
+    for name in ctx.analysis.partly_evaluated:
+        yield diagnostic(
+            "DSG314",
+            p.losses[name].span,
+            f"loss `{name}` reads data sets with and without an eval set, so it is not evaluated",
+            "give every data set it reads an eval set, or none",
+        )
 
 
 def check_trained_models_reached(ctx: Context) -> Iterator[Diagnostic]:
@@ -322,6 +387,7 @@ CHECKS: tuple[Check, ...] = (
     check_something_trained,
     check_train_statements,
     check_unused,
+    check_eval_sets,
     check_trained_models_reached,
     check_gradient_groups,
     check_frozen_configs,

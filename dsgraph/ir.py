@@ -28,6 +28,7 @@ class Settings:
     log_every: int
     checkpoint_every: int
     precision: Precision
+    eval_every: int
     spans: dict[str, Span] = field(compare=False)
 
 

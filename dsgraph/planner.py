@@ -5,9 +5,11 @@ plan does not show: the setup order, the ops of one training step and the ids th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import networkx as nx
 
 from dsgraph.graph import Graph
 from dsgraph import catalogue, ir
@@ -49,7 +51,15 @@ def build_plan(
     data = tuple(pipeline.data.values())
     s = pipeline.settings
     settings = P.Settings(
-        s.seed, s.steps, s.epochs, s.micro_batch, s.grad_accum, s.log_every, s.checkpoint_every, s.precision
+        s.seed,
+        s.steps,
+        s.epochs,
+        s.micro_batch,
+        s.grad_accum,
+        s.log_every,
+        s.checkpoint_every,
+        s.precision,
+        s.eval_every,
     )
     losses = tuple(_loss(loss, calls) for name, loss in pipeline.losses.items() if g.loss_id(name) in analysis.reached)
     plan = P.Plan(
@@ -64,6 +74,7 @@ def build_plan(
         _setup(pipeline, models, engines={m.name: strategy.engine_of(m.name, analysis) for m in models}),
         _training_step(pipeline, graph, analysis, calls),
         losses,
+        _evaluation(pipeline, graph, analysis, calls),
     )
     for model in plan.models:  # one home for each value: the config says what resolution decided
         assert model.precision is precision_of(pipeline, pipeline.models[model.name]), model.name
@@ -158,8 +169,13 @@ def _setup(pipeline: ir.Pipeline, models: tuple[P.Model, ...], engines: dict[str
         steps.append(P.Initialize(step_id(), m.name, m.span))
     # dsgraph deals the batches itself, in the order Accelerate's prepared DataLoader gives: the
     # same for both engine kinds, resumable, and free of Accelerate's end-of-data sync.
+    eval_sets = {d.eval for d in pipeline.data.values() if d.eval is not None}
     for data in pipeline.data.values():
-        steps.append(P.ShardData(step_id(), data.name, data.span))
+        if data.name not in eval_sets:
+            steps.append(P.ShardData(step_id(), data.name, data.span))
+    for data in pipeline.data.values():
+        if data.name in eval_sets:
+            steps.append(P.ShardEval(step_id(), data.name, data.span))
     if accel_trained:
         first = accel_trained[0]
         steps.append(P.SelectPlugin(step_id(), first.name, "the training plugin is active during the loop", first.span))
@@ -187,8 +203,10 @@ def _training_step(
 ) -> tuple[P.StepOp, ...]:
     ops: list[P.StepOp] = []
     op_id = iter(range(1, 10**9)).__next__
+    eval_sets = {d.eval for d in pipeline.data.values() if d.eval is not None}
     for data in pipeline.data.values():
-        ops.append(P.NextBatch(op_id(), data.name, data.span))
+        if data.name not in eval_sets:
+            ops.append(P.NextBatch(op_id(), data.name, data.span))
     for node, call_id in calls.items():
         call: ir.ModelCall = graph.nodes[node]["call"]
         owners = sorted(analysis.call_groups[node])
@@ -221,6 +239,79 @@ def _training_step(
         span = trains[group.index].span
         ops += [P.Backward(op_id(), group.index, span), P.OptimizerStep(op_id(), group.index, span)]
     return tuple(ops)
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def _evaluation(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: dict[str, str]) -> P.Evaluation | None:
+    """One eval batch: the batches of the eval sets, every call the evaluated losses need (all
+    under no_grad), then those losses, with every field read from its data set's eval set. A
+    call keeps its training id (`student#1` reads `val.x` where training reads `train.x`)."""
+    sets = tuple((d.name, d.eval) for d in pipeline.data.values() if d.eval is not None)
+    if not sets:
+        return None
+    held_out = dict(sets)
+    loss_nodes = [g.loss_id(name) for name in analysis.evaluated]
+    needed = set(loss_nodes).union(*(nx.ancestors(g.dataflow(graph), n) for n in loss_nodes))
+    ops: list[P.EvalOp] = []
+    op_id = iter(range(1, 10**9)).__next__
+    for train, val in sets:
+        if g.data_id(train) in needed:
+            ops.append(P.NextBatch(op_id(), val, pipeline.data[val].span))
+    eval_calls: dict[str, str] = {}
+    for node in analysis.in_order(needed, "call:"):
+        call = _held_out(graph.nodes[node]["call"], held_out)
+        assert isinstance(call, ir.ModelCall)
+        eval_calls[g.call_id(call)] = calls[node]
+        ops.append(
+            P.Forward(
+                op_id(),
+                calls[node],
+                ir.show_expr(call),
+                call.model,
+                tuple(_expr(a, eval_calls) for a in call.args),
+                tuple((k, _expr(v, eval_calls)) for k, v in call.kwargs),
+                None,
+                (),
+                call.span,
+            )
+        )
+    losses = []
+    for name in analysis.evaluated:
+        declared = pipeline.losses[name]
+        loss = _loss(ir.Loss(name, _held_out(declared.expr, held_out), declared.span), eval_calls)
+        terms = tuple(dataclasses.replace(t, stats=_eval_stats(t.expr)) for t in loss.terms)
+        losses.append(dataclasses.replace(loss, terms=terms))
+        ops.append(P.EvalLoss(op_id(), name, declared.span))
+    return P.Evaluation(sets, tuple(ops), tuple(losses))
+
+
+def _held_out(expr: ir.LossExpr, held_out: dict[str, str]) -> ir.LossExpr:
+    """The expression with every field read from its data set's eval set."""
+    match expr:
+        case ir.FieldRef(data=data) if data in held_out:
+            return dataclasses.replace(expr, data=held_out[data])
+        case ir.Project(obj=obj):
+            return dataclasses.replace(expr, obj=_held_out(obj, held_out))
+        case ir.Neg(operand=operand):
+            return dataclasses.replace(expr, operand=_held_out(operand, held_out))
+        case ir.BinOp(left=left, right=right):
+            return dataclasses.replace(expr, left=_held_out(left, held_out), right=_held_out(right, held_out))
+        case ir.ModelCall(args=args, kwargs=kwargs) | ir.LossFn(args=args, kwargs=kwargs):
+            return dataclasses.replace(
+                expr,
+                args=tuple(_held_out(a, held_out) for a in args),
+                kwargs=tuple((k, _held_out(v, held_out)) for k, v in kwargs),
+            )
+    return expr
+
+
+def _eval_stats(expr: P.Expr) -> tuple[str, ...]:
+    if isinstance(expr, P.LossCall) and expr.builtin:
+        options = {k: v.value for k, v in expr.kwargs if isinstance(v, P.Const)}
+        return catalogue.eval_stats(expr.fn, options)
+    return ()
 
 
 def _expr(expr: ir.LossExpr, calls: dict[str, str]) -> P.Expr:

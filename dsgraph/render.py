@@ -81,6 +81,18 @@ def to_text(plan: P.Plan) -> str:
     out += [*_table([[f"{op.id:>2}", op.kind, op_detail(plan, op), _line(op.span)] for op in plan.step]), ""]
     out.append("losses")
     out += [*_table([[loss.name, "=", loss.text] for loss in plan.losses]), ""]
+    if plan.evaluation is not None:
+        every = f"every {s.eval_every} steps and at the end" if s.eval_every else "at the end"
+        sets = ", ".join(f"{val} for {train}" for train, val in plan.evaluation.sets)
+        out.append(f"evaluation {every} ({sets}); each eval batch, every model in eval mode, no_grad")
+        out += _table(
+            [[f"{op.id:>2}", op.kind, eval_op_detail(plan, op), _line(op.span)] for op in plan.evaluation.step]
+        )
+        out += _table([[loss.name, "=", loss.text] for loss in plan.evaluation.losses], "      ")
+        stats = [f"{t.name}.{stat}" for loss in plan.evaluation.losses for t in loss.terms for stat in t.stats]
+        if stats:
+            out.append(f"  reported beside the losses: {', '.join(stats)}")
+        out.append("")
     for m in plan.models:
         out.append(f"deepspeed config of {m.name}")
         rules = {fill.value: fill.rule for fill in m.fills}
@@ -103,7 +115,13 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
         case P.BuildData(data=data):
             return data
         case P.ShardData(data=data):
-            return f"{data} (each rank its own shard, in Accelerate's order)"
+            d = plan.data_set(data)
+            order = "shuffled each epoch" if d.shuffle else "in file order"
+            end = "" if d.drop_last else ", the uneven end completed from the start"
+            workers = f", {d.workers} loader workers" if d.workers else ""
+            return f"{data} (each rank its own shard, {order}{end}, as Accelerate deals it{workers})"
+        case P.ShardEval(data=data):
+            return f"{data} (eval set: file order, batch k to rank k mod world size, the end padded)"
         case P.CompleteConfig(model=name):
             m = plan.model(name)
             count = len(m.fills)
@@ -151,5 +169,17 @@ def op_detail(plan: P.Plan, op: P.StepOp) -> str:
             if plan.group(index).engine is P.Engine.ACCELERATE:  # Accelerate's loop calls; no-ops under DeepSpeed
                 return f"group {index}: step + zero_grad {models} (the engine steps in accelerator.backward)"
             return f"group {index}: step + zero_grad {models} (engine.step)"
+        case _:
+            assert_never(op)
+
+
+def eval_op_detail(plan: P.Plan, op: P.EvalOp) -> str:
+    match op:
+        case P.NextBatch(data=data):
+            return f"{data} (this rank's next eval batch, to the device)"
+        case P.Forward():
+            return f"{op.call} = {op.text}  [no_grad]"
+        case P.EvalLoss(loss=loss):
+            return f"{loss}: summed over samples, averaged over the whole eval set"
         case _:
             assert_never(op)

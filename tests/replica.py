@@ -7,6 +7,7 @@ changed the arithmetic, the losses would differ."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def _scheduler(config: dict, optimizer, total_steps: int):
 class _Shards:
     """Every rank's batches, as the runtime deals them."""
 
-    def __init__(self, dataset, micro: int, seed: int, world: int):
-        self.loaders = [data.sharded_loader(dataset, micro, seed, r, world) for r in range(world)]
+    def __init__(self, dataset, micro: int, seed: int, world: int, declared: P.DataSet):
+        self.loaders = [
+            data.sharded_loader(dataset, micro, seed, r, world, declared.shuffle, declared.drop_last)
+            for r in range(world)
+        ]
         self.iters = [iter(loader) for loader in self.loaders]
 
     def next_per_rank(self) -> list[dict]:
@@ -72,9 +76,11 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
         sys.path.insert(0, str(base.resolve()))
     micro, accum, steps = settings.micro_batch, settings.grad_accum, settings.steps
     assert steps is not None
+    held_out = {d.eval for d in plan.data}
     shards = {
-        d.name: _Shards(sources.build(d.source, builtins.DATA, base), micro, data.data_seed(settings.seed, i), world)
+        d.name: _Shards(sources.build(d.source, builtins.DATA, base), micro, data.data_seed(settings.seed, i), world, d)
         for i, d in enumerate(plan.data)
+        if d.name not in held_out
     }
     models, optimizers, schedulers = {}, {}, {}
     for m in plan.models:
@@ -140,3 +146,38 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
             optimizer.zero_grad()
         history.append({k: v / accum for k, v in sums.items()})
     return history
+
+
+def evaluate_whole(plan: Plan, models: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """The plan's evaluation in plain PyTorch, with each eval set as one batch of all its samples:
+    every loss, term and statistic by name (`kd`, `kd/ce`, `kd/ce.accuracy`)."""
+    assert plan.evaluation is not None
+    base = Path(plan.file).parent
+    scope, out = Scope(), {}
+    for model in models.values():
+        model.eval()
+    with torch.no_grad():
+        for op in plan.evaluation.step:
+            match op:
+                case P.NextBatch(data=name):
+                    dataset = sources.build(plan.data_set(name).source, builtins.DATA, base)
+                    whole = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
+                    scope.batches[name] = whole
+                case P.Forward():
+                    args = [evaluate(a, scope, (), sources.resolve_factory) for a in op.args]
+                    kwargs = {k: evaluate(v, scope, (), sources.resolve_factory) for k, v in op.kwargs}
+                    scope.calls[op.call] = models[op.model](*args, **kwargs)
+                case P.EvalLoss(loss=name):
+                    value = None
+                    for t in plan.evaluation.loss(name).terms:
+                        with builtins.recording_stats() as stats:
+                            term = evaluate(t.expr, scope, (), sources.resolve_factory)
+                        out[t.name] = float(term)
+                        for stat in t.stats:
+                            total, count = stats[stat]
+                            mean = float(total) / float(count)
+                            out[f"{t.name}.{stat}"] = math.exp(mean) if stat == "perplexity" else mean
+                        value = t.weight * term if value is None else value + t.weight * term
+                    scope.losses[name] = value
+                    out[name] = float(value)
+    return out

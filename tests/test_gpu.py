@@ -46,7 +46,8 @@ def test_a_shipped_pipeline_trains_on_nccl_and_matches_the_replica(tmp_path):
         assert report["process_group"] == "nccl"
         assert report["device"].startswith("cuda")
     expected = replicate(load_plan(run_dir), world=procs())  # plain PyTorch on the CPU
-    actual = [json.loads(line)["losses"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    actual = [r["losses"] for r in rows if r["split"] == "train"]
     for step, (a, e) in enumerate(zip(actual, expected, strict=True), 1):
         assert abs(a["kd"] - e["kd"]) < 1e-4, (step, a, e)  # CUDA and CPU round differently
 
@@ -72,7 +73,8 @@ def test_bf16_engines_train(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((run_dir / "deepspeed_configs" / "left.json").read_text())
     assert config["bf16"] == {"enabled": True}
-    rows = [json.loads(line)["losses"]["total"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r["losses"]["total"] for r in logged if r["split"] == "train"]
     assert all(v == v for v in rows) and rows[-1] < rows[0]  # finite, and training moved it
 
 

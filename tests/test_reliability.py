@@ -35,7 +35,8 @@ def start(pipeline: Path, *extra: str) -> subprocess.Popen:
 
 
 def losses(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r["losses"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["losses"] for r in rows if r["split"] == "train"}
 
 
 def heartbeat_step(run_dir: Path) -> int:

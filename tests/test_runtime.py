@@ -45,7 +45,9 @@ def dsgraph_run(
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training rows (evaluation rows say `"split": "eval"`)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
 
 
 def ranks(run_dir: Path) -> list[dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
 
 from dsgraph import catalogue, ir
 from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
@@ -11,7 +13,8 @@ from dsgraph.lower.losses import LossLowering
 from dsgraph.lower.models import ModelLowering
 from dsgraph.lower.settings import lower_settings
 from dsgraph.lower.sources import lower_source
-from dsgraph.plan import DataSet, SourceKind
+from dsgraph.lower.values import INVALID, check_type, to_python
+from dsgraph.plan import DataSet, Source, SourceKind
 from dsgraph.source import SourceFile, Span
 from dsgraph.syntax import ast
 
@@ -66,6 +69,7 @@ class _Lowerer:
             model = model_lowering.model(model_decl, zeros)
             if model is not None:
                 models[model.name] = model
+        data = self._eval_sets(data)
         lowering = LossLowering(data, {d.name.text for d in models_ok}, {d.name.text for d in losses_ok}, self.diags)
         losses: dict[str, ir.Loss] = {}
         for loss_decl in losses_ok:
@@ -107,17 +111,128 @@ class _Lowerer:
 
     def _data(self, decl: ast.DataDecl) -> DataSet | None:
         source = lower_source(decl.source, catalogue.DATA, "data set", self.diags)
-        if source is None:
+        options = self._data_options(decl)
+        if source is None or options is None:
             return None
-        fields = None
-        if source.kind is SourceKind.BUILTIN:
-            spec = catalogue.DATA[source.target]
-            fields = (
-                spec.fields
-                if spec.fields is not None
-                else (tuple(dict(source.args)["fields"]) if dict(source.args).get("fields") else None)
+        form = source.arg("format", "prompt_completion")
+        if source.target == "hf_dataset" and form not in (*_HF_DATASET_LIKE, "raw"):
+            self.diags.add(
+                "DSG209",
+                source.span,
+                f'`format` must be one of {", ".join(_HF_DATASET_LIKE)}, raw, not "{form}"',
+                'write `format = "prompt_completion"` (the default), "preference", "chat" or "raw"',
             )
-        return DataSet(decl.name.text, source, fields, decl.span)
+            return None
+        fields = _builtin_fields(source) if source.kind is SourceKind.BUILTIN else None
+        return DataSet(decl.name.text, source, fields, decl.span, **options)
+
+    def _data_options(self, decl: ast.DataDecl) -> dict[str, Any] | None:
+        """The data block: `eval = NAME`, `shuffle`, `drop_last`, `workers` (DSG203, DSG207-DSG209);
+        None when one is wrong. The eval set's name is resolved once every name is declared."""
+        options: dict[str, Any] = {}
+        spans: dict[str, Span] = {}
+        for entry in decl.block.entries if decl.block else ():
+            key = entry.key.text
+            spec = catalogue.DATA_PROPERTIES.get(key)
+            if spec is None:
+                self.diags.add(
+                    "DSG207",
+                    entry.key.span,
+                    f"`{key}` is not a data set property{did_you_mean(key, catalogue.DATA_PROPERTIES)}",
+                    f"a data block takes: {', '.join(catalogue.DATA_PROPERTIES)}",
+                )
+                continue
+            if key in spans:
+                self.diags.add(
+                    "DSG208",
+                    entry.key.span,
+                    f"`{key}` is given twice for data set `{decl.name.text}`",
+                    "keep one of them",
+                    Note("first given here", spans[key]),
+                )
+                continue
+            spans[key] = entry.span
+            if key == "eval":
+                if not isinstance(entry.value, ast.Ident):
+                    self.diags.add(
+                        "DSG203",
+                        (entry.value or entry).span,
+                        "`eval` names another data set: its eval split",
+                        "declare it with `data val = ...` and write `eval = val`",
+                    )
+                    options[key] = INVALID
+                    continue
+                options["eval"], options["eval_span"] = entry.value.name, entry.value.span
+                continue
+            value: Any = True if entry.value is None and spec.type == "bool" else None
+            if entry.value is not None:
+                value = to_python(entry.value, self.diags)
+            if value is None:
+                self.diags.add("DSG203", entry.span, f"`{key}` needs a value", f"write `{key} = ...`")
+                value = INVALID
+            elif value is not INVALID and check_type(
+                spec.type, value, (entry.value or entry).span, f"`{key}`", self.diags
+            ):
+                if key == "workers" and value < 0:
+                    self.diags.add(
+                        "DSG209",
+                        (entry.value or entry).span,
+                        f"`workers` must be 0 or more, not {value}",
+                        "write 0 to load batches in the training process itself",
+                    )
+                    value = INVALID
+            else:
+                value = INVALID
+            options[key] = value
+        return None if INVALID in options.values() else options
+
+    def _eval_sets(self, data: dict[str, DataSet | None]) -> dict[str, DataSet | None]:
+        """Each `eval = NAME` names a data set that is not itself, has no eval set of its own and
+        serves one data set only (DSG201, DSG209, DSG212); a wrong one is left out."""
+        served: dict[str, DataSet] = {}
+        out = dict(data)
+        for name, ds in data.items():
+            if ds is None or ds.eval is None:
+                continue
+            assert ds.eval_span is not None
+            target = data.get(ds.eval)
+            problem: tuple[str, str, str] | None = None
+            notes: list[Note] = []
+            if ds.eval not in data:
+                if ds.eval in self.names:
+                    problem = (
+                        "DSG212",
+                        f"`{ds.eval}` is not a data set",
+                        "`eval` names a data set declared with `data`",
+                    )
+                else:
+                    problem = (
+                        "DSG201",
+                        f"there is no data set `{ds.eval}`{did_you_mean(ds.eval, set(data))}",
+                        f"declare it: `data {ds.eval} = ...`",
+                    )
+            elif ds.eval == name:
+                problem = ("DSG209", f"data set `{name}` cannot be its own eval set", "declare a held-out data set")
+            elif target is not None and target.eval is not None:
+                problem = (
+                    "DSG209",
+                    f"`{ds.eval}` has an eval set of its own, so it cannot be one",
+                    f"remove `eval = {target.eval}` from `{ds.eval}`",
+                )
+            elif ds.eval in served:
+                problem = (
+                    "DSG209",
+                    f"`{ds.eval}` is already the eval set of `{served[ds.eval].name}`",
+                    "give each data set its own eval set",
+                )
+                notes.append(Note("named here first", served[ds.eval].eval_span))
+            if problem is not None:
+                code, message, help_text = problem
+                self.diags.add(code, ds.eval_span, message, help_text, *notes)
+                out[name] = dataclasses.replace(ds, eval=None, eval_span=None)
+                continue
+            served[ds.eval] = ds
+        return out
 
     # -- train statements ----------------------------------------------------------------------
 
@@ -155,3 +270,27 @@ class _Lowerer:
                 f"there is no {kind} `{name.text}`{did_you_mean(name.text, candidates)}",
                 f"`train` takes {what} here",
             )
+
+
+# hf_dataset's `format` -> the built-in whose fields it gives
+_HF_DATASET_LIKE = {
+    "prompt_completion": "prompt_completion",
+    "chat": "prompt_completion",
+    "preference": "preference_pairs",
+}
+
+
+def _builtin_fields(source: Source) -> tuple[str, ...] | None:
+    """The fields a built-in data set gives, when the compiler can know them: fixed, or named by
+    its arguments (`jsonl`'s `fields`, `hf_dataset`'s `format` and `columns`)."""
+    args = dict(source.args)
+    spec = catalogue.DATA[source.target]
+    if spec.fields is not None:
+        return spec.fields
+    if source.target == "hf_dataset":
+        like = _HF_DATASET_LIKE.get(args.get("format", "prompt_completion"))
+        if like is not None:
+            return catalogue.DATA[like].fields
+        columns = args.get("columns")
+        return tuple(columns) if isinstance(columns, dict) and columns else None
+    return tuple(args["fields"]) if args.get("fields") else None

@@ -50,7 +50,7 @@ def lower_settings(nodes: list[ast.Setting], pipeline: ast.Pipeline, diags: Diag
             )
             values[key] = INVALID
             continue
-        minimum = 0 if key in ("seed", "checkpoint_every") else 1
+        minimum = 0 if key in ("seed", "checkpoint_every", "eval_every") else 1
         if spec.type == "int" and value < minimum:
             diags.add(
                 "DSG209",
@@ -100,5 +100,6 @@ def lower_settings(nodes: list[ast.Setting], pipeline: ast.Pipeline, diags: Diag
         get("log_every"),
         get("checkpoint_every"),
         Precision(get("precision")),
+        get("eval_every"),
         spans,
     )

@@ -16,6 +16,7 @@ from dsgraph.plan.steps import (
     ComputeLoss,
     Const,
     CreateAccelerator,
+    EvalLoss,
     Expr,
     Field,
     Forward,
@@ -29,12 +30,13 @@ from dsgraph.plan.steps import (
     Prepare,
     SelectPlugin,
     ShardData,
+    ShardEval,
 )
 
 
 def lint(plan: Plan) -> list[str]:
     """What is wrong with the plan, in words; empty when nothing is."""
-    return _declarations(plan) + _setup(plan) + _step(plan)
+    return _declarations(plan) + _setup(plan) + _step(plan) + _evaluation(plan)
 
 
 def _declarations(plan: Plan) -> list[str]:
@@ -67,6 +69,14 @@ def _declarations(plan: Plan) -> list[str]:
     for g in plan.groups:
         if not plan.models_of(g.index):
             out.append(f"group {g.index} trains no model")
+    data_names = {d.name for d in plan.data}
+    evals = [d.eval for d in plan.data if d.eval is not None]
+    out += [f"eval set `{e}` is not a data set" for e in evals if e not in data_names]
+    if len(set(evals)) != len(evals):
+        out.append("an eval set serves two data sets")
+    out += [f"data set `{d.name}` is both an eval set and has one" for d in plan.data if d.eval and d.name in evals]
+    if (plan.evaluation is None) != (not evals):
+        out.append("an evaluation exactly when some data set has an eval set")
     return out
 
 
@@ -89,7 +99,7 @@ def _setup(plan: Plan) -> list[str]:
                     out.append(f"{where}: the first Accelerator creates the process group")
             case BuildData(data=name):
                 built_data.add(name)
-            case ShardData(data=name) if name not in built_data:
+            case ShardData(data=name) | ShardEval(data=name) if name not in built_data:
                 out.append(f"{where}: data set `{name}` is not built yet")
             case CompleteConfig(model=name):
                 if plan.model(name).width is Width.MODEL and name not in built:
@@ -116,15 +126,17 @@ def _setup(plan: Plan) -> list[str]:
     return out
 
 
-def _step(plan: Plan) -> list[str]:
-    out: list[str] = []
-    batches: set[str] = set()
-    calls: set[str] = set()
-    losses: set[str] = set()
-    backward: set[int] = set()
-    stepped: set[int] = set()
+class _Reads:
+    """What the ops of one step have made so far, and the reads of what they have not."""
 
-    def refs(expr: Expr, where: str) -> None:
+    def __init__(self, out: list[str]):
+        self.out = out
+        self.batches: set[str] = set()
+        self.calls: set[str] = set()
+        self.losses: set[str] = set()
+
+    def check(self, expr: Expr, where: str) -> None:
+        out, batches, calls, losses, refs = self.out, self.batches, self.calls, self.losses, self.check
         match expr:
             case Field(data=data) if data not in batches:
                 out.append(f"{where}: reads data set `{data}` before its batch")
@@ -143,20 +155,30 @@ def _step(plan: Plan) -> list[str]:
             case Const() | Field() | CallOutput() | LossValue():
                 pass
 
+    def forward(self, op: Forward, where: str) -> None:
+        for arg in (*op.args, *(v for _, v in op.kwargs)):
+            self.check(arg, where)
+        if op.call in self.calls:
+            self.out.append(f"{where}: `{op.call}` is called twice")
+        self.calls.add(op.call)
+
+
+def _step(plan: Plan) -> list[str]:
+    out: list[str] = []
+    reads = _Reads(out)
+    losses = reads.losses
+    backward: set[int] = set()
+    stepped: set[int] = set()
     for op in plan.step:
         where = f"op {op.id} ({op.kind})"
         match op:
             case NextBatch(data=name):
-                batches.add(name)
-            case Forward(call=call, args=args, kwargs=kwargs):
-                for arg in (*args, *(v for _, v in kwargs)):
-                    refs(arg, where)
-                if call in calls:
-                    out.append(f"{where}: `{call}` is called twice")
-                calls.add(call)
+                reads.batches.add(name)
+            case Forward():
+                reads.forward(op, where)
             case ComputeLoss(loss=name):
                 for term in plan.loss(name).terms:
-                    refs(term.expr, where)
+                    reads.check(term.expr, where)
                 losses.add(name)
             case Backward(group=group):
                 if plan.group(group).loss not in losses:
@@ -170,4 +192,34 @@ def _step(plan: Plan) -> list[str]:
     for g in plan.groups:
         if g.index not in stepped:
             out.append(f"group {g.index} has no optimizer step")
+    return out
+
+
+def _evaluation(plan: Plan) -> list[str]:
+    if plan.evaluation is None:
+        return []
+    out: list[str] = []
+    evals = {d.eval for d in plan.data if d.eval is not None}
+    sharded = {s.data for s in plan.setup if isinstance(s, ShardEval)}
+    out += [f"eval set `{name}` is not sharded in the setup" for name in sorted(evals - sharded)]
+    reads = _Reads(out)
+    names = {loss.name for loss in plan.evaluation.losses}
+    for op in plan.evaluation.step:
+        where = f"eval op {op.id} ({op.kind})"
+        match op:
+            case NextBatch(data=name):
+                if name not in evals:
+                    out.append(f"{where}: `{name}` is not an eval set")
+                reads.batches.add(name)
+            case Forward():
+                if not op.no_grad:
+                    out.append(f"{where}: an eval forward with gradients")
+                reads.forward(op, where)
+            case EvalLoss(loss=name):
+                if name not in names:
+                    out.append(f"{where}: loss `{name}` is not evaluated")
+                    continue
+                for term in plan.evaluation.loss(name).terms:
+                    reads.check(term.expr, where)
+                reads.losses.add(name)
     return out

@@ -23,10 +23,10 @@ from functools import cached_property
 from typing import Any, TypeAlias
 
 from dsgraph.plan.codec import decode, encode
-from dsgraph.plan.steps import CreateAccelerator, Expr, Loss, SetupStep, StepOp
+from dsgraph.plan.steps import CreateAccelerator, EvalOp, Expr, Loss, SetupStep, StepOp
 from dsgraph.source import Span
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 JsonObject: TypeAlias = dict[str, Any]
 
@@ -157,14 +157,25 @@ class Settings:
     log_every: int
     checkpoint_every: int
     precision: Precision
+    eval_every: int  # 0: evaluate at the end only (when the pipeline has eval sets)
 
 
 @dataclass(frozen=True)
 class DataSet:
+    """A data set and how it is dealt: `shuffle` (a new order each epoch, else file order),
+    `drop_last` (an uneven end is dropped, else completed from the start as Accelerate does),
+    `workers` (DataLoader worker processes). `eval`: the data set that evaluation reads in its
+    place (its eval split)."""
+
     name: str
     source: Source
     fields: tuple[str, ...] | None  # None: known only at run time
     span: Span
+    shuffle: bool = True
+    drop_last: bool = True
+    workers: int = 0
+    eval: str | None = None
+    eval_span: Span | None = None  # the `eval = NAME` entry
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,21 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """One pass over the eval sets, every `eval_every` steps and at the end: every model in eval
+    mode, no gradients. `step` is what one eval batch runs; `losses` are the pipeline's losses
+    with each data set read through its eval set (losses that read a data set without one are
+    not evaluated)."""
+
+    sets: tuple[tuple[str, str], ...]  # (training data set, its eval set)
+    step: tuple[EvalOp, ...]
+    losses: tuple[Loss, ...]
+
+    def loss(self, name: str) -> Loss:
+        return next(loss for loss in self.losses if loss.name == name)
+
+
+@dataclass(frozen=True)
 class FrozenEngine:
     """How the frozen models run (all of them the same way)."""
 
@@ -253,6 +279,10 @@ class Plan:
     setup: tuple[SetupStep, ...]
     step: tuple[StepOp, ...]  # one micro step; run grad_accum times per optimizer step
     losses: tuple[Loss, ...]
+    evaluation: Evaluation | None  # None: no eval set
+
+    def data_set(self, name: str) -> DataSet:
+        return next(d for d in self.data if d.name == name)
 
     def model(self, name: str) -> Model:
         return self._models[name]
@@ -338,4 +368,6 @@ class Plan:
 
 
 # The union members: each is written with its `kind`, by which it is read back.
-TAGGED: frozenset[type] = frozenset(typing.get_args(SetupStep) + typing.get_args(StepOp) + typing.get_args(Expr))
+TAGGED: frozenset[type] = frozenset(
+    typing.get_args(SetupStep) + typing.get_args(StepOp) + typing.get_args(EvalOp) + typing.get_args(Expr)
+)

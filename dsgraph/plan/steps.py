@@ -204,6 +204,18 @@ class ShardData:
     span: Span
 
 
+@dataclass(frozen=True)
+class ShardEval:
+    """Each rank its share of the eval set, in file order: batch k to rank k mod world size, the
+    last batch possibly short; a rank left without a batch in the last round runs a padding batch
+    that counts for nothing, so every rank takes part in every forward (a ZeRO-3 collective)."""
+
+    kind: ClassVar[str] = "shard_eval"
+    id: int
+    data: str
+    span: Span
+
+
 SetupStep: TypeAlias = (
     InitProcessGroup
     | BuildData
@@ -214,6 +226,7 @@ SetupStep: TypeAlias = (
     | Prepare
     | Initialize
     | ShardData
+    | ShardEval
 )
 
 
@@ -279,3 +292,20 @@ class OptimizerStep:
 
 
 StepOp: TypeAlias = NextBatch | Forward | ComputeLoss | Backward | OptimizerStep
+
+
+# -- the ops of one eval batch -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalLoss:
+    """The loss's value on an eval batch, with its terms and the statistics of built-in losses,
+    weighted by the batch's samples (a padding batch by none)."""
+
+    kind: ClassVar[str] = "eval_loss"
+    id: int
+    loss: str
+    span: Span
+
+
+EvalOp: TypeAlias = NextBatch | Forward | EvalLoss

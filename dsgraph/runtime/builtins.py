@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dsgraph.runtime.hfdata import hf_dataset
 from dsgraph.runtime.tokenizer import Tokenizer, load_tokenizer
 
 # -- models ------------------------------------------------------------------------------------
@@ -213,6 +214,7 @@ DATA: dict[str, Callable[..., Dataset]] = {
     "jsonl": jsonl,
     "prompt_completion": prompt_completion,
     "preference_pairs": preference_pairs,
+    "hf_dataset": hf_dataset,
 }
 
 # -- losses --------------------------------------------------------------------------------------
@@ -239,6 +241,16 @@ def ce(
     if shift:
         logits, target = logits[..., :-1, :], target[..., 1:]
     logits, target = _flatten_logits(logits, target)
+    assert target is not None
+    if _recording is not None:  # an evaluation: accuracy, and perplexity for a language model
+        counted = target != ignore_index
+        tokens = counted.sum().double()
+        correct = ((logits.argmax(-1) == target) & counted).sum().double()
+        if shift:
+            nll = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="sum")
+            _report(token_accuracy=(correct, tokens), perplexity=(nll.double(), tokens))
+        else:
+            _report(accuracy=(correct, tokens))
     return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
@@ -262,12 +274,15 @@ def kl(
 
 # -- statistics a loss reports beside its value (catalogue: `stats`), logged by the run -----------
 
-_recording: dict[str, torch.Tensor] | None = None
+Stat = tuple[torch.Tensor, torch.Tensor]  # (sum, count) over a batch
+_recording: dict[str, Stat] | None = None
 
 
 @contextlib.contextmanager
-def recording_stats() -> Iterator[dict[str, torch.Tensor]]:
-    """Collects what the losses evaluated inside report (`dpo`: reward_margin, reward_accuracy)."""
+def recording_stats() -> Iterator[dict[str, Stat]]:
+    """Collects what the losses evaluated inside report (`dpo`: reward_margin, reward_accuracy;
+    `ce`: accuracy, or token_accuracy and perplexity), each as a (sum, count) pair: a logged step
+    shows the ratio, an evaluation adds sums and counts up over the whole eval set."""
     global _recording
     previous, _recording = _recording, {}
     try:
@@ -276,9 +291,9 @@ def recording_stats() -> Iterator[dict[str, torch.Tensor]]:
         _recording = previous
 
 
-def _report(**values: torch.Tensor) -> None:
-    if _recording is not None:  # only on the steps that are logged
-        _recording.update({k: v.detach() for k, v in values.items()})
+def _report(**values: Stat) -> None:
+    if _recording is not None:  # only on the steps that are logged, and in evaluations
+        _recording.update({k: (total.detach(), count.detach()) for k, (total, count) in values.items()})
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -307,7 +322,9 @@ def dpo(
         reference_rejected, rejected_labels
     )
     rewards = float(beta) * (chosen - rejected)  # the implicit rewards' difference, as TRL logs it
-    _report(reward_margin=rewards.mean(), reward_accuracy=(rewards > 0).float().mean())
+    if _recording is not None:
+        pairs = torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device)
+        _report(reward_margin=(rewards.sum().double(), pairs), reward_accuracy=((rewards > 0).sum().double(), pairs))
     return -F.logsigmoid(rewards).mean()
 
 

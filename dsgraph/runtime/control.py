@@ -30,8 +30,15 @@ from dsgraph.runtime import rundir
 
 _FORMAT = struct.Struct("<qqdq8s")  # phase, last completed step, time of the beat, pid, run id
 _STOP = struct.Struct("<q")  # after the beat: the step to stop after (0: none), the driver writes it
-SETUP, TRAINING, FINISHED, CHECKPOINT, EXPORT = 0, 1, 2, 3, 4
-PHASES = {SETUP: "setup", TRAINING: "training", FINISHED: "finished", CHECKPOINT: "a checkpoint", EXPORT: "the export"}
+SETUP, TRAINING, FINISHED, CHECKPOINT, EXPORT, EVALUATION = 0, 1, 2, 3, 4, 5
+PHASES = {
+    SETUP: "setup",
+    TRAINING: "training",
+    FINISHED: "finished",
+    CHECKPOINT: "a checkpoint",
+    EXPORT: "the export",
+    EVALUATION: "an evaluation",
+}
 EXIT_DRIVER_GONE = 75  # a worker's exit code when its driver died
 
 

@@ -1,31 +1,68 @@
 """Data: each data set gets its own DataLoader and its own torch.Generator seeded from the
 pipeline seed. Every rank reads its own shard, in the order Accelerate's prepared DataLoader gives
-(batch k of the shuffled order goes to rank k mod world size); epochs wrap."""
+(batch k of the epoch's order goes to rank k mod world size; an uneven end is dropped, or with
+`drop_last = false` completed from the start of the epoch as Accelerate's `even_batches` does);
+epochs wrap. An eval set is read once per evaluation, in file order, nothing dropped or repeated."""
 
 from __future__ import annotations
 
 import base64
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 
 def data_seed(pipeline_seed: int, index: int) -> int:
     return pipeline_seed * 1000 + 17 + index
 
 
-class RankBatchSampler(Sampler[list[int]]):
-    """What Accelerate's BatchSamplerShard yields for one rank: the batches of a shuffled
-    BatchSampler dealt round-robin, rank r taking batches r, r+W, ... Its position (the generator
-    state at the start of the epoch, and how many batches it has served since) can be saved and
-    restored, so that a resumed run reads exactly the batches an uninterrupted one would."""
+def global_batches(order: list[int], micro_batch: int, world: int, drop_last: bool) -> list[list[int]]:
+    """The batches of one epoch over all ranks, as Accelerate's BatchSamplerShard deals them
+    (`even_batches`, not `split_batches`): with drop_last, only whole rounds of whole batches;
+    without, the last batch and the last round completed with samples from the epoch's start."""
+    batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    if drop_last:
+        whole = [b for b in batches if len(b) == micro_batch]
+        return whole[: len(whole) // world * world]
+    if not batches:
+        return []
+    start = [i for b in batches[:world] for i in b]
+    while len(start) < world * micro_batch:
+        start += start
+    cycle = micro_batch - len(batches[-1])
+    batches[-1] = batches[-1] + start[:cycle]
+    while len(batches) % world:
+        batches.append(start[cycle : cycle + micro_batch])
+        cycle += micro_batch
+    return batches
 
-    def __init__(self, dataset: Dataset, micro_batch: int, seed: int, rank: int, world: int):
+
+class RankBatchSampler(Sampler[list[int]]):
+    """What Accelerate's BatchSamplerShard yields for one rank: the batches of the epoch's order
+    (shuffled, or file order) dealt round-robin, rank r taking batches r, r+W, ... Its position
+    (the generator state at the start of the epoch, and how many batches it has served since) can
+    be saved and restored, so that a resumed run reads exactly the batches an uninterrupted one
+    would."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        micro_batch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         self.generator = torch.Generator().manual_seed(seed)
-        self.batches = BatchSampler(RandomSampler(dataset, generator=self.generator), micro_batch, drop_last=True)
+        self.order: Sampler[int] = (
+            RandomSampler(dataset, generator=self.generator) if shuffle else SequentialSampler(dataset)
+        )
+        self.micro_batch, self.drop_last, self.size = micro_batch, drop_last, len(dataset)
         self.rank, self.world = rank, world
         self.epoch, self.position, self._skip = 0, 0, 0
         self._epoch_state = self.generator.get_state()
@@ -38,22 +75,21 @@ class RankBatchSampler(Sampler[list[int]]):
         self._started = True
         self._epoch_state = self.generator.get_state()
         self.position, skip, self._skip = 0, self._skip, 0
-        group: list[list[int]] = []
-        for batch in self.batches:
-            group.append(batch)
-            if len(group) == self.world:
-                mine, group = group[self.rank], []
-                if skip:
-                    skip -= 1
-                    self.position += 1
-                    continue
-                if self.served is not None:  # tests check that ranks see disjoint samples
-                    self.served.append(mine)
+        batches = global_batches(list(self.order), self.micro_batch, self.world, self.drop_last)
+        for mine in batches[self.rank :: self.world]:
+            if skip:
+                skip -= 1
                 self.position += 1
-                yield mine
+                continue
+            if self.served is not None:  # tests check that ranks see disjoint samples
+                self.served.append(mine)
+            self.position += 1
+            yield mine
 
     def __len__(self) -> int:
-        return len(self.batches) // self.world
+        if self.drop_last:
+            return self.size // self.micro_batch // self.world
+        return math.ceil(math.ceil(self.size / self.micro_batch) / self.world)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -71,14 +107,48 @@ class RankBatchSampler(Sampler[list[int]]):
         self.epoch, self._skip, self._started = state["epoch"], state["position"], False
 
 
-def sharded_loader(dataset: Dataset, micro_batch: int, seed: int, rank: int, world: int) -> DataLoader:
+def sharded_loader(
+    dataset: Dataset,
+    micro_batch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    workers: int = 0,
+) -> DataLoader:
     # The loader's own generator: each new iterator draws a base seed from it, not from the global
     # RNG, so starting an epoch (or a resumed run) never shifts the dropout masks.
     return DataLoader(
         dataset,
-        batch_sampler=RankBatchSampler(dataset, micro_batch, seed, rank, world),
+        batch_sampler=RankBatchSampler(dataset, micro_batch, seed, rank, world, shuffle, drop_last),
         generator=torch.Generator().manual_seed(seed + 1),
+        num_workers=workers,
     )
+
+
+class EvalShard:
+    """This rank's share of an eval set: batch k of the file order (the last one possibly short)
+    goes to rank k mod world size. Every rank runs the same number of batches, so that each
+    forward is a collective every rank joins (ZeRO-3 gathers parameters in it); a rank left
+    without a batch in the last round runs the first batch again, weighted 0."""
+
+    def __init__(self, dataset: Dataset, micro_batch: int, rank: int, world: int, workers: int = 0):
+        size = len(dataset)
+        if size == 0:
+            raise ValueError("the eval set is empty")
+        batches = [list(range(i, min(i + micro_batch, size))) for i in range(0, size, micro_batch)]
+        rounds = math.ceil(len(batches) / world)
+        mine = [rnd * world + rank for rnd in range(rounds)]
+        self.indices = [batches[k] if k < len(batches) else batches[0] for k in mine]
+        self.weights = [len(batches[k]) if k < len(batches) else 0 for k in mine]  # samples counted
+        self.size = size
+        self.loader = DataLoader(
+            dataset, batch_sampler=self.indices, generator=torch.Generator().manual_seed(0), num_workers=workers
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class Batches:

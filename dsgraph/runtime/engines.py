@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,20 @@ class Backend:
         out = handle.engine(*args, **kwargs)  # ZeRO-3: gathers each layer's parameters on the fly
         return _cast(out, torch.float32) if dtype is not None else out  # ... outputs back to fp32
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """An evaluation: every engine in eval mode (no dropout) and no autograd graph; the
+        trained engines back in train mode after."""
+        trained = [h.engine for h in self.models.values() if h.trained]
+        for engine in trained:
+            engine.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for engine in trained:
+                engine.train()
+
     def backward(self, models: tuple[str, ...], loss: torch.Tensor) -> None:
         first = self.models[models[0]]
         if first.accelerator is not None:
@@ -253,6 +268,10 @@ class Backend:
         world = torch.distributed.get_world_size()
         torch.distributed.all_reduce(values)  # a sync point: once per logged step
         return values / world
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(values)  # a sync point: once per evaluation
+        return values
 
     def all_gather_object(self, value: Any, world: int) -> list[Any]:
         gathered: list[Any] = [None] * world

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, da
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
-from dsgraph.runtime.meter import Meter
+from dsgraph.runtime.meter import EvalMeter, Meter
 from dsgraph.runtime.metrics import Metrics
 from dsgraph.source import Span
 
@@ -64,12 +65,12 @@ def model_seed(pipeline_seed: int, name: str) -> int:
     return (pipeline_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
-def _where(step: P.SetupStep | P.StepOp) -> str:
+def _where(step: P.SetupStep | P.StepOp | P.EvalLoss) -> str:
     """How a failure names the step: `setup step 3 (build_model student)`, `loss `kd``."""
     match step:
         case P.Forward(text=text):
             return f"forward `{text}`"
-        case P.ComputeLoss(loss=loss):
+        case P.ComputeLoss(loss=loss) | P.EvalLoss(loss=loss):
             return f"loss `{loss}`"
         case P.Backward() | P.OptimizerStep() | P.NextBatch():
             return f"step op {step.id} ({step.kind})"
@@ -88,6 +89,7 @@ class Executor:
         self.configs: dict[str, dict[str, Any]] = {}  # complete: what DeepSpeed gets
         self.datasets: dict[str, Any] = {}
         self.batches: dict[str, data.Batches] = {}
+        self.eval_shards: dict[str, data.EvalShard] = {}
         self.built: dict[str, nn.Module] = {}  # built, not yet handed to an engine
         self.executed: list[int] = []  # setup step ids, in the order run
         self.executed_step: list[int] = []  # op ids of the first optimizer step
@@ -129,7 +131,7 @@ class Executor:
             case P.InitProcessGroup():
                 backend.init_distributed()
             case P.BuildData(data=name):
-                self.datasets[name] = sources.build(self._data(name).source, sources.data_table(), self.base_dir)
+                self.datasets[name] = sources.build(plan.data_set(name).source, sources.data_table(), self.base_dir)
             case P.CompleteConfig(model=name):
                 model = plan.model(name)
                 width = configs.width(model, self.base_dir, self.built.get(name))
@@ -153,19 +155,25 @@ class Executor:
                 )
             case P.ShardData(data=name):
                 index = [d.name for d in plan.data].index(name)
+                declared = plan.data_set(name)
                 loader = data.sharded_loader(
                     self.datasets[name],
                     self.settings.micro_batch,
                     data.data_seed(self.settings.seed, index),
                     self.rank,
                     self.world,
+                    declared.shuffle,
+                    declared.drop_last,
+                    declared.workers,
                 )
                 self.batches[name] = data.Batches(loader, name)
+            case P.ShardEval(data=name):
+                shard = data.EvalShard(
+                    self.datasets[name], self.settings.micro_batch, self.rank, self.world, plan.data_set(name).workers
+                )
+                self.eval_shards[name] = shard
             case _:
                 assert_never(step)
-
-    def _data(self, name: str) -> P.DataSet:
-        return next(d for d in self.plan.data if d.name == name)
 
     def _build_model(self, m: P.Model) -> nn.Module:
         torch.manual_seed(model_seed(self.settings.seed, m.name))
@@ -187,6 +195,10 @@ class Executor:
         """What a checkpoint's resume must share with this run (data files digested once)."""
         return manifest.identity(self.plan, self.base_dir)
 
+    @cached_property
+    def eval_sets(self) -> frozenset[str]:
+        return frozenset(d.eval for d in self.plan.data if d.eval is not None)
+
     @property
     def total_steps(self) -> int:
         """`steps`, or what `epochs` passes over the smallest data set give (the data is built
@@ -197,7 +209,11 @@ class Executor:
                 self._total_steps = s.steps
             else:
                 assert s.epochs is not None
-                per_epoch = min(len(ds) // (s.micro_batch * self.world) for ds in self.datasets.values())
+                per_epoch = min(
+                    len(ds) // (s.micro_batch * self.world)
+                    for name, ds in self.datasets.items()
+                    if name not in self.eval_sets
+                )
                 self._total_steps = max(1, s.epochs * per_epoch // s.grad_accum)
         return self._total_steps
 
@@ -245,6 +261,7 @@ class Executor:
                 now = time.perf_counter()
                 metrics.log(
                     {
+                        "split": "train",
                         "step": step,
                         "losses": losses,
                         "terms": terms,
@@ -256,6 +273,12 @@ class Executor:
                 tick, last_logged = now, step
             metrics.advance()
             self.last_step = step
+            if self._evaluates_after(step):
+                began = time.perf_counter()
+                metrics.log(self.evaluate(step))
+                spent = time.perf_counter() - began
+                tick += spent  # the step rate and the step times leave evaluations out
+                metrics.exclude(spent)
             self.heartbeat.beat(control.TRAINING, step)  # a memory store, no system call
             stop = self.heartbeat.stop_step()  # the driver asks for a clean stop
             every = self.settings.checkpoint_every
@@ -268,6 +291,93 @@ class Executor:
                 self.stopped_early = True
                 break
         return metrics
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def _evaluates_after(self, step: int) -> bool:
+        every = self.settings.eval_every
+        return self.plan.evaluation is not None and (step == self.total_steps or (every > 0 and step % every == 0))
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """One pass over the eval sets after optimizer step `step`: the plan's eval ops for each
+        eval batch, every model in eval mode and no autograd graph; the result a metrics row."""
+        evaluation, backend, device = self.plan.evaluation, self.backend, self.backend.device()
+        assert evaluation is not None
+        started = time.perf_counter()
+        read = [op.data for op in evaluation.step if isinstance(op, P.NextBatch)]
+        shards = [self.eval_shards[name] for name in read]
+        if len({len(s) for s in shards}) > 1 or len({tuple(s.weights) for s in shards}) > 1:
+            sizes = ", ".join(f"`{name}` {s.size}" for name, s in zip(read, shards, strict=True))
+            raise RunFailure("the evaluation", None, ValueError(f"eval sets read together differ in size: {sizes}"))
+        meter = EvalMeter(evaluation, device)
+        batches = [iter(s.loader) for s in shards]
+        weights = shards[0].weights if shards else []
+        with backend.evaluating():  # eval mode, no_grad; train mode again after
+            for weight in self._eval_progress(weights):
+                scope = Scope()
+                for op in evaluation.step:
+                    try:
+                        self._eval_op(op, scope, meter, weight, batches, read, device)
+                    except Exception as error:
+                        raise RunFailure(f"evaluation: {_where(op)}", op.span, error) from error
+                meter.add_batch(weight)
+                self.heartbeat.beat(control.EVALUATION, step)  # a long evaluation is not a hang
+        samples, losses, terms, stats = meter.results(backend.all_reduce_sum)  # sync point
+        self.heartbeat.beat(control.TRAINING, step)
+        return {
+            "split": "eval",
+            "step": step,
+            "losses": losses,
+            "terms": terms,
+            "stats": stats,
+            "samples": samples,
+            "eval_s": round(time.perf_counter() - started, 4),
+        }
+
+    def _eval_progress(self, weights: list[int]) -> Any:
+        if self.rank != 0 or len(weights) < 50:
+            return weights
+        from tqdm import tqdm
+
+        return tqdm(weights, desc="eval", unit="batch", leave=False, file=sys.stderr, disable=None)
+
+    def _eval_op(
+        self,
+        op: P.EvalOp,
+        scope: Scope,
+        meter: EvalMeter,
+        weight: int,
+        batches: list[Iterator[Any]],
+        read: list[str],
+        device: torch.device,
+    ) -> None:
+        """One op of an eval batch; `weight` is the batch's samples (0: a padding batch, run so
+        that every rank joins every forward, counted for nothing)."""
+        match op:
+            case P.NextBatch(data=name):
+                scope.batches[name] = _to_device(next(batches[read.index(name)]), device)
+            case P.Forward():
+                args = [evaluate(a, scope, (), self._factory) for a in op.args]
+                kwargs = {k: evaluate(v, scope, (), self._factory) for k, v in op.kwargs}
+                scope.calls[op.call] = self.backend.forward(op.model, args, kwargs)
+            case P.EvalLoss(loss=name):
+                assert self.plan.evaluation is not None
+                value: Any = None
+                for term in self.plan.evaluation.loss(name).terms:
+                    with builtins.recording_stats() as stats:
+                        term_value = evaluate(term.expr, scope, (), self._factory)
+                    if weight:
+                        meter.add(term.name, term_value, weight)
+                        meter.add_stats(term, stats)
+                    weighted = term.weight * term_value
+                    value = weighted if value is None else value + weighted
+                if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                    raise ValueError(f"loss `{name}` must be a single number (a 0-d tensor)")
+                scope.losses[name] = value
+                if weight:
+                    meter.add(name, value, weight)
+            case _:
+                assert_never(op)
 
     def _step_op(self, op: P.StepOp, scope: Scope, meter: Meter, device: torch.device) -> None:
         """One op of a micro step."""

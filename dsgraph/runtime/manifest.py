@@ -119,12 +119,19 @@ def source_json(source: Source) -> dict[str, Any]:
 
 
 def data_digest(source: Source, base_dir: Path) -> str | None:
-    """The SHA-256 of the file a data set reads (its `path`), None when it reads none."""
+    """The SHA-256 of what a data set reads (its `path`): a file's bytes, or a directory's (a
+    `save_to_disk` data set) files, each by its relative name and bytes; None when it reads none."""
     path = source.arg("path")
     if not isinstance(path, str):
         return None
     try:
-        return _sha256(base_dir / path)
+        root = base_dir / path
+        if not root.is_dir():
+            return _sha256(root)
+        digest = hashlib.sha256()
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(root).as_posix()}\0{_sha256(file)}\0".encode())
+        return digest.hexdigest()
     except OSError:
         return None  # the run fails on it with its own message
 

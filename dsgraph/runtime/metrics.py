@@ -32,7 +32,10 @@ class Metrics:
             tmp.replace(path)
             # Unbuffered, appending: each record is one write() of a whole line.
             self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - written every step, closed in close()
-        self.last: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}  # the latest training row
+        self.last_eval: dict[str, Any] = {}  # the latest evaluation row
+        self.eval_seconds = 0.0
+        self._shown: dict[str, dict[str, str]] = {"train": {}, "eval": {}}
         self.bar = None
         if rank == 0:
             from tqdm import tqdm
@@ -54,19 +57,33 @@ class Metrics:
             self._tick = time.perf_counter()
 
     def log(self, record: dict[str, Any]) -> None:
+        """A training row (`"split": "train"`) or an evaluation's (`"split": "eval"`)."""
         record["wall_time"] = round(time.perf_counter() - self.start, 4)
-        self.last = record
+        evaluation = record["split"] == "eval"
+        if evaluation:
+            self.last_eval = record
+            self.eval_seconds += record["eval_s"]
+        else:
+            self.last = record
         if self.file is not None:
             try:
                 self.file.write((json.dumps(record, sort_keys=True) + "\n").encode())
             except OSError as error:  # a full disk: name the file
                 error.filename = error.filename or self.file.name
                 raise
-        if self.bar is not None:
-            shown = {k: f"{v:.4f}" for k, v in record["losses"].items()}
-            shown.update({k.rpartition(".")[2]: f"{v:.4f}" for k, v in record.get("stats", {}).items()})
-            shown["samples/s"] = f"{record['samples_per_s']:.0f}"
-            self.bar.set_postfix(shown, refresh=False)
+        if self.bar is not None:  # the latest training figures, then the latest evaluation's
+            prefix = "eval_" if evaluation else ""
+            shown = {prefix + k: f"{v:.4f}" for k, v in record["losses"].items()}
+            shown.update({prefix + k.rpartition(".")[2]: f"{v:.4f}" for k, v in record.get("stats", {}).items()})
+            if not evaluation:
+                shown["samples/s"] = f"{record['samples_per_s']:.0f}"
+            self._shown[record["split"]] = shown
+            self.bar.set_postfix({**self._shown["train"], **self._shown["eval"]}, refresh=evaluation)
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training steps (an evaluation): left out of the step times."""
+        if self.step_times is not None:
+            self._tick += seconds
 
     def advance(self, steps: int = 1) -> None:
         if self.step_times is not None:  # the end of a step: everything since the last one

@@ -20,6 +20,7 @@ from typing import Any
 
 from dsgraph.plan import Plan, PlanError, lint
 from dsgraph.runtime import control, rundir
+from dsgraph.runtime.metrics import Metrics
 
 EXIT_FAILED = 1
 RECORD_BYTES = 16384  # the space of a failure record, reserved at start
@@ -80,7 +81,7 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
         executor.write_rank_report()
         executor.heartbeat.beat(control.FINISHED, executor.last_step)
         train_time = time.perf_counter() - started - setup_time
-        metrics.close(_summary(plan, executor.last_step, metrics.last, exported, setup_time, train_time, run_dir))
+        metrics.close(_summary(plan, executor.last_step, metrics, exported, setup_time, train_time, run_dir))
         executor.backend.shutdown()
         (run_dir / "done").mkdir(exist_ok=True)
         outcome = "stopped" if executor.stopped_early else "ok"
@@ -152,18 +153,26 @@ def _reserve_failure_record(run_dir: Path, rank: int) -> None:
 
 
 def _summary(
-    plan: Plan, steps: int, last: dict[str, Any], exported: list[Path], setup: float, train: float, run_dir: Path
+    plan: Plan, steps: int, metrics: Metrics, exported: list[Path], setup: float, train: float, run_dir: Path
 ) -> list[str]:
+    last, evaluated = metrics.last, metrics.last_eval
     stopped = "" if steps == plan.settings.steps or plan.settings.steps is None else " (stopped early)"
+    times = f"setup {setup:.1f} s" + (f", evaluation {metrics.eval_seconds:.1f} s" if evaluated else "")
     if last:
         rate = f"{last.get('samples_per_s', 0):.0f} samples/s"
-        lines = [f"done: {plan.pipeline}, {steps} steps{stopped} in {train:.1f} s (setup {setup:.1f} s), {rate}"]
+        took = train - metrics.eval_seconds
+        lines = [f"done: {plan.pipeline}, {steps} steps{stopped} in {took:.1f} s ({times}), {rate}"]
     else:  # resumed at its last step
-        lines = [f"done: {plan.pipeline}, {steps} steps, none left to run (setup {setup:.1f} s)"]
+        lines = [f"done: {plan.pipeline}, {steps} steps, none left to run ({times})"]
     for name, value in last.get("losses", {}).items():
         lines.append(f"  loss {name:<12} {value:.6f}   (step {last['step']})")
     for name, value in last.get("stats", {}).items():  # e.g. dpo's reward margin and accuracy
         lines.append(f"  stat {name}  {value:.6f}   (step {last['step']})")
+    where = f"(eval, step {evaluated.get('step')}, {evaluated.get('samples')} samples)"
+    for name, value in evaluated.get("losses", {}).items():
+        lines.append(f"  eval {name:<12} {value:.6f}   {where}")
+    for name, value in evaluated.get("stats", {}).items():
+        lines.append(f"  eval {name}  {value:.6f}   {where}")
     for path in exported:
         lines.append(f"  model {path.name:<11} -> {path}")
     lines.append(f"  metrics      -> {run_dir / 'metrics.jsonl'}")

@@ -159,6 +159,7 @@ class Setting:
 class DataDecl:
     name: Name
     source: Source
+    block: Block | None
     span: Span
 
 

@@ -79,7 +79,8 @@ class ToAst:
         return ast.Setting(ast.Name(str(token), self._tok(token)), value, self._span(meta))
 
     def data_decl(self, meta: Meta, children: Children) -> ast.DataDecl:
-        return ast.DataDecl(children[0], children[1], self._span(meta))
+        name, source, block = children
+        return ast.DataDecl(name, source, block, self._span(meta))
 
     def zero_inline(self, meta: Meta, children: Children) -> ast.ZeroDecl:
         return ast.ZeroDecl(children[0], None, children[1], self._span(meta))
