@@ -225,6 +225,8 @@ SETTINGS = {
         P("checkpoint_every", "int", 0),
         P("precision", "str", "fp32"),
         P("eval_every", "int", 0),
+        P("track", "strs", []),  # experiment trackers beside metrics.jsonl: tensorboard, mlflow, wandb
+        P("rank_metrics", "bool", False),  # also each rank's own losses: ranks/rankN.metrics.jsonl
     )
 }
 
@@ -253,10 +255,23 @@ def eval_stats(loss: str, options: dict[str, Any]) -> tuple[str, ...]:
 # log-likelihood per token).
 EXP_STATS = frozenset({"perplexity"})
 
-MODEL_PROPERTIES = ("zero", "frozen", "optimizer", "scheduler", "clip", "precision", "lora")
+MODEL_PROPERTIES = (
+    "zero",
+    "frozen",
+    "optimizer",
+    "scheduler",
+    "clip",
+    "precision",
+    "lora",
+    "engine",
+    "zero_init",  # false: a ZeRO-3 model built whole, partitioned by prepare/initialize
+    "gradient_checkpointing",  # Hugging Face models: recompute activations in the backward
+)
+ENGINES = ("native", "accelerate")  # `engine = native`: deepspeed.initialize; `accelerate`: Accelerate's prepare
 # hf("dir", task=...): the AutoModel class; without it, the class the config names
 HF_TASKS = ("causal_lm", "sequence_classification", "model")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # `track = [...]`: dsgraph/runtime/trackers.py
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 

@@ -131,7 +131,7 @@ def check_unused(ctx: Context) -> Iterator[Diagnostic]:
             )
     eval_sets = {d.eval for d in p.data.values()}
     for name, data in p.data.items():
-        if name not in eval_sets and not any(True for _ in ctx.graph.successors(g.data_id(name))):
+        if name not in eval_sets and not _read(ctx.graph, name):
             yield diagnostic(
                 "DSG310",
                 data.span,
@@ -149,6 +149,11 @@ def check_unused(ctx: Context) -> Iterator[Diagnostic]:
             )
 
 
+def _read(graph: Graph, data: str) -> bool:
+    """Whether a loss or a model call reads the data set."""
+    return any(graph.edges[edge]["kind"] == "input" for edge in graph.out_edges(g.data_id(data)))
+
+
 def check_eval_sets(ctx: Context) -> Iterator[Diagnostic]:
     """DSG312 an eval set that training reads, DSG313 an eval set with nothing to evaluate (or
     `eval_every` without one), DSG314 a loss that reads data with and without eval sets, DSG211 an
@@ -160,7 +165,7 @@ def check_eval_sets(ctx: Context) -> Iterator[Diagnostic]:
     pairs = [(d, p.data[d.eval]) for d in p.data.values() if d.eval is not None and d.eval in p.data]
     for data, held_out in pairs:
         assert data.eval_span is not None
-        if any(True for _ in graph.successors(g.data_id(held_out.name))):
+        if _read(graph, held_out.name):
             yield diagnostic(
                 "DSG312",
                 data.eval_span,
@@ -329,6 +334,65 @@ def check_shared_groups(ctx: Context) -> Iterator[Diagnostic]:
                 )
 
 
+def check_forced_engines(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG419: an `engine = ...` that cannot do the job: Accelerate for a shared loss, for models
+    of several precisions, or for frozen models beside no Accelerator; two engines asked for the
+    models of one group, or for the frozen models (which all run one way)."""
+    if ctx.analysis is None or ctx.strategy is None or not ctx.pipeline.complete:
+        return
+    p, analysis, strategy = ctx.pipeline, ctx.analysis, ctx.strategy
+
+    def span(name: str) -> Span:
+        return p.models[name].spans.get("engine", p.models[name].span)
+
+    frozen = sorted(m for m, r in analysis.roles.items() if r is Role.FROZEN)
+    sets = [(f"the models of train group {g.index}", list(g.models)) for g in analysis.groups]
+    sets.append(("the frozen models", frozen))
+    for what, models in sets:
+        asked = [m for m in models if p.models[m].engine is not None]
+        if len({p.models[m].engine for m in asked}) > 1:
+            yield diagnostic(
+                "DSG419",
+                span(asked[-1]),
+                f"{what} ask for different engines",
+                "they run on one kind of engine: give them the same `engine`, or none",
+                *(Note(f"`{m}` asks for `engine = ...` here", span(m)) for m in asked[:-1]),
+            )
+    for group in analysis.groups:
+        asked = [m for m in group.models if p.models[m].engine is Engine.ACCELERATE]
+        if asked and group.shared:
+            yield diagnostic(
+                "DSG419",
+                span(asked[0]),
+                f"`{asked[0]}` shares loss `{group.loss}` with {', '.join(m for m in group.models if m != asked[0])}: "
+                "Accelerate cannot run one backward into several engines",
+                "remove `engine = accelerate`: a shared loss runs on native deepspeed.initialize engines",
+            )
+    accelerate = [
+        m
+        for m in p.models
+        if analysis.roles[m] is not Role.UNUSED and strategy.engine_of(m, analysis) is Engine.ACCELERATE
+    ]
+    precisions = sorted({precision_of(p, p.models[m]).value for m in accelerate})
+    asked = [m for m in accelerate if p.models[m].engine is Engine.ACCELERATE]
+    if asked and len(precisions) > 1:
+        yield diagnostic(
+            "DSG419",
+            span(asked[0]),
+            f"`engine = accelerate` puts models of several precisions ({', '.join(precisions)}) on Accelerate, "
+            "which has one mixed_precision",
+            "give them one precision, or let dsgraph choose native engines (remove `engine`)",
+        )
+    frozen_asked = [m for m in frozen if p.models[m].engine is Engine.ACCELERATE]
+    if frozen_asked and strategy.frozen is not None and strategy.frozen.engine is not Engine.ACCELERATE:
+        yield diagnostic(
+            "DSG419",
+            span(frozen_asked[0]),
+            f"frozen model `{frozen_asked[0]}` asks for Accelerate, but no trained model runs on an Accelerator",
+            "frozen models are prepared by the first Accelerator: remove `engine = accelerate`",
+        )
+
+
 def check_offload_param(ctx: Context) -> Iterator[Diagnostic]:
     """DSG407: parameter offload below ZeRO-3."""
     for zero in ctx.pipeline.zeros.values():
@@ -392,6 +456,7 @@ CHECKS: tuple[Check, ...] = (
     check_gradient_groups,
     check_frozen_configs,
     check_shared_groups,
+    check_forced_engines,
     check_offload_param,
     check_resolved_configs,
 )

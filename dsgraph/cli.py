@@ -187,9 +187,10 @@ def _load(
     return compile_file(path, world_size, overrides, device_memory, trust_user_code)
 
 
-def _print_diagnostics(result: Compilation, stream: TextIO = sys.stderr) -> None:
+def _print_diagnostics(result: Compilation, stream: TextIO | None = None) -> None:
     from dsgraph.diagnostics import render_summary, render_text
 
+    stream = stream or sys.stderr  # looked up now: a test (or a caller) may have replaced it
     for diag in result.diagnostics:
         print(render_text(diag, result.sources), file=stream)
     if result.diagnostics or not result.ok:
@@ -214,7 +215,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     plan, pipeline, graph = result.plan, result.ir, result.graph
     assert plan is not None and pipeline is not None and graph is not None  # no error: every stage ran
     if args.memory:
-        return _print_memory(plan, args)
+        return EXIT_USER if _missing_models(result, "no memory estimate") else _print_memory(plan, args)
     if args.emit == "ir":
         sys.stdout.write(pipeline.show())
     elif args.emit == "graph":
@@ -228,6 +229,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         sys.stdout.write(to_text(plan))
     return EXIT_OK
+
+
+def _missing_models(result: Compilation, refused: str) -> bool:
+    """DSG214 is a warning, since a plan does not depend on the machine; but what builds the
+    models (`run`, `compile --memory`) stops before it starts, saying why in one line."""
+    missing = len({d.message for d in result.diagnostics if d.code == "DSG214"})
+    if missing:
+        what = "the hf(...) path above does" if missing == 1 else f"the {missing} hf(...) paths above do"
+        print(f"dsgraph: {refused}: {what} not exist on this machine (DSG214)", file=sys.stderr)
+    return bool(missing)
+
+
+def _missing_trackers(result: Compilation) -> bool:
+    """A tracker whose package is not installed stops `run` before anything starts, at the
+    `track` line, with the install command."""
+    from dsgraph.runtime.trackers import missing_packages
+
+    pipeline = result.ir
+    if pipeline is None or not pipeline.settings.track:
+        return False
+    missing = missing_packages(pipeline.settings.track)
+    span = pipeline.settings.spans.get("track")
+    for name, package in missing:
+        where = f"{span.file}:{span.line}:{span.col}: " if span else ""
+        print(f"{where}error: tracker `{name}` needs the package {package}: pip install {package}", file=sys.stderr)
+    return bool(missing)
 
 
 def _print_memory(plan: Plan, args: argparse.Namespace) -> int:
@@ -327,7 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result is None:
         return EXIT_USAGE
     _print_diagnostics(result)
-    if not result.ok:
+    if not result.ok or _missing_models(result, "not started") or _missing_trackers(result):
         return EXIT_USER
     plan = result.plan
     assert plan is not None  # no error: it was planned

@@ -53,6 +53,7 @@ _ALL = (
         E,
         "a model, data or loss source that is not builtin.X, package.module:function or hf(...)",
     ),
+    Code("DSG214", "missing-model-directory", W, "an hf(...) directory or config file that does not exist here"),
     # 3xx: the graph.
     Code("DSG301", "frozen-model-trained", E, "a frozen model listed in `train`"),
     Code("DSG302", "trained-model-unreached", E, "a trained model that its loss does not depend on"),
@@ -65,6 +66,9 @@ _ALL = (
     Code("DSG309", "implicitly-frozen", W, "a model used by a loss but neither trained nor marked `frozen`"),
     Code("DSG310", "unused-declaration", W, "a data set or ZeRO config declared but never used"),
     Code("DSG311", "loss-trained-twice", E, "one loss used by two `train` statements"),
+    Code("DSG312", "eval-set-trained-on", E, "an eval set that the training losses also read"),
+    Code("DSG313", "nothing-to-evaluate", E, "an eval set no trained loss reads through, or `eval_every` without one"),
+    Code("DSG314", "loss-partly-evaluated", W, "a loss reading data sets with and without an eval set"),
     # 4xx: DeepSpeed configuration and engines.
     Code("DSG401", "frozen-with-optimizer", E, "a frozen model with an optimizer, scheduler, clipping or LoRA adapter"),
     Code("DSG402", "frozen-zero-no-sharding", W, "ZeRO-1/2 on a frozen model: only stage 3 shards parameters"),
@@ -89,6 +93,7 @@ _ALL = (
         W,
         "`zero = auto` chosen only when the run starts: a model is built by user code",
     ),
+    Code("DSG419", "engine-cannot-do-job", E, "`engine = ...` asks for an engine that cannot run this model"),
     # 5xx: run time (`dsgraph run`), checked by the driver before any worker starts.
     Code("DSG501", "checkpoint-mismatch", E, "a checkpoint saved by a different plan or world size"),
     Code("DSG502", "no-complete-checkpoint", E, "a run directory without a complete dsgraph checkpoint"),

@@ -77,6 +77,8 @@ def to_dot(graph: Graph, plan: Plan) -> str:
                 extra = _attrs(label="trains", style="bold", color="#1f77b4", constraint="false")
             case "weights":
                 extra = _attrs(style="dotted", arrowhead="none")
+            case "eval":
+                extra = _attrs(label="eval set", style="dashed", color="gray40")
             case _:
                 extra = _attrs(label=e["field"]) if "field" in e else ""
         out.append(f"  {_q(u)} -> {_q(v)} {extra}".rstrip())

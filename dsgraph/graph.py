@@ -91,6 +91,9 @@ def build(pipeline: ir.Pipeline) -> Graph:
             )
             graph.add_edge(term_id, loss_id(loss.name), kind="term", weight=term.weight)
             _add_inputs(graph, term.expr, term_id, pipeline)
+    for data in pipeline.data.values():  # `eval = val`: evaluation reads `val` in `train`'s place
+        if data.eval is not None and data.eval in pipeline.data:
+            graph.add_edge(data_id(data.name), data_id(data.eval), kind="eval")
     for train in pipeline.trains:
         for name in train.models:
             if name in pipeline.models and train.loss in pipeline.losses:
@@ -121,11 +124,11 @@ def _add_inputs(graph: Graph, expr: ir.LossExpr, consumer: str, pipeline: ir.Pip
 
 
 def dataflow(graph: Graph) -> Graph:
-    """The graph without `trains` edges: what is computed from what. A copy, not a view: a
-    filtered view costs O(nodes) per `len()`, which makes traversals quadratic."""
+    """The graph without `trains` and `eval` edges: what is computed from what. A copy, not a
+    view: a filtered view costs O(nodes) per `len()`, which makes traversals quadratic."""
     flow: Graph = nx.DiGraph()
     flow.add_nodes_from(graph.nodes)
-    flow.add_edges_from((u, v) for u, v, data in graph.edges(data=True) if data["kind"] != "trains")
+    flow.add_edges_from((u, v) for u, v, data in graph.edges(data=True) if data["kind"] not in ("trains", "eval"))
     return flow
 
 

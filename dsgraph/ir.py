@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from dsgraph.plan import DataSet, Lora, Precision, Source
+from dsgraph.plan import DataSet, Engine, Lora, Precision, Source
 from dsgraph.source import Span
 
 
@@ -29,6 +29,8 @@ class Settings:
     checkpoint_every: int
     precision: Precision
     eval_every: int
+    track: tuple[str, ...]
+    rank_metrics: bool
     spans: dict[str, Span] = field(compare=False)
 
 
@@ -75,6 +77,9 @@ class Model:
     span: Span
     spans: dict[str, Span] = field(compare=False)  # property name -> span
     lora: Lora | None = None
+    engine: Engine | None = None  # `engine = native | accelerate`: forced
+    zero_init: bool = True  # false: built whole even at ZeRO-3
+    gradient_checkpointing: bool = False
 
 
 # -- loss expressions --------------------------------------------------------------------------
@@ -228,11 +233,18 @@ class Pipeline:
             f"pipeline {self.name}",
             f"  settings seed={s.seed} steps={s.steps} epochs={s.epochs} "
             f"micro_batch={s.micro_batch} grad_accum={s.grad_accum} log_every={s.log_every} "
-            f"checkpoint_every={s.checkpoint_every} precision={s.precision.value}",
+            f"checkpoint_every={s.checkpoint_every} precision={s.precision.value}"
+            + (f" eval_every={s.eval_every}" if s.eval_every else "")
+            + (f" track={','.join(s.track)}" if s.track else "")
+            + (" rank_metrics" if s.rank_metrics else ""),
         ]
         for d in self.data.values():
             fields = ",".join(d.fields) if d.fields is not None else "?"
-            out.append(f"  data {d.name} = {d.source.show()} fields=[{fields}]")
+            options = "" if d.shuffle else " shuffle=false"
+            options += "" if d.drop_last else " drop_last=false"
+            options += f" workers={d.workers}" if d.workers else ""
+            options += f" eval={d.eval}" if d.eval else ""
+            out.append(f"  data {d.name} = {d.source.show()} fields=[{fields}]{options}")
         for z in self.zeros.values():
             origin = f" file={z.file}" if z.file else ""
             prec = f" precision={z.precision.value}" if z.precision else ""
@@ -249,6 +261,12 @@ class Pipeline:
                 props.append(f"precision={m.precision.value}")
             if m.lora:
                 props.append(f"lora{json.dumps(dataclasses.asdict(m.lora), sort_keys=True)}")
+            if m.engine:
+                props.append(f"engine={m.engine.value}")
+            if not m.zero_init:
+                props.append("zero_init=false")
+            if m.gradient_checkpointing:
+                props.append("gradient_checkpointing")
             out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
         for loss in self.losses.values():
             out.append(f"  loss {loss.name} = {show_expr(loss.expr)}")

@@ -43,10 +43,15 @@ def build_plan(
             strategy.groups[grp.index].engine,
             strategy.groups[grp.index].reason,
             trains[grp.index].span,
+            strategy.groups[grp.index].forced,
         )
         for grp in analysis.groups
     )
-    frozen = P.FrozenEngine(strategy.frozen.engine, strategy.frozen.reason) if strategy.frozen else None
+    frozen = (
+        P.FrozenEngine(strategy.frozen.engine, strategy.frozen.reason, strategy.frozen.forced)
+        if strategy.frozen
+        else None
+    )
     calls = _call_ids(graph, analysis)
     data = tuple(pipeline.data.values())
     s = pipeline.settings
@@ -60,6 +65,8 @@ def build_plan(
         s.checkpoint_every,
         s.precision,
         s.eval_every,
+        s.track,
+        s.rank_metrics,
     )
     losses = tuple(_loss(loss, calls) for name, loss in pipeline.losses.items() if g.loss_id(name) in analysis.reached)
     plan = P.Plan(
@@ -98,21 +105,23 @@ def _model(pipeline: ir.Pipeline, name: str, analysis: Analysis, strategy: Strat
         model.lora,
         _sorted(resolved.config),
         resolved.fills,
-        _width(model, stage, resolved.fills),
+        _width(model, stage == 3 and model.zero_init, resolved.fills),
         zero.auto if zero else None,
         model.span,
+        stage == 3 and not model.zero_init,
+        model.gradient_checkpointing,
     )
 
 
-def _width(model: ir.Model, stage: int, fills: tuple[P.Fill, ...]) -> Width | None:
+def _width(model: ir.Model, partitioned: bool, fills: tuple[P.Fill, ...]) -> Width | None:
     """Where the run learns the width that bucket sizes follow, when a fill needs it: built-ins and
     Hugging Face models say it before they are built; a factory's model is measured once built,
-    except under ZeRO-3, which partitions it as it is built (then DeepSpeed-sized defaults)."""
+    except under zero.Init, which partitions it as it is built (then DeepSpeed-sized defaults)."""
     if not any(fill.needs_width for fill in fills):
         return None
     if model.source.kind is not SourceKind.FACTORY:
         return Width.SOURCE
-    return Width.DEFAULT if stage == 3 else Width.MODEL
+    return Width.DEFAULT if partitioned else Width.MODEL
 
 
 def _sorted(config: dict[str, Any]) -> dict[str, Any]:

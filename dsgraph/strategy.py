@@ -19,6 +19,7 @@ from dsgraph.plan import Engine
 class Decision:
     engine: Engine
     reason: str
+    forced: bool = False  # by `engine = ...` in the file, not chosen
 
 
 @dataclass(frozen=True)
@@ -34,36 +35,57 @@ class Strategy:
         return self.frozen.engine if self.frozen else Engine.DEEPSPEED
 
 
+def forced_engine(pipeline: ir.Pipeline, models: list[str] | tuple[str, ...]) -> Engine | None:
+    """The engine `engine = ...` forces on these models (None: none, or they disagree: DSG419)."""
+    forced = {pipeline.models[m].engine for m in models} - {None}
+    return forced.pop() if len(forced) == 1 else None
+
+
+def _words(engine: Engine) -> str:
+    return "`engine = native`" if engine is Engine.DEEPSPEED else "`engine = accelerate`"
+
+
 def decide(pipeline: ir.Pipeline, analysis: Analysis) -> Strategy:
-    single = [g for g in analysis.groups if not g.shared]
+    """Chosen as the module says, unless the file forces an engine (`engine = ...`); a forced
+    engine that cannot do the job is kept out here and reported by the checks (DSG419)."""
     frozen = sorted(m for m, r in analysis.roles.items() if r is Role.FROZEN)
-    candidates = [m for g in single for m in g.models] + frozen
+    frozen_forced = forced_engine(pipeline, frozen)
+    forced = {g.index: forced_engine(pipeline, g.models) for g in analysis.groups}
+    single = [g for g in analysis.groups if not g.shared and forced[g.index] is not Engine.DEEPSPEED]
+    candidates = [m for g in single for m in g.models] + (frozen if frozen_forced is not Engine.DEEPSPEED else [])
     precisions = sorted({precision_of(pipeline, pipeline.models[m]).value for m in candidates})
     mixed = len(precisions) > 1
     groups: dict[int, Decision] = {}
     for group in analysis.groups:
-        if group.shared:
+        engine = forced[group.index]
+        if engine is Engine.DEEPSPEED:
+            groups[group.index] = Decision(Engine.DEEPSPEED, f"forced: {_words(engine)}", True)
+        elif group.shared:
             groups[group.index] = Decision(
                 Engine.DEEPSPEED,
                 "shared loss: one backward must reach "
                 f"{len(group.models)} engines; Accelerate treats models as disjoint",
             )
-        elif mixed:
+        elif mixed and engine is None:
             groups[group.index] = Decision(
                 Engine.DEEPSPEED, f"per-model precision ({', '.join(precisions)}): Accelerate has one mixed_precision"
             )
+        elif engine is Engine.ACCELERATE:
+            groups[group.index] = Decision(Engine.ACCELERATE, f"forced: {_words(engine)}; its own Accelerator", True)
         else:
             groups[group.index] = Decision(
                 Engine.ACCELERATE, "one trained model: its own Accelerator with its plugin selected"
             )
-    accelerate_groups = [g for g in single if groups[g.index].engine is Engine.ACCELERATE]
+    accelerate_groups = [g for g in analysis.groups if groups[g.index].engine is Engine.ACCELERATE]
     accelerator_of = {g.models[0]: i for i, g in enumerate(accelerate_groups)}
     frozen_decision = None
     if frozen:
-        if accelerate_groups:
-            frozen_decision = Decision(
-                Engine.ACCELERATE, "prepared for inference by the first Accelerator, with its own plugin selected"
-            )
+        if frozen_forced is Engine.DEEPSPEED:
+            frozen_decision = Decision(Engine.DEEPSPEED, f"forced: {_words(frozen_forced)}", True)
+        elif accelerate_groups:
+            reason = "prepared for inference by the first Accelerator, with its own plugin selected"
+            forced_here = frozen_forced is Engine.ACCELERATE
+            frozen_decision = Decision(Engine.ACCELERATE, ("forced: " if forced_here else "") + reason, forced_here)
             accelerator_of.update({m: 0 for m in frozen})
         else:
             why = "per-model precision" if mixed else "no Accelerator in this pipeline"

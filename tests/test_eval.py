@@ -61,7 +61,7 @@ def test_eval_rows_come_every_eval_every_steps_and_at_the_end(evaluated_run):
     assert [r["step"] for r in rows(run_dir, "train")] == list(range(1, STEPS + 1))
     summary = done.stdout
     assert re.search(r"evaluation \d+\.\d s", summary)
-    assert f"eval kd" in summary and "(eval, step 12, 1000 samples)" in summary
+    assert "eval kd" in summary and "(eval, step 12, 1000 samples)" in summary
 
 
 @pytest.mark.runtime
@@ -99,7 +99,7 @@ def test_eval_shard_covers_every_sample_once_and_pads_the_last_round():
     dataset = TensorDataset(torch.arange(37))
     shards = [data.EvalShard(dataset, 4, rank, 3) for rank in range(3)]
     assert {len(s) for s in shards} == {4}  # 10 batches over 3 ranks: 4 rounds for everyone
-    counted = [i for s in shards for batch, w in zip(s.indices, s.weights) if w for i in batch]
+    counted = [i for s in shards for batch, w in zip(s.indices, s.weights, strict=True) if w for i in batch]
     assert sorted(counted) == list(range(37))
     assert [s.weights[-1] for s in shards] == [1, 0, 0]  # batch 9 holds 1 sample; ranks 1, 2 pad
     assert sum(sum(s.weights) for s in shards) == 37
@@ -116,9 +116,8 @@ def test_unshuffled_batches_are_those_of_accelerates_prepared_dataloader(size, w
     dataset = TensorDataset(torch.arange(size))
     micro = 4
     for rank in range(world):
-        theirs = list(
-            BatchSamplerShard(BatchSampler(SequentialSampler(dataset), micro, drop_last), world, rank, even_batches=True)
-        )
+        batches = BatchSampler(SequentialSampler(dataset), micro, drop_last)
+        theirs = list(BatchSamplerShard(batches, world, rank, even_batches=True))
         ours = data.RankBatchSampler(dataset, micro, seed=0, rank=rank, world=world, shuffle=False, drop_last=drop_last)
         assert list(ours) == theirs
         assert len(ours) == len(theirs)
@@ -131,8 +130,6 @@ def test_shuffled_batches_drop_last_false_complete_the_epoch_as_accelerate_does(
     dataset = TensorDataset(torch.arange(37))
     for rank in range(2):
         generator = torch.Generator().manual_seed(5)
-        theirs = list(
-            BatchSamplerShard(BatchSampler(RandomSampler(dataset, generator=generator), 4, False), 2, rank)
-        )
+        theirs = list(BatchSamplerShard(BatchSampler(RandomSampler(dataset, generator=generator), 4, False), 2, rank))
         ours = data.RankBatchSampler(dataset, 4, seed=5, rank=rank, world=2, shuffle=True, drop_last=False)
         assert list(ours) == theirs

@@ -30,7 +30,9 @@ STAGES = {
 def test_golden(pipeline, stage, in_repo, update_goldens):
     result = compile_file(pipeline, world_size=2)
     assert result.ok, [d.message for d in result.diagnostics]
-    assert result.diagnostics == [], "shipped pipelines compile without warnings"
+    # DSG214 only says whether pipelines/tiny/ has been written on this machine; the plan is the same.
+    others = [d.message for d in result.diagnostics if d.code != "DSG214"]
+    assert others == [], "shipped pipelines compile without warnings"
     actual = STAGES[stage](result)
     golden = GOLDEN / f"{Path(pipeline).stem}.{stage}"
     if update_goldens or not golden.exists():

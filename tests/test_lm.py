@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from replica import load_plan, replicate
+from replica import evaluate_whole, load_plan, replicate
 from test_memory import assert_estimate_holds
-from test_runtime import assert_ranks_executed_the_plan, dsgraph_run, metrics, ranks
+from test_runtime import all_rows, assert_ranks_executed_the_plan, dsgraph_run, metrics, ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -51,10 +51,16 @@ def _assert_matches_replica(run_dir: Path, tolerance: float = 1e-5) -> list[dict
     return actual
 
 
-def test_distill_lm_trains_a_student_from_a_zero3_teacher(pipelines, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def distill_lm_run(pipelines, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("distill_lm") / "run"
     done = dsgraph_run(pipelines / "distill_lm.dsg", run_dir, f"steps={STEPS}")
     assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_distill_lm_trains_a_student_from_a_zero3_teacher(distill_lm_run):
+    run_dir = distill_lm_run
     losses = _assert_matches_replica(run_dir)
     assert losses[-1]["kd"] < losses[0]["kd"]
     assert_estimate_holds(run_dir)  # `dsgraph compile --memory` vs what each rank held
@@ -65,6 +71,35 @@ def test_distill_lm_trains_a_student_from_a_zero3_teacher(pipelines, tmp_path):
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "student")
     assert student.config.n_layer == 1  # the student, saved with save_pretrained
+
+
+def test_distill_lm_evaluates_token_accuracy_and_perplexity_over_the_whole_test_split(pipelines, distill_lm_run):
+    """The held-out split (64 sums, a `datasets` save_to_disk directory) in micro batches of 16 on
+    2 ranks; token accuracy and perplexity are exact over its answer tokens."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = distill_lm_run
+    plan = load_plan(run_dir)
+    models = {
+        "student": AutoModelForCausalLM.from_pretrained(run_dir / "models" / "student"),
+        "teacher": AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "teacher"),
+    }
+    expected = evaluate_whole(plan, models)
+    rows = [r for r in all_rows(run_dir) if r["split"] == "eval"]
+    assert [r["step"] for r in rows] == [STEPS] and rows[0]["samples"] == 64
+    for stat in ("kd/ce.token_accuracy", "kd/ce.perplexity"):
+        assert rows[0]["stats"][stat] == pytest.approx(expected[stat], rel=1e-6), stat
+    assert 1.0 < rows[0]["stats"]["kd/ce.perplexity"] < 259  # below the byte vocabulary's uniform guess
+
+
+def test_gradient_checkpointing_gives_the_same_losses(pipelines, distill_lm_run, tmp_path):
+    run_dir = tmp_path / "run"
+    done = dsgraph_run(pipelines / "distill_lm.dsg", run_dir, f"steps={STEPS}", "student.gradient_checkpointing=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_plan(run_dir).model("student").gradient_checkpointing
+    for a, b in zip(metrics(run_dir), metrics(distill_lm_run), strict=True):
+        for name in a["losses"]:
+            assert a["losses"][name] == pytest.approx(b["losses"][name], abs=1e-6), (a["step"], name)
 
 
 def _margins(policy, reference, pairs) -> torch.Tensor:

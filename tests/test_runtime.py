@@ -44,10 +44,13 @@ def dsgraph_run(
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def all_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     """The training rows (evaluation rows say `"split": "eval"`)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"]
+    return [r for r in all_rows(run_dir) if r["split"] == "train"]
 
 
 def ranks(run_dir: Path) -> list[dict]:

@@ -8,9 +8,9 @@ from typing import Any
 from dsgraph import catalogue, ir
 from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
 from dsgraph.dsconfig.zero import ZeroBuilder
-from dsgraph.lower.sources import lower_source
+from dsgraph.lower.sources import check_hf_paths, lower_source
 from dsgraph.lower.values import INVALID, bind_args, check_type, describe, to_python
-from dsgraph.plan import Lora, Precision, SourceKind
+from dsgraph.plan import Engine, Lora, Precision, SourceKind
 from dsgraph.source import Span
 from dsgraph.syntax import ast
 
@@ -58,8 +58,19 @@ class ModelLowering:
                 'name the layers to adapt, e.g. `lora(r=8, targets=["0", "2"])` for an mlp\'s first two Linear layers',
             )
             return None
+        if source is not None and props.get("gradient_checkpointing") is True and source.kind is not SourceKind.HF:
+            self.diags.add(
+                "DSG209",
+                spans["gradient_checkpointing"],
+                f"`gradient_checkpointing` needs a Hugging Face model (`hf(...)`); `{name}` is not one",
+                "remove it, or wrap the layers in torch.utils.checkpoint in your factory",
+            )
+            return None
         if source is None or INVALID in props.values():
             return None
+        dsg = self.builder.sources.get(decl.name.span.file)  # the file that declares the model
+        if source.kind is SourceKind.HF and dsg is not None:
+            check_hf_paths(decl.source, source, dsg, self.diags)
         return ir.Model(
             name,
             source,
@@ -72,16 +83,19 @@ class ModelLowering:
             decl.span,
             spans,
             props.get("lora"),
+            props.get("engine"),
+            bool(props.get("zero_init", True)),
+            bool(props.get("gradient_checkpointing", False)),
         )
 
     def _property(self, model: str, key: str, entry: ast.Entry, zeros: dict[str, ir.ZeroConfig]) -> Any:
         value = entry.value
-        if key == "frozen":
+        if key in ("frozen", "zero_init", "gradient_checkpointing"):
             if value is None:
                 return True
             if isinstance(value, ast.Bool):
                 return value.value
-            self.diags.add("DSG203", value.span, "`frozen` is a flag", "write `frozen` (or `frozen = false`)")
+            self.diags.add("DSG203", value.span, f"`{key}` is a flag", f"write `{key}` (or `{key} = false`)")
             return INVALID
         if value is None:
             self.diags.add("DSG203", entry.span, f"`{key}` needs a value", f"write `{key} = ...`")
@@ -131,6 +145,16 @@ class ModelLowering:
                 )
                 return INVALID
             return float(python)
+        if key == "engine":
+            if python not in catalogue.ENGINES:
+                self.diags.add(
+                    "DSG209",
+                    value.span,
+                    f"engine must be one of {', '.join(catalogue.ENGINES)}, not {describe(python)}",
+                    "write `engine = native` (deepspeed.initialize) or `engine = accelerate` (Accelerate's prepare)",
+                )
+                return INVALID
+            return Engine.DEEPSPEED if python == "native" else Engine.ACCELERATE
         if python not in catalogue.PRECISIONS:  # key == "precision"
             self.diags.add(
                 "DSG209",

@@ -41,6 +41,22 @@ def lower_settings(nodes: list[ast.Setting], pipeline: ast.Pipeline, diags: Diag
         if value is INVALID or not check_type(spec.type, value, node.value.span, f"`{key}`", diags):
             values[key] = INVALID
             continue
+        if key == "track":
+            unknown = [v for v in value if v not in catalogue.TRACKERS]
+            if unknown or len(set(value)) != len(value):
+                what = (
+                    f"there is no tracker `{unknown[0]}`{did_you_mean(unknown[0], catalogue.TRACKERS)}"
+                    if unknown
+                    else "a tracker is named twice"
+                )
+                diags.add(
+                    "DSG209",
+                    node.value.span,
+                    what,
+                    f"the trackers are: {', '.join(catalogue.TRACKERS)} (metrics.jsonl is always written)",
+                )
+                values[key] = INVALID
+                continue
         if key == "precision" and value not in catalogue.PRECISIONS:
             diags.add(
                 "DSG209",
@@ -101,5 +117,7 @@ def lower_settings(nodes: list[ast.Setting], pipeline: ast.Pipeline, diags: Diag
         get("checkpoint_every"),
         Precision(get("precision")),
         get("eval_every"),
+        tuple(get("track")),
+        get("rank_metrics"),
         spans,
     )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import posixpath
+import re
+from pathlib import Path
 from typing import Any
 
 from dsgraph import catalogue
-from dsgraph.diagnostics import Diagnostics, did_you_mean
+from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
 from dsgraph.lower.values import INVALID, bind_args, describe, to_python
 from dsgraph.plan import Source, SourceKind
-from dsgraph.source import Span
+from dsgraph.source import SourceFile, Span
 from dsgraph.syntax import ast
 
 
@@ -87,3 +91,79 @@ def _free_args(args: tuple[ast.Arg[ast.Value], ...], diags: Diagnostics) -> tupl
         ok = ok and value is not INVALID
         out.append((arg.name.text if arg.name else str(i), value))
     return tuple(out) if ok else None
+
+
+def check_hf_paths(node: ast.Source, source: Source, dsg: SourceFile, diags: Diagnostics) -> None:
+    """DSG214, a warning: `hf("dir")` or `hf(config="file.json")` names a path that does not exist
+    on this machine (relative to the .dsg file, as the run resolves it; nothing is downloaded).
+    The plan does not depend on the machine, so `check` and `compile` only warn; `dsgraph run`
+    does not start. Only stats the path. The help names the command that makes it when a comment
+    line of the file says so (`maker`)."""
+    rel, directory = source.arg("0"), True
+    if not isinstance(rel, str):
+        rel, directory = source.arg("config"), False
+        if not isinstance(rel, str):
+            return
+    looked = str(Path(dsg.name).parent / rel)
+    if os.path.isdir(looked) if directory else os.path.isfile(looked):
+        return
+    span = next(a.value.span for a in node.args if a.name is None) if directory else _keyword_span(node, "config")
+    what = "hf model directory" if directory else "hf config file"
+    there = f" (looked for {looked})" if looked != rel else ""
+    fault = f"is not a {'directory' if directory else 'file'}" if os.path.lexists(looked) else "does not exist"
+    made = maker(dsg, rel)
+    if made is None:
+        fix = (
+            "save the model there (`save_pretrained`), or point `hf(...)` at a saved one"
+            if directory
+            else "write a Transformers config.json there, or point `config=` at one"
+        )
+        diags.add(
+            "DSG214",
+            span,
+            f"{what} `{rel}` {fault}{there}",
+            f"{fix}: paths are relative to the .dsg file and nothing is downloaded; "
+            "`dsgraph run` does not start without it",
+        )
+        return
+    command, where = made
+    diags.add(
+        "DSG214",
+        span,
+        f"{what} `{rel}` {fault}{there}",
+        f"write it with `{command}`, or point `hf(...)` at a saved model; `dsgraph run` does not start without it",
+        Note("this file says how it is made", where),
+    )
+
+
+_WRITES = re.compile(r"writes[ \t]+(?P<path>[^\s(),;`]+)")
+
+
+def maker(dsg: SourceFile, rel: str) -> tuple[str, Span] | None:
+    """The command that writes `rel`, as a comment line of the .dsg file says it: the first
+    whole-line comment `#   COMMAND   writes PATH` (two spaces or a tab before `writes`) whose PATH
+    is `rel` or a folder above it (`writes tiny/` covers `hf("tiny/teacher")`), both relative to
+    the .dsg file; with the span of COMMAND. Linear in the file's length."""
+    wanted = _parts(rel)
+    for number, line in enumerate(dsg.text.splitlines(), 1):
+        if "writes" not in line or not line.lstrip(" \t").startswith("#"):
+            continue
+        for found in _WRITES.finditer(line):
+            at = found.start()
+            if line[at - 1 : at] != "\t" and (at < 2 or line[at - 2 : at] != "  "):
+                continue  # `writes` in prose, or inside the command
+            command = line[:at].lstrip(" \t")[1:].strip(" \t")
+            if not command:
+                continue
+            path = _parts(found["path"])
+            if path and wanted[: len(path)] == path:
+                col = line.index(command, line.index("#")) + 1
+                return command, Span(dsg.name, number, col, number, col + len(command))
+            break
+    return None
+
+
+def _parts(path: str) -> tuple[str, ...]:
+    """`./tiny/teacher/` -> ("tiny", "teacher"); an absolute path starts with "/"."""
+    norm = posixpath.normpath(path.replace("\\", "/"))
+    return ("/",) * norm.startswith("/") + tuple(p for p in norm.split("/") if p not in ("", "."))

@@ -158,6 +158,8 @@ class Settings:
     checkpoint_every: int
     precision: Precision
     eval_every: int  # 0: evaluate at the end only (when the pipeline has eval sets)
+    track: tuple[str, ...]  # experiment trackers, beside metrics.jsonl (written by rank 0)
+    rank_metrics: bool  # each rank also writes its own losses: ranks/rankN.metrics.jsonl
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,8 @@ class Model:
     width: Width | None  # where the width of a width-dependent fill comes from
     zero_auto: str | None  # `zero = auto`: why this stage
     span: Span
+    built_whole: bool = False  # `zero_init = false` at ZeRO-3: partitioned by prepare/initialize
+    gradient_checkpointing: bool = False  # Hugging Face models only
 
     @property
     def role(self) -> Role:
@@ -209,8 +213,8 @@ class Model:
 
     @property
     def zero_init(self) -> bool:
-        """ZeRO-3 models are partitioned as their parameters are created."""
-        return self.stage is ZeroStage.ZERO3
+        """ZeRO-3 models are partitioned as their parameters are created, unless built whole."""
+        return self.stage is ZeroStage.ZERO3 and not self.built_whole
 
     @property
     def precision(self) -> Precision:
@@ -238,6 +242,7 @@ class Group:
     engine: Engine
     reason: str
     span: Span
+    forced: bool = False  # by `engine = ...` in the file, rather than chosen
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,7 @@ class FrozenEngine:
 
     engine: Engine
     reason: str
+    forced: bool = False  # by `engine = ...` in the file, rather than chosen
 
 
 # -- the plan ----------------------------------------------------------------------------------

@@ -158,8 +158,8 @@ class Backend:
         """ZeRO-3 models are partitioned as they are built. Transformers does it itself when a
         DeepSpeed config is active (Accelerate's selected plugin, or an HfDeepSpeedConfig)."""
         self.calls.append(("build_model", name))
-        if not zero_init:
-            return contextlib.nullcontext()
+        if not zero_init:  # built whole (`zero_init = false` at ZeRO-3: prepare partitions it)
+            return _without_transformers_zero3() if is_hf else contextlib.nullcontext()
         if is_hf:
             if not self.accelerators:
                 from transformers.integrations import HfDeepSpeedConfig
@@ -331,6 +331,20 @@ class Backend:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _without_transformers_zero3() -> Iterator[None]:
+    """Transformers builds a model under zero.Init whenever a ZeRO-3 config is registered with it
+    (the selected plugin's, or another model's): hide it while a model is built whole."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _quiet_stdout() -> contextlib.redirect_stdout[Any]:

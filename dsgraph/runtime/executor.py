@@ -21,12 +21,14 @@ from torch import nn
 
 from dsgraph import plan as P
 from dsgraph.compat import assert_never
+from dsgraph.context import RunContext
 from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, manifest, rundir, sources
 from dsgraph.runtime.engines import Backend
 from dsgraph.runtime.evaluate import Scope, evaluate
 from dsgraph.runtime.export import export_model
 from dsgraph.runtime.meter import EvalMeter, Meter
 from dsgraph.runtime.metrics import Metrics
+from dsgraph.runtime.trackers import Trackers
 from dsgraph.source import Span
 
 
@@ -97,6 +99,7 @@ class Executor:
         self.first_step = 0  # > 0 when resuming
         self.resume_rng: dict[str, str] | None = None
         self.stopped_early = False
+        self.metrics: Metrics | None = None
         self.last_step = 0
         self._total_steps: int | None = None
         self._factories: dict[str, Callable[..., Any]] = {}
@@ -131,7 +134,9 @@ class Executor:
             case P.InitProcessGroup():
                 backend.init_distributed()
             case P.BuildData(data=name):
-                self.datasets[name] = sources.build(plan.data_set(name).source, sources.data_table(), self.base_dir)
+                self.datasets[name] = sources.build(
+                    plan.data_set(name).source, sources.data_table(), self.base_dir, run=self._context()
+                )
             case P.CompleteConfig(model=name):
                 model = plan.model(name)
                 width = configs.width(model, self.base_dir, self.built.get(name))
@@ -181,14 +186,25 @@ class Executor:
         with self.backend.build_context(
             m.name, self.configs.get(m.name, {}), m.zero_init, m.source.kind is P.SourceKind.HF
         ):
-            model = sources.build(m.source, sources.model_table(), self.base_dir)
+            run = self._context(model_seed(self.settings.seed, m.name))
+            model = sources.build(m.source, sources.model_table(), self.base_dir, run=run)
         if not isinstance(model, nn.Module):
             raise TypeError(f"the source of `{m.name}` returned {type(model).__name__}, not a torch.nn.Module")
+        if m.gradient_checkpointing:  # activations recomputed in the backward: less memory, more time
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # Transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if m.lora:  # only the adapter is trained; ZeRO-3 partitions it at prepare/initialize
             model = adapters.apply_lora(
                 model, m.lora, model_seed(self.settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
             )
         return model
+
+    def _context(self, seed: int | None = None) -> RunContext:
+        s = self.settings
+        return RunContext(s.seed, self.rank, self.world, s.micro_batch, s.grad_accum, seed)
 
     @cached_property
     def identity(self) -> dict[str, Any]:
@@ -235,7 +251,20 @@ class Executor:
         trained = [m.name for m in plan.models if m.trained]
         log_every, accum = self.settings.log_every, self.settings.grad_accum
         global_batch = self.settings.micro_batch * self.world * accum
-        metrics = Metrics(self.run_dir, self.rank, self.total_steps, plan.pipeline, self.first_step)
+        trackers = None
+        if self.rank == 0 and self.settings.track:  # the resolved plan is the run's parameters
+            params = json.loads(plan.to_json())
+            trackers = Trackers(self.settings.track, self.run_dir, plan.pipeline, params)
+        metrics = Metrics(
+            self.run_dir,
+            self.rank,
+            self.total_steps,
+            plan.pipeline,
+            self.first_step,
+            trackers,
+            self.settings.rank_metrics,
+        )
+        self.metrics = metrics
         meter = Meter(plan, device)
         torch.manual_seed(self.settings.seed * 7919 + self.rank)  # dropout differs per rank
         if self.resume_rng is not None:
@@ -257,7 +286,10 @@ class Executor:
                         if step == self.first_step + 1:
                             self.executed_step.append(op.id)
             if logged:
-                losses, terms, stats = meter.means(backend.all_reduce_mean, accum)  # sync point
+                local: dict[str, dict[str, float]] | None = {} if self.settings.rank_metrics else None
+                losses, terms, stats = meter.means(backend.all_reduce_mean, accum, local)  # sync point
+                if local is not None:
+                    metrics.log_rank({"split": "train", "step": step, "rank": self.rank, **local})
                 now = time.perf_counter()
                 metrics.log(
                     {

@@ -52,10 +52,18 @@ class Meter:
         self,
         all_reduce_mean: Callable[[torch.Tensor], torch.Tensor],
         micro_steps: int,
+        local: dict[str, dict[str, float]] | None = None,
     ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-        """The step's losses, terms and stats, each the mean over micro steps and ranks."""
+        """The step's losses, terms and stats, each the mean over micro steps and ranks; `local`
+        receives this rank's own means (one more sync point)."""
         assert self._totals is not None
-        mean = all_reduce_mean(self._totals / micro_steps).tolist()  # a sync point: once per logged step
+        mine = self._totals / micro_steps
+        if local is not None:
+            local.update(zip(("losses", "terms", "stats"), self._split(mine.tolist()), strict=True))
+        mean = all_reduce_mean(mine).tolist()  # a sync point: once per logged step
+        return self._split(mean)
+
+    def _split(self, mean: list[float]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         losses, terms = len(self.losses), len(self.terms)
         return (
             dict(zip(self.losses, mean[:losses], strict=True)),

@@ -17,11 +17,22 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from dsgraph.runtime.rundir import write_new
+from dsgraph.runtime.trackers import Trackers
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, pipeline: str, first_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        total_steps: int,
+        pipeline: str,
+        first_step: int = 0,
+        trackers: Trackers | None = None,
+        rank_metrics: bool = False,
+    ):
         self.rank = rank
+        self.trackers = trackers  # rank 0's experiment trackers, beside metrics.jsonl
         self.start = time.perf_counter()
         self.file: BinaryIO | None = None
         if rank == 0:
@@ -50,6 +61,15 @@ class Metrics:
                 mininterval=0.5,
                 disable=None if sys.stderr.isatty() else False,
             )
+        self.rank_file: BinaryIO | None = None  # this rank's own (not averaged) losses
+        if rank_metrics:
+            (run_dir / "ranks").mkdir(exist_ok=True)
+            path = run_dir / "ranks" / f"rank{rank}.metrics.jsonl"
+            kept = _kept_lines(path, first_step) if first_step else []
+            tmp = run_dir / "ranks" / f".rank{rank}.metrics.jsonl.tmp"
+            write_new(tmp, "".join(line + "\n" for line in kept))
+            tmp.replace(path)
+            self.rank_file = open(path, "ab", buffering=0)  # noqa: SIM115 - written every logged step
         self.step_times: list[float] | None = None
         if rank == 0 and os.environ.get("DSGRAPH_STEP_TIMES") == "1":
             self.step_times_path = run_dir / "step_times.json"
@@ -71,6 +91,8 @@ class Metrics:
             except OSError as error:  # a full disk: name the file
                 error.filename = error.filename or self.file.name
                 raise
+        if self.trackers is not None:
+            self.trackers.log(tracked(record), record["step"])
         if self.bar is not None:  # the latest training figures, then the latest evaluation's
             prefix = "eval_" if evaluation else ""
             shown = {prefix + k: f"{v:.4f}" for k, v in record["losses"].items()}
@@ -79,6 +101,15 @@ class Metrics:
                 shown["samples/s"] = f"{record['samples_per_s']:.0f}"
             self._shown[record["split"]] = shown
             self.bar.set_postfix({**self._shown["train"], **self._shown["eval"]}, refresh=evaluation)
+
+    def log_rank(self, record: dict[str, Any]) -> None:
+        """This rank's own losses, terms and stats of a logged step (before the mean over ranks)."""
+        if self.rank_file is not None:
+            try:
+                self.rank_file.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            except OSError as error:
+                error.filename = error.filename or self.rank_file.name
+                raise
 
     def exclude(self, seconds: float) -> None:
         """Time spent outside training steps (an evaluation): left out of the step times."""
@@ -98,6 +129,10 @@ class Metrics:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.rank_file is not None:
+            self.rank_file.close()
+        if self.trackers is not None:
+            self.trackers.close()
         if self.step_times is not None:
             write_new(
                 self.step_times_path,
@@ -105,6 +140,17 @@ class Metrics:
             )
         if self.rank == 0:
             print("\n".join(summary_lines), flush=True)
+
+
+def tracked(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics row as tracker values: `train/kd`, `train/kd/kl`, `eval/kd/ce.accuracy`,
+    `lr/student`, `perf/samples_per_s`."""
+    split = record["split"]
+    values = {f"{split}/{name}": value for part in ("losses", "terms", "stats") for name, value in record[part].items()}
+    values.update({f"lr/{name}": value for name, value in record.get("lr", {}).items()})
+    if "samples_per_s" in record:
+        values["perf/samples_per_s"] = record["samples_per_s"]
+    return values
 
 
 def _kept_lines(path: Path, first_step: int) -> list[str]:

@@ -8,11 +8,13 @@ directory otherwise."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from dsgraph.context import RunContext
 from dsgraph.plan import Source, SourceKind
 from dsgraph.runtime import builtins
 
@@ -40,14 +42,29 @@ def resolve_factory(target: str) -> Callable[..., Any]:
     return fn
 
 
+def _takes_run(factory: Callable[..., Any]) -> bool:
+    try:
+        parameter = inspect.signature(factory).parameters.get("run")
+    except (TypeError, ValueError):  # a builtin or C function: no signature to read
+        return False
+    return parameter is not None and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+
+
 def _call_args(args: tuple[tuple[str, Any], ...]) -> tuple[list[Any], dict[str, Any]]:
     positional = [v for k, v in args if k.isdigit()]
     keywords = {k: v for k, v in args if not k.isdigit()}
     return positional, keywords
 
 
-def build(source: Source, table: dict[str, Callable[..., Any]], base_dir: Path, weights: bool = True) -> Any:
-    """weights=False: an hf directory's model from its config alone (the meta-device estimate)."""
+def build(
+    source: Source,
+    table: dict[str, Callable[..., Any]],
+    base_dir: Path,
+    weights: bool = True,
+    run: RunContext | None = None,
+) -> Any:
+    """weights=False: an hf directory's model from its config alone (the meta-device estimate).
+    `run`: passed to a factory that declares a keyword parameter named `run`."""
     kind, target = source.kind, source.target
     positional, keywords = _call_args(source.args)
     if kind is SourceKind.BUILTIN:
@@ -58,7 +75,10 @@ def build(source: Source, table: dict[str, Callable[..., Any]], base_dir: Path, 
             keywords["tokenizer"] = str(base_dir / keywords["tokenizer"])
         return table[target](*positional, **keywords)
     if kind is SourceKind.FACTORY:
-        return resolve_factory(target)(*positional, **keywords)
+        factory = resolve_factory(target)
+        if run is not None and "run" not in keywords and _takes_run(factory):
+            keywords["run"] = run
+        return factory(*positional, **keywords)
     return build_hf(positional, keywords, base_dir, weights)
 
 

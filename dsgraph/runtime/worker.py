@@ -88,6 +88,9 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
         rundir.write_new(run_dir / "done" / f"rank{rank}", f"{outcome} {run_id}\n")
     except BaseException as error:
         _report_failure(run_dir, rank, run_id, error, phase=phase)
+        trackers = getattr(locals().get("executor"), "metrics", None)
+        if trackers is not None and trackers.trackers is not None:
+            trackers.trackers.close(failed=True)  # the tracker's run ends FAILED, its files whole
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_FAILED)  # no clean-up that could wait on the other ranks
