@@ -31,7 +31,8 @@ def rows(run_dir: Path, split: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("eval") / "run"
-    done = dsgraph_run(ROOT / "pipelines" / "distill.dsg", run_dir, f"steps={STEPS}", f"eval_every={EVAL_EVERY}")
+    sets = (f"steps={STEPS}", f"eval_every={EVAL_EVERY}", "track=[tensorboard, mlflow, wandb]", "rank_metrics=true")
+    done = dsgraph_run(ROOT / "pipelines" / "distill.dsg", run_dir, *sets)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, done
 
@@ -93,6 +94,48 @@ def test_evaluating_changes_nothing_in_training(evaluated_run, plain_run):
     with_eval = [r["losses"] for r in rows(evaluated_run[0], "train")]
     without = [r["losses"] for r in rows(plain_run, "train")]
     assert with_eval == without  # bit for bit: eval mode, no_grad, its own loaders, no RNG drawn
+
+
+@pytest.mark.runtime
+def test_trackers_hold_what_metrics_jsonl_holds(evaluated_run, monkeypatch):
+    """TensorBoard's events read back with tensorboard's own reader, the MLflow store with
+    mlflow's client, the W&B offline run's files: the same values at the same steps as
+    metrics.jsonl, and the plan logged as the run's parameters."""
+    run_dir, _ = evaluated_run
+    train, evals = rows(run_dir, "train"), rows(run_dir, "eval")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    tb = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    assert tb["train/kd"] == pytest.approx({r["step"]: r["losses"]["kd"] for r in train}, rel=1e-6)
+    assert tb["eval/kd"] == pytest.approx({r["step"]: r["losses"]["kd"] for r in evals}, rel=1e-6)
+    assert tb["eval/kd/ce.accuracy"] == pytest.approx({r["step"]: r["stats"]["kd/ce.accuracy"] for r in evals})
+    assert set(tb["lr/student"]) == {r["step"] for r in train}
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked to
+    client = mlflow.tracking.MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("dsgraph").experiment_id])
+    assert run.info.status == "FINISHED"
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/kd")}
+    assert history == pytest.approx({r["step"]: r["losses"]["kd"] for r in evals}, rel=1e-6)
+    assert run.data.params["pipeline"] == "distill"  # the resolved plan, flattened
+    assert (run_dir / "wandb").is_dir() and list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.runtime
+def test_rank_metrics_are_each_ranks_own_losses_whose_mean_is_logged(evaluated_run):
+    run_dir, _ = evaluated_run
+    mean = {r["step"]: r["losses"]["kd"] for r in rows(run_dir, "train")}
+    per_rank = [
+        {r["step"]: r["losses"]["kd"] for r in map(json.loads, (run_dir / "ranks" / f"rank{k}.metrics.jsonl").open())}
+        for k in range(2)
+    ]
+    assert set(per_rank[0]) == set(per_rank[1]) == set(mean)
+    for step, value in mean.items():
+        assert per_rank[0][step] != per_rank[1][step]  # each rank's own micro batch
+        assert (per_rank[0][step] + per_rank[1][step]) / 2 == pytest.approx(value, rel=1e-6)
 
 
 def test_eval_shard_covers_every_sample_once_and_pads_the_last_round():
