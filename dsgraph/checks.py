@@ -427,6 +427,8 @@ def check_resolved_configs(ctx: Context) -> Iterator[Diagnostic]:
                 message += "; Accelerators share one gradient-accumulation state"
             if problem.code == "DSG414" and "precision" in model.spans:
                 span = model.spans["precision"]
+            if problem.code == "DSG412" and problem.path.startswith("scheduler") and "scheduler" in model.spans:
+                span = model.spans["scheduler"]  # the property that asks for the value
             named = not span or f"model `{name}`" in message  # located in the config: say whose
             yield diagnostic(
                 problem.code,

@@ -52,9 +52,10 @@ class ZeroConfig:
 
 @dataclass(frozen=True)
 class Optimizer:
-    kind: str  # adamw, adam, sgd
+    kind: str  # adamw, adam, sgd; "factory": your own, `pkg.mod:make(lr=...)`
     params: dict[str, Any]
     span: Span
+    factory: str | None = None  # `pkg.mod:make`, called with the trainable parameters
 
 
 @dataclass(frozen=True)

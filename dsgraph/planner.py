@@ -110,7 +110,15 @@ def _model(pipeline: ir.Pipeline, name: str, analysis: Analysis, strategy: Strat
         model.span,
         stage == 3 and not model.zero_init,
         model.gradient_checkpointing,
+        _client_optimizer(model),
     )
+
+
+def _client_optimizer(model: ir.Model) -> P.Source | None:
+    opt = model.optimizer
+    if opt is None or opt.factory is None:
+        return None
+    return P.Source(SourceKind.FACTORY, opt.factory, tuple(sorted(opt.params.items())), opt.span)
 
 
 def _width(model: ir.Model, partitioned: bool, fills: tuple[P.Fill, ...]) -> Width | None:

@@ -108,6 +108,11 @@ _WIDTH_WORDS = {
 }
 
 
+def _objects(m: P.Model) -> str:
+    client = f" (client: {m.client_optimizer.show()})" if m.client_optimizer else ""
+    return ", ".join(o + client if o == "optimizer" else o for o in m.engine_objects)
+
+
 def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
     match st:
         case P.InitProcessGroup():
@@ -138,14 +143,16 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
             return (
                 name
                 + ("  under zero.Init" if m.zero_init else "")
+                + ("  whole (zero_init = false: partitioned by its engine)" if m.built_whole else "")
+                + ("  + gradient checkpointing" if m.gradient_checkpointing else "")
                 + ("  + LoRA adapter (base weights frozen)" if m.lora else "")
             )
         case P.Prepare(model=name):
             m = plan.model(name)
-            return f"{name} on acc{m.accelerator}: {', '.join(m.engine_objects)}" + ("" if m.trained else "  (eval)")
+            return f"{name} on acc{m.accelerator}: {_objects(m)}" + ("" if m.trained else "  (eval)")
         case P.Initialize(model=name):
             m = plan.model(name)
-            return f"{name}: {', '.join(m.engine_objects)}" + ("" if m.trained else "  (eval)")
+            return f"{name}: {_objects(m)}" + ("" if m.trained else "  (eval)")
         case _:
             assert_never(st)
 

@@ -90,7 +90,13 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
             model = adapters.apply_lora(
                 model, m.lora, model_seed(settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
             )
-        if m.trained:
+        if m.trained and m.client_optimizer is not None:  # the factory's own optimizer
+            _, keywords = sources.call_args(m.client_optimizer.args)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizers[m.name] = sources.resolve_factory(m.client_optimizer.target)(trainable, **keywords)
+            schedulers[m.name] = _scheduler(m.deepspeed_config, optimizers[m.name], steps)
+            model.train()
+        elif m.trained:
             optimizers[m.name] = _optimizer(m.deepspeed_config, [p for p in model.parameters() if p.requires_grad])
             schedulers[m.name] = _scheduler(m.deepspeed_config, optimizers[m.name], steps)
             model.train()

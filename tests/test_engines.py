@@ -6,11 +6,12 @@ prepare trains as one built under zero.Init."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from replica import load_plan
+from replica import load_plan, replicate
 from test_runtime import ROOT, dsgraph_run
 
 pytestmark = pytest.mark.runtime
@@ -57,3 +58,26 @@ def test_a_zero3_teacher_built_whole_trains_as_one_built_under_zero_init(runs, t
     assert 0 < local < total  # partitioned by prepare
     whole = _train_rows(run_dir)
     assert [r["losses"] for r in whole] == [r["losses"] for r in _train_rows(runs["accelerate"])]
+
+
+def test_a_client_optimizer_from_a_factory_trains_as_its_replica(tmp_path):
+    """`optimizer = myopt:make(lr=..., momentum=...)`: the factory's torch optimizer, wrapped by
+    DeepSpeed as a client optimizer (the config has no "optimizer" block), with the config's
+    warm-up schedule on top; the losses equal a plain PyTorch replica's."""
+    shutil.copytree(ROOT / "pipelines" / "configs", tmp_path / "configs")
+    factory = "def make(params, lr, momentum):\n    return torch.optim.SGD(params, lr=lr, momentum=momentum)\n"
+    (tmp_path / "myopt.py").write_text("import torch\n\n\n" + factory)
+    text = (ROOT / "pipelines" / "distill.dsg").read_text()
+    text = text.replace(
+        "optimizer = adamw(lr=5e-3, weight_decay=0.01)", "optimizer = myopt:make(lr=0.05, momentum=0.9)"
+    )
+    (tmp_path / "client.dsg").write_text(text)
+    run_dir = tmp_path / "run"
+    done = dsgraph_run(tmp_path / "client.dsg", run_dir, f"steps={STEPS}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = load_plan(run_dir)
+    student = plan.model("student")
+    assert student.client_optimizer is not None and "optimizer" not in student.deepspeed_config
+    expected = replicate(plan, world=2)
+    for step, (got, want) in enumerate(zip(_train_rows(run_dir), expected, strict=True), 1):
+        assert got["losses"]["kd"] == pytest.approx(want["kd"], abs=1e-5), step

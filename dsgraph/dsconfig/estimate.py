@@ -245,9 +245,10 @@ def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = 
     world = world_size or plan.world_size or 1
     models = []
     for m in plan.models:
-        est = estimate_model(
-            m.name, m.role.value, m.stage, m.precision.value, m.deepspeed_config, counts[m.name], world
-        )
+        config = m.deepspeed_config
+        if m.client_optimizer is not None:  # its states are unknown here: counted like Adam's
+            config = {**config, "optimizer": {"type": m.client_optimizer.target}}
+        est = estimate_model(m.name, m.role.value, m.stage, m.precision.value, config, counts[m.name], world)
         est.zero_auto = m.zero_auto
         models.append(est)
     return Estimate(plan.pipeline, world, models)

@@ -155,6 +155,10 @@ def _batch(settings: ir.Settings, world_size: int | None, out: _Building) -> Non
 
 def _optimizer(model: ir.Model, out: _Building) -> None:
     cfg = out.config
+    if model.optimizer is not None and model.optimizer.factory is not None:
+        cfg.pop("optimizer", None)  # a client optimizer: DeepSpeed wraps the one the factory makes
+        cfg["zero_allow_untested_optimizer"] = True
+        return
     if model.optimizer is not None:
         params = dict(model.optimizer.params)
         if model.optimizer.kind == "adam":
@@ -182,7 +186,9 @@ def _optimizer(model: ir.Model, out: _Building) -> None:
         cfg["zero_allow_untested_optimizer"] = True
 
 
-def _lr(cfg: dict[str, Any]) -> Any:
+def _lr(cfg: dict[str, Any], model: ir.Model) -> Any:
+    if model.optimizer is not None and model.optimizer.factory is not None:
+        return model.optimizer.params.get("lr")  # a client optimizer's, when it is given as `lr=`
     return cfg.get("optimizer", {}).get("params", {}).get("lr")
 
 
@@ -191,8 +197,17 @@ def _scheduler(pipeline: ir.Pipeline, model: ir.Model, out: _Building) -> None:
     total = steps if steps is not None else "auto"
     if sched is not None:
         cfg.pop("scheduler", None)
-        p, lr = sched.params, _lr(cfg)
+        p, lr = sched.params, _lr(cfg, model)
         if sched.kind == "constant":
+            return
+        if lr is None and sched.kind != "warmup_cosine":
+            out.problem(
+                "DSG412",
+                "scheduler.params.warmup_max_lr",
+                f"the scheduler of model `{model.name}` warms up to the optimizer's `lr`, which its client optimizer "
+                "does not name",
+                "pass the rate as `lr=` to the optimizer's factory, or use `scheduler = warmup_cosine(...)`",
+            )
             return
         warm = {
             "warmup_min_lr": p.get("min_lr", 0.0),
@@ -216,7 +231,7 @@ def _scheduler(pipeline: ir.Pipeline, model: ir.Model, out: _Building) -> None:
             }
     elif "scheduler" in cfg:
         params = cfg["scheduler"].setdefault("params", {})
-        fill = {"warmup_max_lr": _lr(cfg), "total_num_steps": total}
+        fill = {"warmup_max_lr": _lr(cfg, model), "total_num_steps": total}
         for key, value in list(params.items()):
             if value == "auto" and fill.get(key) not in (None, "auto"):
                 params[key] = fill[key]

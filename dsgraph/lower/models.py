@@ -102,6 +102,8 @@ class ModelLowering:
             return INVALID
         if key == "zero":
             return self._zero_ref(model, value, zeros)
+        if key == "optimizer" and isinstance(value, ast.FactoryValue):
+            return self._client_optimizer(value)
         if key in ("optimizer", "scheduler", "lora"):
             table = {"optimizer": catalogue.OPTIMIZERS, "scheduler": catalogue.SCHEDULERS, "lora": catalogue.ADAPTERS}[
                 key
@@ -164,6 +166,25 @@ class ModelLowering:
             )
             return INVALID
         return Precision(python)
+
+    def _client_optimizer(self, value: ast.FactoryValue) -> Any:
+        """`optimizer = my.pkg:make(lr=1e-3)`: called at run time with the model's trainable
+        parameters first, then these keyword arguments; DeepSpeed gets it as a client optimizer."""
+        params: dict[str, Any] = {}
+        for arg in value.args:
+            if arg.name is None:
+                self.diags.add(
+                    "DSG203",
+                    arg.span,
+                    "a client optimizer's arguments are named: the parameters come first, from dsgraph",
+                    f"write `{value.target}(lr=1e-3)`",
+                )
+                return INVALID
+            python = to_python(arg.value, self.diags)
+            if python is INVALID:
+                return INVALID
+            params[arg.name.text] = python
+        return ir.Optimizer("factory", params, value.span, value.target)
 
     def _lora(self, bound: dict[str, Any], value: ast.CallValue) -> Any:
         args = {

@@ -26,11 +26,12 @@ def to_python(value: ast.Value, diags: Diagnostics) -> Any:
             for entry in entries:
                 out[entry.key.text] = True if entry.value is None else to_python(entry.value, diags)
             return INVALID if INVALID in out.values() else out
-        case ast.CallValue(name=name, span=span):
+        case ast.CallValue(span=span) | ast.FactoryValue(span=span):
+            called = value.name.text if isinstance(value, ast.CallValue) else value.target
             diags.add(
                 "DSG203",
                 span,
-                f"`{name.text}(...)` cannot be used as a value here",
+                f"`{called}(...)` cannot be used as a value here",
                 "write a number, a string, a name, a list `[...]` or a block `{...}`",
             )
             return INVALID

@@ -198,6 +198,9 @@ class Model:
     span: Span
     built_whole: bool = False  # `zero_init = false` at ZeRO-3: partitioned by prepare/initialize
     gradient_checkpointing: bool = False  # Hugging Face models only
+    # `optimizer = pkg.mod:make(lr=...)`: called with the trainable parameters, then these
+    # arguments; DeepSpeed wraps it as a client optimizer (the config has no "optimizer" block)
+    client_optimizer: Source | None = None
 
     @property
     def role(self) -> Role:

@@ -111,7 +111,13 @@ class Backend:
         self.calls.append(("select_plugin", name))
 
     def prepare(
-        self, name: str, accelerator: int, model: nn.Module, objects: tuple[str, ...], precision: Precision
+        self,
+        name: str,
+        accelerator: int,
+        model: nn.Module,
+        objects: tuple[str, ...],
+        precision: Precision,
+        client_optimizer: Any = None,
     ) -> None:
         from accelerate.utils import DummyOptim, DummyScheduler
 
@@ -124,8 +130,8 @@ class Backend:
             self.models[name] = ModelHandle(name, engine, accelerator, precision, False)
             return
         # The optimizer and scheduler are built by DeepSpeed from the config; Accelerate takes
-        # placeholders for them.
-        optimizer = DummyOptim([p for p in model.parameters() if p.requires_grad])  # LoRA: the adapter only
+        # placeholders for them. A client optimizer is handed over as it is (no "optimizer" block).
+        optimizer = client_optimizer or DummyOptim([p for p in model.parameters() if p.requires_grad])
         placeholders = [optimizer, DummyScheduler(optimizer)] if "scheduler" in objects else [optimizer]
         engine, *prepared = acc.prepare(model, *placeholders)
         engine.train()
@@ -136,13 +142,22 @@ class Backend:
     # -- native engines --------------------------------------------------------------------
 
     def initialize(
-        self, name: str, model: nn.Module, config: dict[str, Any], objects: tuple[str, ...], precision: Precision
+        self,
+        name: str,
+        model: nn.Module,
+        config: dict[str, Any],
+        objects: tuple[str, ...],
+        precision: Precision,
+        client_optimizer: Any = None,
     ) -> None:
         self.calls.append(("initialize", name))
         if "optimizer" not in objects:
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
             engine.eval()
+        elif client_optimizer is not None:  # DeepSpeed wraps it; the scheduler still from the config
+            engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer, config=config)
+            engine.train()
         else:  # the optimizer (and scheduler) from the config
             engine, *_ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config

@@ -152,12 +152,14 @@ class Executor:
             case P.Prepare(model=name):
                 model = plan.model(name)
                 assert model.accelerator is not None
-                backend.prepare(name, model.accelerator, self.built.pop(name), model.engine_objects, model.precision)
+                module = self.built.pop(name)
+                optimizer = self._client_optimizer(model, module)
+                backend.prepare(name, model.accelerator, module, model.engine_objects, model.precision, optimizer)
             case P.Initialize(model=name):
                 model = plan.model(name)
-                backend.initialize(
-                    name, self.built.pop(name), self.configs[name], model.engine_objects, model.precision
-                )
+                module = self.built.pop(name)
+                optimizer = self._client_optimizer(model, module)
+                backend.initialize(name, module, self.configs[name], model.engine_objects, model.precision, optimizer)
             case P.ShardData(data=name):
                 index = [d.name for d in plan.data].index(name)
                 declared = plan.data_set(name)
@@ -201,6 +203,18 @@ class Executor:
                 model, m.lora, model_seed(self.settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
             )
         return model
+
+    def _client_optimizer(self, m: P.Model, module: nn.Module) -> Any:
+        """`optimizer = pkg.mod:make(...)`: the factory's optimizer over the trainable parameters
+        (a ZeRO-3 model's are partitioned already; DeepSpeed wraps it either way)."""
+        if m.client_optimizer is None:
+            return None
+        _, keywords = sources.call_args(m.client_optimizer.args)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        optimizer = self._factory(m.client_optimizer.target)(trainable, **keywords)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{m.client_optimizer.target} returned {type(optimizer).__name__}, not a torch optimizer")
+        return optimizer
 
     def _context(self, seed: int | None = None) -> RunContext:
         s = self.settings

@@ -50,7 +50,7 @@ def _takes_run(factory: Callable[..., Any]) -> bool:
     return parameter is not None and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
 
 
-def _call_args(args: tuple[tuple[str, Any], ...]) -> tuple[list[Any], dict[str, Any]]:
+def call_args(args: tuple[tuple[str, Any], ...]) -> tuple[list[Any], dict[str, Any]]:
     positional = [v for k, v in args if k.isdigit()]
     keywords = {k: v for k, v in args if not k.isdigit()}
     return positional, keywords
@@ -66,7 +66,7 @@ def build(
     """weights=False: an hf directory's model from its config alone (the meta-device estimate).
     `run`: passed to a factory that declares a keyword parameter named `run`."""
     kind, target = source.kind, source.target
-    positional, keywords = _call_args(source.args)
+    positional, keywords = call_args(source.args)
     if kind is SourceKind.BUILTIN:
         # Files a built-in reads are relative to the .dsg file, like everything it names.
         if "path" in keywords:

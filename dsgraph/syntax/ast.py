@@ -72,6 +72,15 @@ class CallValue:
 
 
 @dataclass(frozen=True, slots=True)
+class FactoryValue:
+    """`my.pkg:make(lr=1e-3)` as a value: your own function, called at run time."""
+
+    target: str
+    args: tuple[Arg[Value], ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     """`key = value` in a block, or a bare flag (`frozen`) when `value` is None."""
 
@@ -86,7 +95,7 @@ class Block:
     span: Span
 
 
-Value: TypeAlias = Number | String | Bool | Ident | ListValue | CallValue | Block
+Value: TypeAlias = Number | String | Bool | Ident | ListValue | CallValue | FactoryValue | Block
 
 
 # -- expressions: loss definitions ---------------------------------------------------------------

@@ -160,6 +160,10 @@ class ToAst:
     def list(self, meta: Meta, children: Children) -> ast.ListValue:
         return ast.ListValue(tuple(c for c in children if c is not None), self._span(meta))
 
+    def factory_value(self, meta: Meta, children: Children) -> ast.FactoryValue:
+        token, args = children
+        return ast.FactoryValue(str(token), args, self._span(meta))
+
     def call_value(self, meta: Meta, children: Children) -> ast.CallValue:
         token, args = children
         return ast.CallValue(ast.Name(str(token), self._tok(token)), args, self._span(meta))
