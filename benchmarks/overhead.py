@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -111,6 +112,17 @@ def _free_port() -> int:
 # -- the two launches ----------------------------------------------------------------------------
 
 
+def same_work(out: Path) -> Path:
+    """distill.dsg without its eval set: the hand-written script evaluates nothing
+    (benchmarks/eval_overhead.py measures evaluations)."""
+    pipeline = out / "distill_no_eval.dsg"
+    if not pipeline.exists():
+        shutil.copytree(ROOT / "pipelines" / "configs", out / "configs", dirs_exist_ok=True)
+        text = PIPELINE.read_text(encoding="utf-8").replace("{ eval = val }", "").replace("eval_every = 100", "")
+        pipeline.write_text(text, encoding="utf-8")
+    return pipeline
+
+
 def run_dsgraph(out: Path, steps: int) -> dict:
     run_dir = out / "run"
     env = dict(os.environ, DSGRAPH_STEP_TIMES="1")
@@ -119,7 +131,7 @@ def run_dsgraph(out: Path, steps: int) -> dict:
         "-m",
         "dsgraph",
         "run",
-        str(PIPELINE),
+        str(same_work(out.parent)),
         "--procs",
         str(PROCS),
         "--run-dir",

@@ -408,6 +408,31 @@ def check_offload_param(ctx: Context) -> Iterator[Diagnostic]:
             )
 
 
+def check_offload_optimizer(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG420: optimizer offload without a ZeRO optimizer (stage 0), or a partial offload
+    (`ratio` below 1, ZeRO-Offload++) below stage 3."""
+    for zero in ctx.pipeline.zeros.values():
+        offload = zero.config.get("zero_optimization", {}).get("offload_optimizer")
+        if not isinstance(offload, dict) or offload.get("device") in (None, "none"):
+            continue
+        stage = zero_stage(zero.config)
+        ratio = offload.get("ratio", 1.0)
+        if stage == 0:
+            yield diagnostic(
+                "DSG420",
+                zero.span_of("zero_optimization.offload_optimizer"),
+                f"ZeRO config `{zero.name}` offloads the optimizer at stage 0, which has no ZeRO optimizer to offload",
+                "use `stage = 1` or more (stage 2 keeps the same memory for the weights), or remove the offload",
+            )
+        elif isinstance(ratio, (int, float)) and ratio < 1 and stage is not None and stage != 3:
+            yield diagnostic(
+                "DSG420",
+                zero.span_of("zero_optimization.offload_optimizer.ratio"),
+                f"ZeRO config `{zero.name}` offloads part of the optimizer (ratio {ratio}) at stage {stage}",
+                "a partial offload needs `stage = 3` (DeepSpeed asserts it); use ratio 1 at stages 1-2",
+            )
+
+
 def check_resolved_configs(ctx: Context) -> Iterator[Diagnostic]:
     """DSG405/406/412/413/414: what resolving each model's DeepSpeed config found."""
     if ctx.analysis is None or ctx.configs is None:
@@ -460,6 +485,7 @@ CHECKS: tuple[Check, ...] = (
     check_shared_groups,
     check_forced_engines,
     check_offload_param,
+    check_offload_optimizer,
     check_resolved_configs,
 )
 

@@ -78,7 +78,9 @@ def worker_environment(procs: int, base: dict[str, str] | None = None) -> dict[s
 
 def extensions_dir(path: str | None = None) -> Path:
     """The per-user cache of DeepSpeed's JIT-built ops, keyed by what makes a build valid: the
-    versions of Python, torch and DeepSpeed, and of the `ninja` that builds it."""
+    versions of Python, torch and DeepSpeed, the `ninja` that builds it, the environment (its
+    include paths are in the compile command: two virtual environments would rebuild each other's
+    ops) and the CPU (ops are built with -march=native)."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsgraph" / "torch_extensions"
     versions = [f"py{sys.version_info.major}.{sys.version_info.minor}"]
     for package in ("torch", "deepspeed"):
@@ -88,7 +90,17 @@ def extensions_dir(path: str | None = None) -> Path:
             versions.append(f"{package}-none")
     ninja = shutil.which("ninja", path=path)
     tag = hashlib.sha256(_version_of(ninja).encode()).hexdigest()[:8] if ninja else "noninja"
-    return root / f"{'-'.join(versions)}-ninja{tag}"
+    where = hashlib.sha256(f"{sys.prefix}\0{_cpu_flags()}".encode()).hexdigest()[:8]
+    return root / f"{'-'.join(versions)}-ninja{tag}-env{where}"
+
+
+def _cpu_flags() -> str:
+    """The first processor's feature flags (Linux), which -march=native builds for."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
 
 
 def _version_of(program: str) -> str:

@@ -86,8 +86,9 @@ def folder_of(model: str, step: int) -> str:
 
 def identity(plan: Plan, base_dir: Path | None = None) -> dict[str, Any]:
     """The parts of a plan a resumed run must share with the run that saved: models (source, role,
-    DeepSpeed config), losses, data (source, and the content of a data file), seed and batch
-    geometry. Steps, logging and checkpoint intervals may change."""
+    DeepSpeed config), losses, the training data (source, the content of a data file, and how it is
+    dealt), seed and batch geometry. Steps, logging and checkpoint intervals, evaluations and eval
+    sets may change."""
 
     def config(m: Model) -> dict[str, Any]:
         cfg: dict[str, Any] = json.loads(json.dumps(m.deepspeed_config))
@@ -106,7 +107,16 @@ def identity(plan: Plan, base_dir: Path | None = None) -> dict[str, Any]:
             for m in plan.models
         },
         "losses": {loss.name: loss.text for loss in plan.losses},
-        "data": {d.name: {**source_json(d.source), "content": data_digest(d.source, base)} for d in plan.data},
+        "data": {
+            d.name: {
+                **source_json(d.source),
+                "content": data_digest(d.source, base),
+                "shuffle": d.shuffle,
+                "drop_last": d.drop_last,
+            }
+            for d in plan.data
+            if d.name not in {e.eval for e in plan.data}
+        },
         "seed": s.seed,
         "micro_batch": s.micro_batch,
         "grad_accum": s.grad_accum,
