@@ -81,3 +81,31 @@ def test_a_client_optimizer_from_a_factory_trains_as_its_replica(tmp_path):
     expected = replicate(plan, world=2)
     for step, (got, want) in enumerate(zip(_train_rows(run_dir), expected, strict=True), 1):
         assert got["losses"]["kd"] == pytest.approx(want["kd"], abs=1e-5), step
+
+
+def test_zero3_with_optimizer_and_parameter_offload_trains_as_its_replica_and_as_estimated(tmp_path):
+    """shared_loss.dsg's ZeRO-3 model with its optimizer and its parameters offloaded to the CPU
+    (`offload_optimizer = cpu  offload_param = cpu`): the losses equal the plain replica's, and in
+    each category the estimate's device plus host bytes equal what each rank holds (on a CPU the
+    host is the device: the offload moves nothing, so the two are measured together)."""
+    from dsgraph.dsconfig import estimate as memory
+    from dsgraph.runtime.meta import count_plan
+
+    run_dir = tmp_path / "run"
+    zero = (
+        "right.zero={ stage = 3  stage3_param_persistence_threshold = 0  offload_optimizer = cpu  offload_param = cpu }"
+    )
+    done = dsgraph_run(ROOT / "pipelines" / "shared_loss.dsg", run_dir, f"steps={STEPS}", zero)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = load_plan(run_dir)
+    offload = plan.model("right").deepspeed_config["zero_optimization"]
+    assert offload["offload_optimizer"]["device"] == offload["offload_param"]["device"] == "cpu"
+    for step, (got, want) in enumerate(zip(_train_rows(run_dir), replicate(plan, world=2), strict=True), 1):
+        assert got["losses"]["total"] == pytest.approx(want["total"], abs=1e-5), step
+    est = {m.name: m for m in memory.estimate(plan, count_plan(plan), 2).models}
+    assert est["right"].host["params"] > 0 and est["right"].host["optimizer_states"] > 0
+    for rank in range(2):
+        measured = json.loads((run_dir / "ranks" / f"rank{rank}.json").read_text())["memory"]["right"]
+        for category in ("params", "grads", "optimizer_states"):
+            want = getattr(est["right"], category) + est["right"].host.get(category, 0)
+            assert abs(measured[category] - want) <= 0.1 * want, (rank, category, measured[category], want)
