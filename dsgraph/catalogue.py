@@ -175,6 +175,20 @@ ADAPTERS = {
     )
 }
 
+# `quantize = bnb4(...)`: the weights of a Hugging Face model's Linear layers loaded in 4 bits
+# (bitsandbytes, as QLoRA does); the packed weights are stored in the model's precision dtype.
+QUANTIZERS = {
+    b.name: b
+    for b in (
+        Builtin(
+            "bnb4",
+            (P("type", "str", "nf4"), P("double_quant", "bool", True)),
+            summary="4-bit weights (bitsandbytes): type nf4 or fp4; double_quant also quantizes the scales",
+        ),
+    )
+}
+QUANT_TYPES = ("nf4", "fp4")
+
 OPTIMIZERS = {
     b.name: b
     for b in (
@@ -266,6 +280,7 @@ MODEL_PROPERTIES = (
     "engine",
     "zero_init",  # false: a ZeRO-3 model built whole, partitioned by prepare/initialize
     "gradient_checkpointing",  # Hugging Face models: recompute activations in the backward
+    "quantize",  # Hugging Face models: 4-bit weights (QLoRA), QUANTIZERS
 )
 ENGINES = ("native", "accelerate")  # `engine = native`: deepspeed.initialize; `accelerate`: Accelerate's prepare
 # hf("dir", task=...): the AutoModel class; without it, the class the config names

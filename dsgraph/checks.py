@@ -433,6 +433,23 @@ def check_offload_optimizer(ctx: Context) -> Iterator[Diagnostic]:
             )
 
 
+def check_quantized_training(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG421: a trained model with 4-bit weights and no LoRA adapter: its packed weights cannot
+    be trained, so nothing would be."""
+    for train in ctx.pipeline.trains:
+        for name, span in zip(train.models, train.model_spans, strict=True):
+            model = ctx.pipeline.models.get(name)
+            if model is None or model.quantize is None or model.lora is not None or model.frozen:
+                continue
+            yield diagnostic(
+                "DSG421",
+                model.spans.get("quantize", model.span),
+                f"model `{name}` is trained but its weights are 4-bit, and it has no LoRA adapter to train",
+                "add `lora = lora(...)` (QLoRA: only the adapter is trained), or mark the model `frozen`",
+                Note(f"`{name}` is trained here", span),
+            )
+
+
 def check_resolved_configs(ctx: Context) -> Iterator[Diagnostic]:
     """DSG405/406/412/413/414: what resolving each model's DeepSpeed config found."""
     if ctx.analysis is None or ctx.configs is None:
@@ -486,6 +503,7 @@ CHECKS: tuple[Check, ...] = (
     check_forced_engines,
     check_offload_param,
     check_offload_optimizer,
+    check_quantized_training,
     check_resolved_configs,
 )
 

@@ -257,6 +257,25 @@ def _missing_trackers(result: Compilation) -> bool:
     return bool(missing)
 
 
+def _missing_quantizer(result: Compilation) -> bool:
+    """A model with `quantize` needs bitsandbytes: without it `run` stops before anything starts,
+    at the first `quantize` line, with the install command."""
+    import importlib.util
+
+    pipeline = result.ir
+    quantized = [m for m in pipeline.models.values() if m.quantize] if pipeline is not None else []
+    if not quantized or importlib.util.find_spec("bitsandbytes") is not None:
+        return False
+    span = quantized[0].spans.get("quantize", quantized[0].span)
+    names = ", ".join(f"`{m.name}`" for m in quantized)
+    print(
+        f"{span.file}:{span.line}:{span.col}: error: `quantize` ({names}) needs the package bitsandbytes: "
+        "pip install bitsandbytes",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _print_memory(plan: Plan, args: argparse.Namespace) -> int:
     """`compile --memory`: the estimate per model and rank (torch is imported here only)."""
     from dsgraph.dsconfig.estimate import attach_budget, estimate
@@ -354,7 +373,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result is None:
         return EXIT_USAGE
     _print_diagnostics(result)
-    if not result.ok or _missing_models(result, "not started") or _missing_trackers(result):
+    if (
+        not result.ok
+        or _missing_models(result, "not started")
+        or _missing_trackers(result)
+        or _missing_quantizer(result)
+    ):
         return EXIT_USER
     plan = result.plan
     assert plan is not None  # no error: it was planned

@@ -95,6 +95,7 @@ _ALL = (
     ),
     Code("DSG419", "engine-cannot-do-job", E, "`engine = ...` asks for an engine that cannot run this model"),
     Code("DSG420", "offload-optimizer-without-zero", E, "optimizer offload at stage 0, or a partial offload below 3"),
+    Code("DSG421", "quantized-without-lora", E, "a trained model with 4-bit weights and no LoRA adapter to train"),
     # 5xx: run time (`dsgraph run`), checked by the driver before any worker starts.
     Code("DSG501", "checkpoint-mismatch", E, "a checkpoint saved by a different plan or world size"),
     Code("DSG502", "no-complete-checkpoint", E, "a run directory without a complete dsgraph checkpoint"),

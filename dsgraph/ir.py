@@ -1,5 +1,5 @@
 """The IR: the pipeline with names resolved, values typed and defaults filled. Frozen dataclasses;
-sources, data sets and LoRA adapters are the plan's own values, used as they are.
+sources, data sets, LoRA adapters and quantization are the plan's own values, used as they are.
 
 `show()` prints the whole IR deterministically (the `--emit ir` form)."""
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from dsgraph.plan import DataSet, Engine, Lora, Precision, Source
+from dsgraph.plan import DataSet, Engine, Lora, Precision, Quantize, Source
 from dsgraph.source import Span
 
 
@@ -81,6 +81,7 @@ class Model:
     engine: Engine | None = None  # `engine = native | accelerate`: forced
     zero_init: bool = True  # false: built whole even at ZeRO-3
     gradient_checkpointing: bool = False
+    quantize: Quantize | None = None  # `quantize = bnb4(...)`: 4-bit weights (Hugging Face models)
 
 
 # -- loss expressions --------------------------------------------------------------------------
@@ -268,6 +269,8 @@ class Pipeline:
                 props.append("zero_init=false")
             if m.gradient_checkpointing:
                 props.append("gradient_checkpointing")
+            if m.quantize:
+                props.append(f"quantize=bnb4{json.dumps(dataclasses.asdict(m.quantize), sort_keys=True)}")
             out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
         for loss in self.losses.values():
             out.append(f"  loss {loss.name} = {show_expr(loss.expr)}")

@@ -96,6 +96,9 @@ def _model(pipeline: ir.Pipeline, name: str, analysis: Analysis, strategy: Strat
     zero = zero_of(pipeline, model)
     stage = zero_stage(resolved.config)
     assert stage is not None, f'`{name}`: an "auto" stage is DSG412, reported before planning'
+    # 4-bit weights load outside zero.Init (Transformers skips it for quantized models; inside it
+    # bitsandbytes cannot unpack them): a quantized ZeRO-3 model is built whole, like zero_init = false.
+    built_whole = stage == 3 and (not model.zero_init or model.quantize is not None)
     return P.Model(
         name,
         analysis.group_of_model[name] if analysis.roles[name] is Role.TRAINED else None,
@@ -105,12 +108,13 @@ def _model(pipeline: ir.Pipeline, name: str, analysis: Analysis, strategy: Strat
         model.lora,
         _sorted(resolved.config),
         resolved.fills,
-        _width(model, stage == 3 and model.zero_init, resolved.fills),
+        _width(model, stage == 3 and not built_whole, resolved.fills),
         zero.auto if zero else None,
         model.span,
-        stage == 3 and not model.zero_init,
+        built_whole,
         model.gradient_checkpointing,
         _client_optimizer(model),
+        model.quantize,
     )
 
 

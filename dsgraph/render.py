@@ -37,6 +37,11 @@ def _lora_text(lora: P.Lora | None) -> str:
     return f" + lora(r={lora.r}, alpha={lora.alpha:g}, {targets})"
 
 
+def _quantize_text(quantize: P.Quantize) -> str:
+    double = ", double quant" if quantize.double_quant else ""
+    return f"4-bit {quantize.type} (bitsandbytes{double})"
+
+
 def to_text(plan: P.Plan) -> str:
     s = plan.settings
     world = plan.world_size if plan.world_size is not None else "set at launch"
@@ -140,10 +145,12 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
             return name + (f"  ({why})" if why else "")
         case P.BuildModel(model=name):
             m = plan.model(name)
+            whole = "4-bit weights load outside zero.Init" if m.quantize else "zero_init = false"
             return (
                 name
+                + (f"  {_quantize_text(m.quantize)}" if m.quantize else "")
                 + ("  under zero.Init" if m.zero_init else "")
-                + ("  whole (zero_init = false: partitioned by its engine)" if m.built_whole else "")
+                + (f"  whole ({whole}: partitioned by its engine)" if m.built_whole else "")
                 + ("  + gradient checkpointing" if m.gradient_checkpointing else "")
                 + ("  + LoRA adapter (base weights frozen)" if m.lora else "")
             )

@@ -68,6 +68,23 @@ def load_plan(run_dir: Path) -> Plan:
     return Plan.from_json((run_dir / "plan.json").read_text())
 
 
+def build_model(plan: Plan, m: P.Model) -> torch.nn.Module:
+    """Model `m` as every rank builds it (same seed, 4-bit weights and adapter by the runtime's own
+    helpers), as one whole model."""
+    torch.manual_seed(model_seed(plan.settings.seed, m.name))
+    quantization = adapters.quantization_config(m.quantize, m.precision) if m.quantize else None
+    model = sources.build(m.source, builtins.MODELS, Path(plan.file).parent, quantization=quantization)
+    if m.quantize and m.trained:
+        model = adapters.prepare_4bit_training(model, m.gradient_checkpointing)
+    if m.lora:
+        model = adapters.apply_lora(
+            model, m.lora, model_seed(plan.settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
+        )
+    if m.quantize:
+        adapters.keep_4bit_layout(model)
+    return model
+
+
 def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
     """The losses of every optimizer step, as {loss name: value}."""
     settings = plan.settings
@@ -84,12 +101,7 @@ def replicate(plan: Plan, world: int) -> list[dict[str, float]]:
     }
     models, optimizers, schedulers = {}, {}, {}
     for m in plan.models:
-        torch.manual_seed(model_seed(settings.seed, m.name))
-        model = sources.build(m.source, builtins.MODELS, base)
-        if m.lora:
-            model = adapters.apply_lora(
-                model, m.lora, model_seed(settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
-            )
+        model = build_model(plan, m)
         if m.trained and m.client_optimizer is not None:  # the factory's own optimizer
             _, keywords = sources.call_args(m.client_optimizer.args)
             trainable = [p for p in model.parameters() if p.requires_grad]

@@ -114,7 +114,7 @@ def resolve_auto(
     counts: dict[str, memory.Counts] = {}
     for m in p.models.values():
         try:
-            counts[m.name] = count_elements(m.source, base, m.lora)
+            counts[m.name] = count_elements(m.source, base, m.lora, m.quantize)
         except Exception as error:
             for a in auto:
                 notes = () if a is m else (Note(f"`{m.name}` is declared here", m.span),)

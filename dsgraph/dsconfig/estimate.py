@@ -44,14 +44,34 @@ _STATES = {
 @dataclass(frozen=True)
 class Counts:
     """Elements of each parameter tensor of a built model, all and trainable ones (LoRA: the
-    adapter's)."""
+    adapter's). `quantized`: the elements of each weight loaded in 4 bits (`quantize`), among
+    `sizes` as if unquantized; `quant_state`: the bytes of their quantization constants."""
 
     sizes: tuple[int, ...]
     trainable: tuple[int, ...]
+    quantized: tuple[int, ...] = ()
+    quant_state: int = 0
 
     @property
     def total(self) -> int:
         return sum(self.sizes)
+
+
+def packed_elements(n: int, element_bytes: int) -> int:
+    """A 4-bit weight of n elements, packed two to a byte into elements of `element_bytes` (the
+    storage dtype: dsgraph packs into the model's precision)."""
+    return math.ceil(math.ceil(n / 2) / element_bytes)
+
+
+def quant_state_bytes(n: int, double_quant: bool = True) -> int:
+    """The quantization constants of a 4-bit weight of n elements (bitsandbytes' QuantState,
+    blocks of 64): not a parameter, so whole on every rank. With double quant: one uint8 scale
+    per block, the fp32 scales of those per 256 blocks, both code books (256 and 16 fp32) and an
+    fp32 offset; without: one fp32 scale per block and the 16-entry code book."""
+    blocks = math.ceil(n / 64)
+    if double_quant:
+        return blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16 + 4
+    return 4 * blocks + 4 * 16
 
 
 # -- the rules ----------------------------------------------------------------------------------
@@ -118,13 +138,19 @@ def estimate_model(
         return math.ceil(n / world)
 
     host = {"params": 0, "grads": 0, "optimizer_states": 0}
+    # 4-bit weights (`quantize`): n/2 bytes whatever the storage dtype, held like any parameter
+    # of that dtype; their quantization constants, not parameters, whole on every rank.
+    plain = list(counts.sizes)
+    for n in counts.quantized:
+        plain.remove(n)
+    packed = [packed_elements(n, pb) for n in counts.quantized]
     if stage == 3:
         # Every tensor is split (DeepSpeed pads each to a multiple of the world size). Measured:
         # stage3_param_persistence_threshold kept no tensor whole in these runs; not modelled.
-        params = sum(part(n) for n in counts.sizes) * pb
+        params = sum(part(n) for n in plain + packed) * pb
         local_trained = sum(part(n) for n in counts.trainable)
     else:
-        params = counts.total * pb
+        params = (sum(plain) + sum(packed)) * pb
         local_trained = part(sum(counts.trainable)) if stage else sum(counts.trainable)
     grads = opt = 0
     optimizer = config.get("optimizer")
@@ -139,6 +165,7 @@ def estimate_model(
         opt = master + _states(optimizer) * local_trained * FP32
     if off_param and stage == 3:
         host["params"], params = params, 0
+    params += counts.quant_state  # not a parameter, so not offloaded with them (unmeasured on a GPU)
     if off_opt and stage >= 1 and trained:
         host["optimizer_states"], opt = opt, 0
         host["grads"] = local_trained * FP32  # the fp32 gradient partition the CPU optimizer reads

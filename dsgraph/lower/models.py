@@ -1,5 +1,5 @@
 """Model declarations to `ir.Model`: the source, the ZeRO config it names or writes inline, the
-optimizer, scheduler, clipping, precision and LoRA properties (DSG201-DSG209)."""
+optimizer, scheduler, clipping, precision, LoRA and quantization properties (DSG201-DSG209)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
 from dsgraph.dsconfig.zero import ZeroBuilder
 from dsgraph.lower.sources import check_hf_paths, lower_source
 from dsgraph.lower.values import INVALID, bind_args, check_type, describe, to_python
-from dsgraph.plan import Engine, Lora, Precision, SourceKind
+from dsgraph.plan import Engine, Lora, Precision, Quantize, Source, SourceKind
 from dsgraph.source import Span
 from dsgraph.syntax import ast
 
@@ -66,6 +66,12 @@ class ModelLowering:
                 "remove it, or wrap the layers in torch.utils.checkpoint in your factory",
             )
             return None
+        if (
+            source is not None
+            and isinstance(props.get("quantize"), Quantize)
+            and not self._quantizable(name, source, decl, spans, lora)
+        ):
+            return None
         if source is None or INVALID in props.values():
             return None
         dsg = self.builder.sources.get(decl.name.span.file)  # the file that declares the model
@@ -86,7 +92,43 @@ class ModelLowering:
             props.get("engine"),
             bool(props.get("zero_init", True)),
             bool(props.get("gradient_checkpointing", False)),
+            props.get("quantize"),
         )
+
+    def _quantizable(
+        self, name: str, source: Source, decl: ast.ModelDecl, spans: dict[str, Span], lora: Lora | None
+    ) -> bool:
+        """4-bit weights are loaded by Transformers' from_pretrained, from a model directory
+        (DSG209 otherwise); an adapter cannot be merged into packed weights (DSG209)."""
+        if source.kind is not SourceKind.HF:
+            self.diags.add(
+                "DSG209",
+                spans["quantize"],
+                f'`quantize` needs a Hugging Face model (`hf("dir")`); `{name}` is not one',
+                "remove `quantize`: Transformers' from_pretrained loads the 4-bit weights (bitsandbytes)",
+            )
+            return False
+        if source.arg("config") is not None:
+            self.diags.add(
+                "DSG209",
+                spans["quantize"],
+                f"`quantize` needs a model directory to load the weights from; `{name}` is built from a config",
+                'write `hf("dir")` with the model\'s directory, or remove `quantize`',
+            )
+            return False
+        if lora is not None and lora.merge:
+            call = next((e.value for e in decl.block.entries if e.key.text == "lora"), None) if decl.block else None
+            args = call.args if isinstance(call, ast.CallValue) else ()
+            merge = next((a for a in args if a.name is not None and a.name.text == "merge"), None)
+            self.diags.add(
+                "DSG209",
+                merge.span if merge is not None else spans["lora"],
+                f"`lora(merge=true)` on `{name}` cannot merge the adapter into its 4-bit weights",
+                "drop `merge=true`; merge the exported adapter into the full-precision model "
+                "(PEFT: `PeftModel.from_pretrained(base, dir).merge_and_unload()`)",
+            )
+            return False
+        return True
 
     def _property(self, model: str, key: str, entry: ast.Entry, zeros: dict[str, ir.ZeroConfig]) -> Any:
         value = entry.value
@@ -104,10 +146,13 @@ class ModelLowering:
             return self._zero_ref(model, value, zeros)
         if key == "optimizer" and isinstance(value, ast.FactoryValue):
             return self._client_optimizer(value)
-        if key in ("optimizer", "scheduler", "lora"):
-            table = {"optimizer": catalogue.OPTIMIZERS, "scheduler": catalogue.SCHEDULERS, "lora": catalogue.ADAPTERS}[
-                key
-            ]
+        if key in ("optimizer", "scheduler", "lora", "quantize"):
+            table = {
+                "optimizer": catalogue.OPTIMIZERS,
+                "scheduler": catalogue.SCHEDULERS,
+                "lora": catalogue.ADAPTERS,
+                "quantize": catalogue.QUANTIZERS,
+            }[key]
             if not isinstance(value, ast.CallValue):
                 self.diags.add(
                     "DSG203",
@@ -130,6 +175,8 @@ class ModelLowering:
                 return INVALID
             if key == "lora":
                 return self._lora(bound, value)
+            if key == "quantize":
+                return self._quantize(bound, value)
             cls = ir.Optimizer if key == "optimizer" else ir.Scheduler
             return cls(spec.name, bound, value.span)
         python = to_python(value, self.diags)
@@ -217,6 +264,18 @@ class ModelLowering:
             return INVALID
         targets = tuple(bound["targets"]) if bound["targets"] is not None else None
         return Lora(bound["r"], float(bound["alpha"]), float(bound["dropout"]), targets, bound["merge"])
+
+    def _quantize(self, bound: dict[str, Any], value: ast.CallValue) -> Any:
+        if bound["type"] not in catalogue.QUANT_TYPES:
+            arg = next((a for a in value.args if (a.name.text if a.name else "type") == "type"), None)
+            self.diags.add(
+                "DSG209",
+                arg.value.span if arg is not None else value.span,
+                f"bnb4 `type` must be one of {', '.join(catalogue.QUANT_TYPES)}, not {describe(bound['type'])}",
+                'write `bnb4(type="nf4")` (NormalFloat4, as QLoRA) or `bnb4(type="fp4")`',
+            )
+            return INVALID
+        return Quantize(bound["type"], bound["double_quant"])
 
     def _zero_ref(self, model: str, value: ast.Value, zeros: dict[str, ir.ZeroConfig]) -> Any:
         if isinstance(value, ast.Ident):

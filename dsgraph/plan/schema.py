@@ -148,6 +148,17 @@ class Lora:
 
 
 @dataclass(frozen=True)
+class Quantize:
+    """4-bit weights (bitsandbytes, as QLoRA loads them): every Linear layer of a Hugging Face
+    model but its output head, `type` nf4 or fp4, `double_quant` also quantizing the scales. The
+    packed weights are stored in the model's precision dtype; the model is built whole, outside
+    zero.Init, and its engine partitions it."""
+
+    type: str
+    double_quant: bool
+
+
+@dataclass(frozen=True)
 class Settings:
     seed: int
     steps: int | None  # one of steps and epochs is set
@@ -196,11 +207,13 @@ class Model:
     width: Width | None  # where the width of a width-dependent fill comes from
     zero_auto: str | None  # `zero = auto`: why this stage
     span: Span
-    built_whole: bool = False  # `zero_init = false` at ZeRO-3: partitioned by prepare/initialize
+    # ZeRO-3 built outside zero.Init (`zero_init = false`, or 4-bit weights): partitioned by its engine
+    built_whole: bool = False
     gradient_checkpointing: bool = False  # Hugging Face models only
     # `optimizer = pkg.mod:make(lr=...)`: called with the trainable parameters, then these
     # arguments; DeepSpeed wraps it as a client optimizer (the config has no "optimizer" block)
     client_optimizer: Source | None = None
+    quantize: Quantize | None = None  # `quantize = bnb4(...)`: 4-bit base weights (built whole)
 
     @property
     def role(self) -> Role:

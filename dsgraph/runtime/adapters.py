@@ -1,15 +1,74 @@
 """LoRA adapters (PEFT): wrapping a built model so that only the adapter is trained, and the
-export of the adapter and, on request, of the merged weights."""
+export of the adapter and, on request, of the merged weights. 4-bit weights (bitsandbytes, as
+QLoRA loads them): the quantization config a model is loaded with, and what a 4-bit model needs
+before its engine takes it."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from dsgraph.plan import Lora
+from dsgraph.plan import Lora, Precision, Quantize
 from dsgraph.runtime import sources
+
+DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+# Imported on a CPU (by PEFT too, for any LoRA model), bitsandbytes says that its optional
+# `kernels` package (kernels fetched from the Hugging Face Hub) is missing, and uses its own CPU
+# kernels: nothing for a dsgraph user to do, and dsgraph downloads nothing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def quantization_config(quantize: Quantize, precision: Precision) -> Any:
+    """Transformers' BitsAndBytesConfig for `quantize`: the weights packed in the model's own
+    dtype (bnb_4bit_quant_storage), which DeepSpeed then leaves as they are (an engine of another
+    dtype would cast the packed bytes by value), and computed in it. ZeRO-3 partitions the packed
+    weights like any parameter of that dtype."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = DTYPES[precision]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize.type,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=quantize.double_quant,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def prepare_4bit_training(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+    """PEFT's preparation of a 4-bit model for training an adapter on it: every base weight
+    frozen, the unquantized ones (norms, embeddings, the head) in fp32, and gradient checkpointing
+    if the model asks for it (non-reentrant, as dsgraph enables it elsewhere)."""
+    from peft import prepare_model_for_kbit_training
+
+    with warnings.catch_warnings():  # Transformers 5 renamed gradient_checkpointing_enable, and says so
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Turns off bitsandbytes' CPU repacking in every 4-bit layer; returns how many there are.
+    On a CPU with AVX512-BF16, a Linear4bit's first forward in eval mode without gradients
+    rewrites its weight into another layout and marks its quant state so; ZeRO-3 then gathers
+    the weight from its partitions in the old layout, and the layer computes with the wrong
+    weights (no error: wrong logits). Needed for trained and frozen models alike, before any
+    forward (evaluation runs every model in eval mode). On an accelerator the flag is not read."""
+    from bitsandbytes.nn.modules import Linear4bit
+
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
 
 _PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
 

@@ -334,8 +334,14 @@ class Backend:
 
     def load_checkpoint(self, name: str, directory: str, tag: str) -> None:
         """Unpickles DeepSpeed's files: only called for folders a valid dsgraph manifest names."""
-        path, _ = self.models[name].engine.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        engine = self.models[name].engine
+        four_bit = any(getattr(p, "quant_state", None) is not None for p in engine.module.parameters())
+        path, _ = engine.load_checkpoint(
+            directory,
+            tag=tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=_load_without_quant_states if four_bit else None,
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint of `{name}` in {directory}/{tag}")
@@ -346,6 +352,15 @@ class Backend:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def _load_without_quant_states(src: dict[str, Any], dst: nn.Module) -> None:
+    """A 4-bit model's saved state, strictly, but for its weights' quantization constants
+    (`...weight.absmax`, `...weight.quant_map`, ...): bitsandbytes saves them beside each packed
+    weight, but they are neither parameters nor buffers, so a module cannot load them; the model
+    has them already, from the base it was loaded from, which training does not change."""
+    owners = tuple(f"{name}." for name, p in dst.named_parameters() if getattr(p, "quant_state", None) is not None)
+    dst.load_state_dict({k: v for k, v in src.items() if not k.startswith(owners)}, strict=True)
 
 
 @contextlib.contextmanager

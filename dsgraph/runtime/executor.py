@@ -184,15 +184,19 @@ class Executor:
 
     def _build_model(self, m: P.Model) -> nn.Module:
         torch.manual_seed(model_seed(self.settings.seed, m.name))
+        # 4-bit weights: loaded whole (the plan says so at ZeRO-3), packed in the model's dtype.
+        quantization = adapters.quantization_config(m.quantize, m.precision) if m.quantize else None
         # ZeRO-3: partitioned as built, so its config is complete (CompleteConfig came first).
         with self.backend.build_context(
             m.name, self.configs.get(m.name, {}), m.zero_init, m.source.kind is P.SourceKind.HF
         ):
             run = self._context(model_seed(self.settings.seed, m.name))
-            model = sources.build(m.source, sources.model_table(), self.base_dir, run=run)
+            model = sources.build(m.source, sources.model_table(), self.base_dir, run=run, quantization=quantization)
         if not isinstance(model, nn.Module):
             raise TypeError(f"the source of `{m.name}` returned {type(model).__name__}, not a torch.nn.Module")
-        if m.gradient_checkpointing:  # activations recomputed in the backward: less memory, more time
+        if m.quantize and m.trained:  # QLoRA: base frozen, unquantized weights fp32, checkpointing
+            model = adapters.prepare_4bit_training(model, m.gradient_checkpointing)
+        elif m.gradient_checkpointing:  # activations recomputed in the backward: less memory, more time
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # Transformers >= 5.x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -202,6 +206,8 @@ class Executor:
             model = adapters.apply_lora(
                 model, m.lora, model_seed(self.settings.seed, f"{m.name}/lora"), sources.model_task(m.source, model)
             )
+        if m.quantize:  # before any forward: ZeRO-3 must gather the layout it partitioned
+            adapters.keep_4bit_layout(model)
         return model
 
     def _client_optimizer(self, m: P.Model, module: nn.Module) -> Any:

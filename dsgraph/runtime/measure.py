@@ -3,7 +3,9 @@ gradients and optimizer states, the three categories `dsgraph compile --memory` 
 
 Each tensor is counted once, by its storage (ZeRO's flat buffers and the views into them are one
 allocation), in the order parameters, gradients, optimizer states: a buffer that is both the
-parameter partition and the fp32 master copy (ZeRO-3 in fp32) counts as parameters only.
+parameter partition and the fp32 master copy (ZeRO-3 in fp32) counts as parameters only. The
+quantization constants of 4-bit weights (bitsandbytes' QuantState: not parameters, whole on every
+rank) count as parameters.
 Activations, communication buckets (`ipg` buffers), temporary copies and allocator caches are not
 counted; nor are tensors on the meta device.
 
@@ -46,6 +48,16 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+
+
+def _quant_states(params: list[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """The tensors of each 4-bit weight's quantization state, and of its nested state (the
+    quantized scales' own constants, with double quant)."""
+    for p in params:
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            yield from (v for v in vars(state).values() if isinstance(v, torch.Tensor))
+            state = getattr(state, "state2", None)
 
 
 class _Counter:
@@ -107,6 +119,7 @@ def measure(engine: Any, device_type: str | None = None) -> dict[str, int]:
     count = _Counter()
     count.add("params", (p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in params), device_type)
     count.add("params", (p.data for p in params if getattr(p, "ds_persist", False)), device_type)
+    count.add("params", _quant_states(params), device_type)
     wrapper = _zero_optimizer(engine)
     count.add("grads", (p.grad for p in params if p.grad is not None), device_type)
     inner = _inner_optimizer(engine)

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from dsgraph.dsconfig.estimate import Budget, Counts
+from dsgraph.dsconfig.estimate import Budget, Counts, quant_state_bytes
 from dsgraph.dsconfig.sizes import human
-from dsgraph.plan import Lora, Plan, Source
+from dsgraph.plan import Lora, Plan, Quantize, Source
 from dsgraph.runtime import adapters, sources
 
 
-def count_elements(source: Source, base_dir: Path, lora: Lora | None = None) -> Counts:
+def count_elements(
+    source: Source, base_dir: Path, lora: Lora | None = None, quantize: Quantize | None = None
+) -> Counts:
     # A factory is imported from the .dsg file's directory, as at run time.
     sys.path.insert(0, str(Path(base_dir).resolve()))
     try:
@@ -27,6 +29,7 @@ def count_elements(source: Source, base_dir: Path, lora: Lora | None = None) -> 
             model = sources.build(source, sources.model_table(), base_dir, weights=False)
             if not isinstance(model, torch.nn.Module):
                 raise TypeError(f"the source returned {type(model).__name__}, not a torch.nn.Module")
+            four_bit = quantized_weights(model) if quantize else set()
             if lora:
                 model = adapters.apply_lora(model, lora, 0, sources.model_task(source, model))
             else:
@@ -34,13 +37,36 @@ def count_elements(source: Source, base_dir: Path, lora: Lora | None = None) -> 
     finally:
         sys.path.pop(0)
     params = list(model.parameters())
-    return Counts(tuple(p.numel() for p in params), tuple(p.numel() for p in params if p.requires_grad))
+    quantized = tuple(p.numel() for p in params if id(p) in four_bit)
+    return Counts(
+        tuple(p.numel() for p in params),
+        tuple(p.numel() for p in params if p.requires_grad and id(p) not in four_bit),
+        quantized,
+        sum(quant_state_bytes(n, quantize.double_quant) for n in quantized) if quantize else 0,
+    )
+
+
+def quantized_weights(model: torch.nn.Module) -> set[int]:
+    """The ids of the weights that Transformers' bitsandbytes integration loads in 4 bits, by its
+    own rule (integrations/bitsandbytes.py `replace_with_bnb_linear`): every `nn.Linear` and GPT-2
+    `Conv1D` except the modules it keeps: the output embeddings (`lm_head`), weights tied to
+    others, the module of the last parameter, and `_keep_in_fp32_modules`."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return {
+        id(module.weight)
+        for name, module in model.named_modules()
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, keep)
+    }
 
 
 def count_plan(plan: Plan, base_dir: Path | None = None) -> dict[str, Counts]:
     """The counts of every model of a plan; files are relative to the .dsg file (or `base_dir`)."""
     base = base_dir if base_dir is not None else Path(plan.file).parent
-    return {m.name: count_elements(m.source, base, m.lora) for m in plan.models}
+    return {m.name: count_elements(m.source, base, m.lora, m.quantize) for m in plan.models}
 
 
 def host_memory() -> int:

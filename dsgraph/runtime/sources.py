@@ -62,9 +62,11 @@ def build(
     base_dir: Path,
     weights: bool = True,
     run: RunContext | None = None,
+    quantization: Any = None,
 ) -> Any:
     """weights=False: an hf directory's model from its config alone (the meta-device estimate).
-    `run`: passed to a factory that declares a keyword parameter named `run`."""
+    `run`: passed to a factory that declares a keyword parameter named `run`. `quantization`: the
+    BitsAndBytesConfig an hf directory's model is loaded with (adapters.quantization_config)."""
     kind, target = source.kind, source.target
     positional, keywords = call_args(source.args)
     if kind is SourceKind.BUILTIN:
@@ -79,7 +81,7 @@ def build(
         if run is not None and "run" not in keywords and _takes_run(factory):
             keywords["run"] = run
         return factory(*positional, **keywords)
-    return build_hf(positional, keywords, base_dir, weights)
+    return build_hf(positional, keywords, base_dir, weights, quantization)
 
 
 _HF_CLASSES = {
@@ -131,10 +133,13 @@ def hf_config(positional: list[Any], keywords: dict[str, Any], base_dir: Path) -
     return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
 
 
-def build_hf(positional: list[Any], keywords: dict[str, Any], base_dir: Path, weights: bool = True) -> Any:
+def build_hf(
+    positional: list[Any], keywords: dict[str, Any], base_dir: Path, weights: bool = True, quantization: Any = None
+) -> Any:
     """An AutoModelFor... from a local directory (with its weights) or from a config (fresh
     weights). weights=False builds a directory's model from its config alone (the memory estimate
-    builds on the meta device)."""
+    builds on the meta device). `quantization`: a BitsAndBytesConfig; the directory's weights are
+    loaded in 4 bits, in the dtype they are packed in (outside zero.Init: the caller's context)."""
     import transformers
 
     config = hf_config(positional, keywords, base_dir)
@@ -146,6 +151,9 @@ def build_hf(positional: list[Any], keywords: dict[str, Any], base_dir: Path, we
     if "config" in keywords or not weights:
         keywords.pop("config", None)
         return auto.from_config(config, trust_remote_code=trust, **keywords)
+    if quantization is not None:
+        keywords["quantization_config"] = quantization
+        keywords["dtype"] = quantization.bnb_4bit_quant_storage
     return auto.from_pretrained(
         str(base_dir / positional[0]), local_files_only=True, trust_remote_code=trust, **keywords
     )
