@@ -252,6 +252,7 @@ DATA_PROPERTIES = {
         P("shuffle", "bool", True),
         P("drop_last", "bool", True),
         P("workers", "int", 0),
+        P("collate", "factory", None),  # `collate = my.pkg:make(...)` returns the DataLoader's collate_fn
     )
 }
 
@@ -325,4 +326,5 @@ TYPE_WORDS = {
     "tensor": "a tensor",
     "any": "a value",
     "name": "a name",
+    "factory": "a factory, package.module:function(...)",
 }

@@ -246,6 +246,7 @@ class Pipeline:
             options += "" if d.drop_last else " drop_last=false"
             options += f" workers={d.workers}" if d.workers else ""
             options += f" eval={d.eval}" if d.eval else ""
+            options += f" collate={d.collate.show()}" if d.collate else ""
             out.append(f"  data {d.name} = {d.source.show()} fields=[{fields}]{options}")
         for z in self.zeros.values():
             origin = f" file={z.file}" if z.file else ""

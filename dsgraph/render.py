@@ -129,6 +129,7 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
             order = "shuffled each epoch" if d.shuffle else "in file order"
             end = "" if d.drop_last else ", the uneven end completed from the start"
             workers = f", {d.workers} loader workers" if d.workers else ""
+            workers += f", collate {d.collate.show()}" if d.collate else ""
             return f"{data} (each rank its own shard, {order}{end}, as Accelerate deals it{workers})"
         case P.ShardEval(data=data):
             return f"{data} (eval set: file order, batch k to rank k mod world size, the end padded)"

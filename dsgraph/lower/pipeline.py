@@ -164,6 +164,9 @@ class _Lowerer:
                     continue
                 options["eval"], options["eval_span"] = entry.value.name, entry.value.span
                 continue
+            if key == "collate":
+                options[key] = self._collate(entry)
+                continue
             value: Any = True if entry.value is None and spec.type == "bool" else None
             if entry.value is not None:
                 value = to_python(entry.value, self.diags)
@@ -185,6 +188,27 @@ class _Lowerer:
                 value = INVALID
             options[key] = value
         return None if INVALID in options.values() else options
+
+    def _collate(self, entry: ast.Entry) -> Any:
+        """`collate = my.pkg:make(...)`: a factory called once per loader at run time; what it
+        returns is the DataLoader's `collate_fn`."""
+        value = entry.value
+        if not isinstance(value, ast.FactoryValue) or any(a.name is None for a in value.args):
+            self.diags.add(
+                "DSG203",
+                (value or entry).span,
+                "`collate` names a factory, `package.module:function(...)`, with named arguments",
+                "write `collate = my_project.data:make_collate(pad_id=0)`; it returns the collate function",
+            )
+            return INVALID
+        args = []
+        for arg in value.args:
+            python = to_python(arg.value, self.diags)
+            if python is INVALID:
+                return INVALID
+            assert arg.name is not None
+            args.append((arg.name.text, python))
+        return Source(SourceKind.FACTORY, value.target, tuple(args), value.span)
 
     def _eval_sets(self, data: dict[str, DataSet | None]) -> dict[str, DataSet | None]:
         """Each `eval = NAME` names a data set that is not itself, has no eval set of its own and

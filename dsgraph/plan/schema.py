@@ -189,6 +189,7 @@ class DataSet:
     workers: int = 0
     eval: str | None = None
     eval_span: Span | None = None  # the `eval = NAME` entry
+    collate: Source | None = None  # a factory returning the DataLoader's collate_fn
 
 
 @dataclass(frozen=True)

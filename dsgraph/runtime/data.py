@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -116,6 +116,7 @@ def sharded_loader(
     shuffle: bool = True,
     drop_last: bool = True,
     workers: int = 0,
+    collate: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     # The loader's own generator: each new iterator draws a base seed from it, not from the global
     # RNG, so starting an epoch (or a resumed run) never shifts the dropout masks.
@@ -124,6 +125,7 @@ def sharded_loader(
         batch_sampler=RankBatchSampler(dataset, micro_batch, seed, rank, world, shuffle, drop_last),
         generator=torch.Generator().manual_seed(seed + 1),
         num_workers=workers,
+        collate_fn=collate,
     )
 
 
@@ -133,7 +135,15 @@ class EvalShard:
     forward is a collective every rank joins (ZeRO-3 gathers parameters in it); a rank left
     without a batch in the last round runs the first batch again, weighted 0."""
 
-    def __init__(self, dataset: Dataset, micro_batch: int, rank: int, world: int, workers: int = 0):
+    def __init__(
+        self,
+        dataset: Dataset,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        workers: int = 0,
+        collate: Callable[[list[Any]], Any] | None = None,
+    ):
         size = len(dataset)
         if size == 0:
             raise ValueError("the eval set is empty")
@@ -144,7 +154,11 @@ class EvalShard:
         self.weights = [len(batches[k]) if k < len(batches) else 0 for k in mine]  # samples counted
         self.size = size
         self.loader = DataLoader(
-            dataset, batch_sampler=self.indices, generator=torch.Generator().manual_seed(0), num_workers=workers
+            dataset,
+            batch_sampler=self.indices,
+            generator=torch.Generator().manual_seed(0),
+            num_workers=workers,
+            collate_fn=collate,
         )
 
     def __len__(self) -> int:

@@ -172,11 +172,18 @@ class Executor:
                     declared.shuffle,
                     declared.drop_last,
                     declared.workers,
+                    self._collate(declared),
                 )
                 self.batches[name] = data.Batches(loader, name)
             case P.ShardEval(data=name):
+                declared = plan.data_set(name)
                 shard = data.EvalShard(
-                    self.datasets[name], self.settings.micro_batch, self.rank, self.world, plan.data_set(name).workers
+                    self.datasets[name],
+                    self.settings.micro_batch,
+                    self.rank,
+                    self.world,
+                    declared.workers,
+                    self._collate(declared),
                 )
                 self.eval_shards[name] = shard
             case _:
@@ -221,6 +228,15 @@ class Executor:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{m.client_optimizer.target} returned {type(optimizer).__name__}, not a torch optimizer")
         return optimizer
+
+    def _collate(self, declared: P.DataSet) -> Callable[[list[Any]], Any] | None:
+        """`collate = pkg.mod:make(...)`: the collate function the factory returns."""
+        if declared.collate is None:
+            return None
+        collate = sources.build(declared.collate, {}, self.base_dir, run=self._context())
+        if not callable(collate):
+            raise TypeError(f"{declared.collate.target} returned {type(collate).__name__}, not a collate function")
+        return collate
 
     def _context(self, seed: int | None = None) -> RunContext:
         s = self.settings
