@@ -24,6 +24,10 @@ pytestmark = pytest.mark.runtime
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> Path:
+    return copy_with_tiny_models(tmp_path_factory)
+
+
+def copy_with_tiny_models(tmp_path_factory) -> Path:
     """A copy of pipelines/ with tiny/{teacher,student,policy} written beside it."""
     here = tmp_path_factory.mktemp("pipelines")
     for item in (ROOT / "pipelines").iterdir():

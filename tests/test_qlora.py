@@ -25,6 +25,7 @@ from dsgraph.plan import Plan, Quantize
 from dsgraph.render import to_text
 from dsgraph.runtime.meta import count_plan
 from replica import build_model, evaluate_whole, load_plan, replicate
+from test_lm import copy_with_tiny_models
 from test_memory import assert_estimate_holds
 from test_runtime import all_rows, assert_ranks_executed_the_plan, dsgraph_run, metrics, ranks
 
@@ -221,17 +222,7 @@ def test_run_without_bitsandbytes_stops_before_launching(configs_only, monkeypat
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> Path:
     """A copy of pipelines/ with tiny/{teacher,student,policy} written beside it, and qlora.dsg."""
-    here = tmp_path_factory.mktemp("pipelines")
-    for item in (ROOT / "pipelines").iterdir():
-        if item.name != "tiny":
-            (shutil.copytree if item.is_dir() else shutil.copy)(item, here / item.name)
-    sys.path.insert(0, str(here))
-    try:
-        import make_tiny_models
-
-        make_tiny_models.main([str(here / "tiny")])
-    finally:
-        sys.path.remove(str(here))
+    here = copy_with_tiny_models(tmp_path_factory)
     (here / "qlora.dsg").write_text(QLORA)
     return here
 

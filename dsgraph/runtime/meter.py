@@ -92,9 +92,10 @@ class EvalMeter:
     def add_batch(self, samples: int) -> None:
         self._totals[0] += samples
 
-    def add(self, name: str, value: torch.Tensor, samples: int) -> None:
+    def add(self, name: str, value: torch.Tensor | float, samples: int) -> None:
         """A loss's or term's mean over a batch of `samples` samples."""
-        self._totals[self._slot[name]] += value.detach().double() * samples
+        mean = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+        self._totals[self._slot[name]] += mean * samples
 
     def add_stats(self, term: P.Term, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         for stat in term.stats:
