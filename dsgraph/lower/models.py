@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from dsgraph import catalogue, ir
-from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
+from dsgraph.diagnostics import Diagnostics, did_you_mean
 from dsgraph.dsconfig.zero import ZeroBuilder
 from dsgraph.lower.sources import check_hf_paths, lower_source
-from dsgraph.lower.values import INVALID, bind_args, check_type, describe, to_python
+from dsgraph.lower.values import INVALID, bind_args, block_entries, check_type, describe, to_python
 from dsgraph.plan import Engine, Lora, Precision, Quantize, Source, SourceKind
 from dsgraph.source import Span
 from dsgraph.syntax import ast
@@ -27,25 +27,8 @@ class ModelLowering:
         name = decl.name.text
         props: dict[str, Any] = {}
         spans: dict[str, Span] = {}
-        for entry in decl.block.entries if decl.block else ():
+        for entry in block_entries(decl.block, catalogue.MODEL_PROPERTIES, "model", f"model `{name}`", self.diags):
             key = entry.key.text
-            if key not in catalogue.MODEL_PROPERTIES:
-                self.diags.add(
-                    "DSG207",
-                    entry.key.span,
-                    f"`{key}` is not a model property{did_you_mean(key, catalogue.MODEL_PROPERTIES)}",
-                    f"a model block takes: {', '.join(catalogue.MODEL_PROPERTIES)}",
-                )
-                continue
-            if key in props:
-                self.diags.add(
-                    "DSG208",
-                    entry.key.span,
-                    f"`{key}` is given twice for model `{name}`",
-                    "keep one of them",
-                    Note("first given here", spans[key]),
-                )
-                continue
             spans[key] = entry.span
             props[key] = self._property(name, key, entry, zeros)
         lora = props.get("lora")

@@ -13,7 +13,7 @@ from dsgraph.lower.losses import LossLowering
 from dsgraph.lower.models import ModelLowering
 from dsgraph.lower.settings import lower_settings
 from dsgraph.lower.sources import lower_source
-from dsgraph.lower.values import INVALID, check_type, to_python
+from dsgraph.lower.values import INVALID, block_entries, check_type, to_python
 from dsgraph.plan import DataSet, Source, SourceKind
 from dsgraph.source import SourceFile, Span
 from dsgraph.syntax import ast
@@ -130,28 +130,10 @@ class _Lowerer:
         """The data block: `eval = NAME`, `shuffle`, `drop_last`, `workers` (DSG203, DSG207-DSG209);
         None when one is wrong. The eval set's name is resolved once every name is declared."""
         options: dict[str, Any] = {}
-        spans: dict[str, Span] = {}
-        for entry in decl.block.entries if decl.block else ():
+        owner = f"data set `{decl.name.text}`"
+        for entry in block_entries(decl.block, catalogue.DATA_PROPERTIES, "data set", owner, self.diags):
             key = entry.key.text
-            spec = catalogue.DATA_PROPERTIES.get(key)
-            if spec is None:
-                self.diags.add(
-                    "DSG207",
-                    entry.key.span,
-                    f"`{key}` is not a data set property{did_you_mean(key, catalogue.DATA_PROPERTIES)}",
-                    f"a data block takes: {', '.join(catalogue.DATA_PROPERTIES)}",
-                )
-                continue
-            if key in spans:
-                self.diags.add(
-                    "DSG208",
-                    entry.key.span,
-                    f"`{key}` is given twice for data set `{decl.name.text}`",
-                    "keep one of them",
-                    Note("first given here", spans[key]),
-                )
-                continue
-            spans[key] = entry.span
+            spec = catalogue.DATA_PROPERTIES[key]
             if key == "eval":
                 if not isinstance(entry.value, ast.Ident):
                     self.diags.add(

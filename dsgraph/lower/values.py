@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from dsgraph.catalogue import REQUIRED, TYPE_WORDS, Builtin, type_matches
-from dsgraph.diagnostics import Diagnostics, did_you_mean
+from collections.abc import Iterable, Iterator
+
+from dsgraph.diagnostics import Diagnostics, Note, did_you_mean
 from dsgraph.source import Span
 from dsgraph.syntax import ast
 
@@ -36,6 +38,36 @@ def to_python(value: ast.Value, diags: Diagnostics) -> Any:
             )
             return INVALID
     raise TypeError(f"not a value: {value!r}")
+
+
+def block_entries(
+    block: ast.Block | None, known: Iterable[str], what: str, owner: str, diags: Diagnostics
+) -> Iterator[ast.Entry]:
+    """The entries of a model's or data set's block whose key is one of `known` and given for the
+    first time; the others are reported (DSG207 unknown, DSG208 given twice) and left out.
+    `what`: "model" or "data set"; `owner`: "model `student`"."""
+    known = tuple(known)
+    seen: dict[str, Span] = {}
+    for entry in block.entries if block else ():
+        key = entry.key.text
+        if key not in known:
+            diags.add(
+                "DSG207",
+                entry.key.span,
+                f"`{key}` is not a {what} property{did_you_mean(key, known)}",
+                f"a {what.split()[0]} block takes: {', '.join(known)}",
+            )
+        elif key in seen:
+            diags.add(
+                "DSG208",
+                entry.key.span,
+                f"`{key}` is given twice for {owner}",
+                "keep one of them",
+                Note("first given here", seen[key]),
+            )
+        else:
+            seen[key] = entry.span
+            yield entry
 
 
 def describe(value: Any) -> str:

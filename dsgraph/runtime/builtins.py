@@ -182,30 +182,39 @@ def _padded(rows: list[tuple[list[int], list[int]]], max_length: int, pad: int) 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def prompt_completion(path: str, tokenizer: str = "bytes", max_length: int = 128) -> Dataset:
-    """JSONL lines {"prompt": ..., "completion": ...}: input_ids, attention_mask, and labels that
-    are -100 on the prompt and the padding."""
-    tok = load_tokenizer(tokenizer, Path("."))
+def encode_completions(tok: Tokenizer, records: Sequence[dict[str, Any]], max_length: int, where: str) -> Dataset:
+    """Records {"prompt", "completion"}: input_ids, attention_mask, and labels that are -100 on the
+    prompt and the padding. `where` names the records' source in errors (`file: record 3`)."""
     rows = [
-        _encode_pair(tok, r["prompt"], r["completion"], max_length, f"{path}: record {n}")
-        for n, r in enumerate(_records(path, ("prompt", "completion")), 1)
+        _encode_pair(tok, r["prompt"], r["completion"], max_length, f"{where} record {n}")
+        for n, r in enumerate(records, 1)
     ]
     return TensorRecords(_padded(rows, max_length, tok.pad_token_id))
 
 
-def preference_pairs(path: str, tokenizer: str = "bytes", max_length: int = 128) -> Dataset:
-    """JSONL lines {"prompt": ..., "chosen": ..., "rejected": ...}: each answer after its prompt,
-    as chosen_* and rejected_* input_ids, attention_mask and labels (-100 on prompt and padding)."""
-    tok = load_tokenizer(tokenizer, Path("."))
-    records = _records(path, ("prompt", "chosen", "rejected"))
+def encode_preferences(tok: Tokenizer, records: Sequence[dict[str, Any]], max_length: int, where: str) -> Dataset:
+    """Records {"prompt", "chosen", "rejected"}: each answer after its prompt, as chosen_* and
+    rejected_* input_ids, attention_mask and labels (-100 on prompt and padding)."""
     columns = {}
     for side in ("chosen", "rejected"):
         rows = [
-            _encode_pair(tok, r["prompt"], r[side], max_length, f"{path}: record {n} ({side})")
+            _encode_pair(tok, r["prompt"], r[side], max_length, f"{where} record {n} ({side})")
             for n, r in enumerate(records, 1)
         ]
         columns.update({f"{side}_{k}": v for k, v in _padded(rows, max_length, tok.pad_token_id).items()})
     return TensorRecords(columns)
+
+
+def prompt_completion(path: str, tokenizer: str = "bytes", max_length: int = 128) -> Dataset:
+    """JSONL lines {"prompt": ..., "completion": ...}, tokenized (`encode_completions`)."""
+    tok = load_tokenizer(tokenizer, Path("."))
+    return encode_completions(tok, _records(path, ("prompt", "completion")), max_length, f"{path}:")
+
+
+def preference_pairs(path: str, tokenizer: str = "bytes", max_length: int = 128) -> Dataset:
+    """JSONL lines {"prompt": ..., "chosen": ..., "rejected": ...}, tokenized (`encode_preferences`)."""
+    tok = load_tokenizer(tokenizer, Path("."))
+    return encode_preferences(tok, _records(path, ("prompt", "chosen", "rejected")), max_length, f"{path}:")
 
 
 DATA: dict[str, Callable[..., Dataset]] = {

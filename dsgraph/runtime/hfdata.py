@@ -37,7 +37,12 @@ def hf_dataset(
     """format "prompt_completion" and "chat": input_ids, attention_mask, labels (-100 but on the
     completion / the assistant's turns); "preference": chosen_* and rejected_* of those, like
     builtin.preference_pairs; "raw": the numeric columns (those `columns` names, renamed) as tensors."""
-    from dsgraph.runtime.builtins import TensorRecords, _encode_pair, _padded  # builtins imports this module
+    from dsgraph.runtime.builtins import (  # builtins imports this module
+        TensorRecords,
+        _padded,
+        encode_completions,
+        encode_preferences,
+    )
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
@@ -58,19 +63,8 @@ def hf_dataset(
         rows = [_encode_chat(tok, r["messages"], max_length, f"{where} record {n}") for n, r in enumerate(records, 1)]
         return TensorRecords(_padded(rows, max_length, tok.pad_token_id))
     if format == "prompt_completion":
-        rows = [
-            _encode_pair(tok, r["prompt"], r["completion"], max_length, f"{where} record {n}")
-            for n, r in enumerate(records, 1)
-        ]
-        return TensorRecords(_padded(rows, max_length, tok.pad_token_id))
-    tensors: dict[str, torch.Tensor] = {}
-    for side in ("chosen", "rejected"):
-        rows = [
-            _encode_pair(tok, r["prompt"], r[side], max_length, f"{where} record {n} ({side})")
-            for n, r in enumerate(records, 1)
-        ]
-        tensors.update({f"{side}_{k}": v for k, v in _padded(rows, max_length, tok.pad_token_id).items()})
-    return TensorRecords(tensors)
+        return encode_completions(tok, records, max_length, where)
+    return encode_preferences(tok, records, max_length, where)
 
 
 def _renames(columns: Any, keys: tuple[str, ...] | None) -> dict[str, str]:
