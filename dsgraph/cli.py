@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from dsgraph.compiler import Compilation
     from dsgraph.diagnostics import Diagnostic
     from dsgraph.plan import Plan
+    from dsgraph.source import Span
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_WORKER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 4, 70, 130
 EXIT_ENVIRONMENT = 74  # the machine's fault: the run directory, a full disk, a read-only file system
@@ -241,39 +242,31 @@ def _missing_models(result: Compilation, refused: str) -> bool:
     return bool(missing)
 
 
-def _missing_trackers(result: Compilation) -> bool:
-    """A tracker whose package is not installed stops `run` before anything starts, at the
-    `track` line, with the install command."""
+def _missing_packages(result: Compilation) -> bool:
+    """A tracker or a `quantize` whose package is not installed stops `run` before anything
+    starts: one line each, at the line that asks for it, with the install command. Nothing is
+    imported to find out."""
+    import importlib.util
+
     from dsgraph.runtime.trackers import missing_packages
 
     pipeline = result.ir
-    if pipeline is None or not pipeline.settings.track:
+    if pipeline is None:
         return False
-    missing = missing_packages(pipeline.settings.track)
-    span = pipeline.settings.spans.get("track")
-    for name, package in missing:
-        where = f"{span.file}:{span.line}:{span.col}: " if span else ""
-        print(f"{where}error: tracker `{name}` needs the package {package}: pip install {package}", file=sys.stderr)
+    missing: list[tuple[Span, str, str]] = []  # where, what needs it, the pip package
+    for name, package in missing_packages(pipeline.settings.track):
+        missing.append((pipeline.settings.spans.get("track", pipeline.span), f"tracker `{name}`", package))
+    quantized = [m for m in pipeline.models.values() if m.quantize]
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
+        names = ", ".join(f"`{m.name}`" for m in quantized)
+        span = quantized[0].spans.get("quantize", quantized[0].span)
+        missing.append((span, f"`quantize` ({names})", "bitsandbytes"))
+    for span, what, package in missing:
+        print(
+            f"{span.file}:{span.line}:{span.col}: error: {what} needs the package {package}: pip install {package}",
+            file=sys.stderr,
+        )
     return bool(missing)
-
-
-def _missing_quantizer(result: Compilation) -> bool:
-    """A model with `quantize` needs bitsandbytes: without it `run` stops before anything starts,
-    at the first `quantize` line, with the install command."""
-    import importlib.util
-
-    pipeline = result.ir
-    quantized = [m for m in pipeline.models.values() if m.quantize] if pipeline is not None else []
-    if not quantized or importlib.util.find_spec("bitsandbytes") is not None:
-        return False
-    span = quantized[0].spans.get("quantize", quantized[0].span)
-    names = ", ".join(f"`{m.name}`" for m in quantized)
-    print(
-        f"{span.file}:{span.line}:{span.col}: error: `quantize` ({names}) needs the package bitsandbytes: "
-        "pip install bitsandbytes",
-        file=sys.stderr,
-    )
-    return True
 
 
 def _print_memory(plan: Plan, args: argparse.Namespace) -> int:
@@ -373,12 +366,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result is None:
         return EXIT_USAGE
     _print_diagnostics(result)
-    if (
-        not result.ok
-        or _missing_models(result, "not started")
-        or _missing_trackers(result)
-        or _missing_quantizer(result)
-    ):
+    if not result.ok or _missing_models(result, "not started") or _missing_packages(result):
         return EXIT_USER
     plan = result.plan
     assert plan is not None  # no error: it was planned
