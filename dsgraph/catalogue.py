@@ -136,7 +136,13 @@ LOSSES = {
         ),
         Builtin(
             "kl",
-            (P("student", "tensor"), P("teacher", "tensor"), P("temperature", "float", 1.0), P("mask", "tensor", None)),
+            (
+                P("student", "tensor"),
+                P("teacher", "tensor"),
+                P("temperature", "float", 1.0),
+                P("mask", "tensor", None),
+                P("topk", "int", None),  # over the teacher's K most likely classes, the rest as one
+            ),
             summary="KL(teacher || student) of softened distributions, scaled by T^2, over the mask's tokens",
         ),
         Builtin("mse", (P("input", "tensor"), P("target", "tensor")), summary="mean squared error"),
@@ -241,6 +247,8 @@ SETTINGS = {
         P("eval_every", "int", 0),
         P("track", "strs", []),  # experiment trackers beside metrics.jsonl: tensorboard, mlflow, wandb
         P("rank_metrics", "bool", False),  # also each rank's own losses: ranks/rankN.metrics.jsonl
+        P("cache_dir", "str", ""),  # where hoisted outputs are cached ("": RUN_DIR/cache), relative to the .dsg
+        P("cache_budget", "float", 16.0),  # GiB of disk that `cache = auto` may fill
     )
 }
 
@@ -253,6 +261,8 @@ DATA_PROPERTIES = {
         P("drop_last", "bool", True),
         P("workers", "int", 0),
         P("collate", "factory", None),  # `collate = my.pkg:make(...)` returns the DataLoader's collate_fn
+        # the same sample for the same index, every time (a factory's data, a collate: say so to cache)
+        P("deterministic", "bool", None),
     )
 }
 
@@ -282,7 +292,10 @@ MODEL_PROPERTIES = (
     "zero_init",  # false: a ZeRO-3 model built whole, partitioned by prepare/initialize
     "gradient_checkpointing",  # Hugging Face models: recompute activations in the backward
     "quantize",  # Hugging Face models: 4-bit weights (QLoRA), QUANTIZERS
+    "cache",  # frozen models: true | false | auto, outputs computed once before the loop (hoist.py)
+    "train_mode",  # frozen models: run in train mode (dropout on), still without gradients
 )
+CACHE_MODES = ("true", "false", "auto")
 ENGINES = ("native", "accelerate")  # `engine = native`: deepspeed.initialize; `accelerate`: Accelerate's prepare
 # hf("dir", task=...): the AutoModel class; without it, the class the config names
 HF_TASKS = ("causal_lm", "sequence_classification", "model")

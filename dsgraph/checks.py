@@ -14,6 +14,7 @@ from dsgraph import graph as g
 from dsgraph import ir
 from dsgraph.analysis import Analysis, Role
 from dsgraph.diagnostics import Diagnostic, Note, diagnostic
+from dsgraph.hoist import Hoisting
 from dsgraph.dsconfig.keys import zero_stage
 from dsgraph.dsconfig.resolve import Resolved, precision_of, zero_of
 from dsgraph.plan import Engine, Precision
@@ -31,6 +32,7 @@ class Context:
     analysis: Analysis | None
     strategy: Strategy | None
     configs: Mapping[str, Resolved] | None
+    hoisting: Hoisting | None = None
 
 
 Check = Callable[[Context], Iterator[Diagnostic]]
@@ -450,6 +452,12 @@ def check_quantized_training(ctx: Context) -> Iterator[Diagnostic]:
             )
 
 
+def check_cache(ctx: Context) -> Iterator[Diagnostic]:
+    """DSG315-DSG319: `cache` that cannot be done, each for the reason the hoisting stage found."""
+    if ctx.hoisting is not None:
+        yield from ctx.hoisting.diagnostics
+
+
 def check_resolved_configs(ctx: Context) -> Iterator[Diagnostic]:
     """DSG405/406/412/413/414: what resolving each model's DeepSpeed config found."""
     if ctx.analysis is None or ctx.configs is None:
@@ -504,6 +512,7 @@ CHECKS: tuple[Check, ...] = (
     check_offload_param,
     check_offload_optimizer,
     check_quantized_training,
+    check_cache,
     check_resolved_configs,
 )
 

@@ -35,6 +35,17 @@ EPILOG = """examples:
 """
 
 
+def _set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting (steps=40) or a model property (student.optimizer.lr=1e-4, teacher.cache=true)",
+    )
+
+
 def _trust_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-user-code",
@@ -74,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory of one device, e.g. 16GiB or 24e9: what `zero = auto` and --memory plan for",
     )
+    _set_option(p)
     _trust_option(p)
 
     p = sub.add_parser("check", help="report the diagnostics of .dsg files")
@@ -88,14 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         "--procs", type=_positive, default=None, help="processes to start (default: one per GPU, or 2 without a GPU)"
     )
     p.add_argument("--run-dir", default=None, help="default: runs/<pipeline>-<time>")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting (steps=40) or a model property (student.optimizer.lr=1e-4)",
-    )
+    _set_option(p)
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -199,7 +204,7 @@ def _print_diagnostics(result: Compilation, stream: TextIO | None = None) -> Non
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    result = _load(args.file, args.world_size, (), args.device_memory, args.trust_user_code)
+    result = _load(args.file, args.world_size, tuple(args.overrides), args.device_memory, args.trust_user_code)
     if result is None:
         return EXIT_USAGE
     if args.emit == "ast" and result.ast is not None:

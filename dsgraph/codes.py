@@ -69,6 +69,11 @@ _ALL = (
     Code("DSG312", "eval-set-trained-on", E, "an eval set that the training losses also read"),
     Code("DSG313", "nothing-to-evaluate", E, "an eval set no trained loss reads through, or `eval_every` without one"),
     Code("DSG314", "loss-partly-evaluated", W, "a loss reading data sets with and without an eval set"),
+    Code("DSG315", "cache-trained-model", E, "`cache` on a model that is trained or not declared frozen"),
+    Code("DSG316", "cache-model-input", E, "a cached call whose argument is another model's output"),
+    Code("DSG317", "cache-nondeterministic-data", E, "a cached call over data that may differ for the same index"),
+    Code("DSG318", "cache-train-mode", E, "a cached model that runs in train mode (dropout differs each time)"),
+    Code("DSG319", "cache-data-sets", E, "a cached call that reads no data set, or several"),
     # 4xx: DeepSpeed configuration and engines.
     Code("DSG401", "frozen-with-optimizer", E, "a frozen model with an optimizer, scheduler, clipping or LoRA adapter"),
     Code("DSG402", "frozen-zero-no-sharding", W, "ZeRO-1/2 on a frozen model: only stage 3 shards parameters"),

@@ -1,7 +1,7 @@
 """The stages in order, each a named function returning a frozen value:
 
     parse -> [--set overrides] -> load includes -> lower -> [zero = auto] -> build the graph
-    -> analyse -> decide the strategy -> resolve the DeepSpeed configs -> check -> plan
+    -> analyse -> decide the strategy -> resolve the DeepSpeed configs -> hoist -> check -> plan
 
 Diagnostics are collected along the way; only a syntax error stops early, and the plan is built
 only when no check reported an error. Imports no torch, deepspeed, accelerate and no user code
@@ -25,6 +25,7 @@ from dsgraph.checks import Context, run_checks
 from dsgraph.diagnostics import Diagnostic, Diagnostics
 from dsgraph.dsconfig.auto import has_auto, resolve_auto
 from dsgraph.dsconfig.resolve import Resolved, resolve_configs
+from dsgraph.hoist import Hoisting, hoist
 from dsgraph.load import load
 from dsgraph.lower.pipeline import lower
 from dsgraph.overrides import apply_overrides
@@ -50,6 +51,7 @@ class Compilation:
     strategy: Strategy | None = None
     configs: Mapping[str, Resolved] | None = None
     plan: Plan | None = None
+    hoisting: Hoisting | None = None
 
     @property
     def ok(self) -> bool:
@@ -106,11 +108,14 @@ def _compile(
     analysis = analyse(pipeline, graph)
     strategy = decide(pipeline, analysis) if analysis else None
     configs = resolve_configs(pipeline, analysis, world_size) if analysis else None
-    diags.extend(run_checks(Context(pipeline, graph, analysis, strategy, configs)))
+    hoisting = hoist(pipeline, graph, analysis, world_size) if analysis else None
+    diags.extend(run_checks(Context(pipeline, graph, analysis, strategy, configs, hoisting)))
     plan = None
-    if not diags.has_errors and analysis and strategy and configs is not None:
-        plan = build_plan(pipeline, graph, analysis, strategy, configs, world_size)
-    return Compilation(source, sources, diags.sorted(), tree, pipeline, graph, analysis, strategy, configs, plan)
+    if not diags.has_errors and analysis and strategy and configs is not None and hoisting is not None:
+        plan = build_plan(pipeline, graph, analysis, strategy, configs, hoisting, world_size)
+    return Compilation(
+        source, sources, diags.sorted(), tree, pipeline, graph, analysis, strategy, configs, plan, hoisting
+    )
 
 
 def compile_file(

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from dsgraph.plan import DataSet, Engine, Lora, Precision, Quantize, Source
 from dsgraph.source import Span
@@ -31,6 +31,8 @@ class Settings:
     eval_every: int
     track: tuple[str, ...]
     rank_metrics: bool
+    cache_dir: str  # "": RUN_DIR/cache
+    cache_budget: float  # GiB that `cache = auto` may fill
     spans: dict[str, Span] = field(compare=False)
 
 
@@ -82,6 +84,11 @@ class Model:
     zero_init: bool = True  # false: built whole even at ZeRO-3
     gradient_checkpointing: bool = False
     quantize: Quantize | None = None  # `quantize = bnb4(...)`: 4-bit weights (Hugging Face models)
+    cache: CacheMode = "false"  # frozen models: hoisted out of the loop
+    train_mode: bool = False  # frozen models: dropout on, still no gradients
+
+
+CacheMode: TypeAlias = Literal["true", "false", "auto"]  # `cache = ...` on a frozen model
 
 
 # -- loss expressions --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -18,6 +19,7 @@ from dsgraph import plan as P
 from dsgraph.analysis import Analysis, Role
 from dsgraph.dsconfig.keys import zero_stage
 from dsgraph.dsconfig.resolve import Resolved, precision_of, zero_of
+from dsgraph.hoist import Hoisting, Read, chain, topk_of
 from dsgraph.plan import Engine, SourceKind, Width
 from dsgraph.strategy import Strategy
 
@@ -28,6 +30,7 @@ def build_plan(
     analysis: Analysis,
     strategy: Strategy,
     configs: Mapping[str, Resolved],
+    hoisting: Hoisting,
     world_size: int | None,
 ) -> P.Plan:
     models = tuple(
@@ -53,6 +56,7 @@ def build_plan(
         else None
     )
     calls = _call_ids(graph, analysis)
+    cache = _Cache({read: _entry_id(read, calls) for reads in hoisting.reads.values() for read in reads})
     data = tuple(pipeline.data.values())
     s = pipeline.settings
     settings = P.Settings(
@@ -68,7 +72,10 @@ def build_plan(
         s.track,
         s.rank_metrics,
     )
-    losses = tuple(_loss(loss, calls) for name, loss in pipeline.losses.items() if g.loss_id(name) in analysis.reached)
+    losses = tuple(
+        _loss(loss, calls, cache) for name, loss in pipeline.losses.items() if g.loss_id(name) in analysis.reached
+    )
+    evaluation, eval_fills = _evaluation(pipeline, graph, analysis, calls, hoisting, cache)
     plan = P.Plan(
         pipeline.name,
         pipeline.file,
@@ -79,9 +86,11 @@ def build_plan(
         groups,
         frozen,
         _setup(pipeline, models, engines={m.name: strategy.engine_of(m.name, analysis) for m in models}),
-        _training_step(pipeline, graph, analysis, calls),
+        _training_step(pipeline, graph, analysis, calls, hoisting, cache),
         losses,
-        _evaluation(pipeline, graph, analysis, calls),
+        evaluation,
+        _precompute(pipeline, graph, calls, hoisting, cache, eval_fills),
+        tuple(P.CacheDecision(d.model, d.cached, d.reason, d.span) for d in hoisting.models),
     )
     for model in plan.models:  # one home for each value: the config says what resolution decided
         assert model.precision is precision_of(pipeline, pipeline.models[model.name]), model.name
@@ -115,6 +124,7 @@ def _model(pipeline: ir.Pipeline, name: str, analysis: Analysis, strategy: Strat
         model.gradient_checkpointing,
         _client_optimizer(model),
         model.quantize,
+        model.train_mode,
     )
 
 
@@ -220,7 +230,7 @@ def _call_ids(graph: Graph, analysis: Analysis) -> dict[str, str]:
 
 
 def _training_step(
-    pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: dict[str, str]
+    pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: dict[str, str], hoisting: Hoisting, cache: _Cache
 ) -> tuple[P.StepOp, ...]:
     ops: list[P.StepOp] = []
     op_id = iter(range(1, 10**9)).__next__
@@ -228,8 +238,14 @@ def _training_step(
     for data in pipeline.data.values():
         if data.name not in eval_sets:
             ops.append(P.NextBatch(op_id(), data.name, data.span))
+    for node, reads in hoisting.reads.items():  # in place of the hoisted calls' forwards
+        span = graph.nodes[node]["call"].span
+        for read in reads:
+            ops.append(P.ReadCache(op_id(), cache.ids[read], hoisting.data[node], span))
     for node, call_id in calls.items():
-        call: ir.ModelCall = graph.nodes[node]["call"]
+        if node in hoisting.reads:
+            continue
+        call = graph.nodes[node]["call"]
         owners = sorted(analysis.call_groups[node])
         owner = owners[0] if owners else None
         ops.append(
@@ -238,10 +254,10 @@ def _training_step(
                 call_id,
                 ir.show_expr(call),
                 call.model,
-                tuple(_expr(a, calls) for a in call.args),
-                tuple((k, _expr(v, calls)) for k, v in call.kwargs),
+                tuple(_expr(a, calls, cache) for a in call.args),
+                tuple((k, _expr(v, calls, cache)) for k, v in call.kwargs),
                 owner,
-                tuple(calls[d] for d in analysis.detached_inputs(node, owner, graph)),
+                tuple(calls[d] for d in analysis.detached_inputs(node, owner, graph) if d not in hoisting.reads),
                 call.span,
             )
         )
@@ -265,13 +281,17 @@ def _training_step(
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def _evaluation(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: dict[str, str]) -> P.Evaluation | None:
+def _evaluation(
+    pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: dict[str, str], hoisting: Hoisting, cache: _Cache
+) -> tuple[P.Evaluation | None, dict[str, str]]:
     """One eval batch: the batches of the eval sets, every call the evaluated losses need (all
-    under no_grad), then those losses, with every field read from its data set's eval set. A
-    call keeps its training id (`student#1` reads `val.x` where training reads `train.x`)."""
+    under no_grad; a hoisted call's outputs read from the cache of its eval set), then those
+    losses, with every field read from its data set's eval set. A call keeps its training id
+    (`student#1` reads `val.x` where training reads `train.x`). Also: each hoisted call the
+    evaluation reads -> the eval set its cache must cover."""
     sets = tuple((d.name, d.eval) for d in pipeline.data.values() if d.eval is not None)
     if not sets:
-        return None
+        return None, {}
     held_out = dict(sets)
     loss_nodes = [g.loss_id(name) for name in analysis.evaluated]
     needed = set(loss_nodes).union(*(nx.ancestors(g.dataflow(graph), n) for n in loss_nodes))
@@ -281,18 +301,31 @@ def _evaluation(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: 
         if g.data_id(train) in needed:
             ops.append(P.NextBatch(op_id(), val, pipeline.data[val].span))
     eval_calls: dict[str, str] = {}
+    aliases: dict[str, str] = {}  # the eval call node -> its training node
+    fills: dict[str, str] = {}
     for node in analysis.in_order(needed, "call:"):
         call = _held_out(graph.nodes[node]["call"], held_out)
         assert isinstance(call, ir.ModelCall)
         eval_calls[g.call_id(call)] = calls[node]
+        aliases[g.call_id(call)] = node
+        if node in hoisting.reads:
+            fills[node] = held_out[hoisting.data[node]]
+            for read in hoisting.reads[node]:
+                ops.append(P.ReadCache(op_id(), cache.ids[read], fills[node], call.span))
+    eval_cache = dataclasses.replace(cache, aliases=aliases)
+    for node in analysis.in_order(needed, "call:"):
+        if node in hoisting.reads:
+            continue
+        call = _held_out(graph.nodes[node]["call"], held_out)
+        assert isinstance(call, ir.ModelCall)
         ops.append(
             P.Forward(
                 op_id(),
                 calls[node],
                 ir.show_expr(call),
                 call.model,
-                tuple(_expr(a, eval_calls) for a in call.args),
-                tuple((k, _expr(v, eval_calls)) for k, v in call.kwargs),
+                tuple(_expr(a, eval_calls, eval_cache) for a in call.args),
+                tuple((k, _expr(v, eval_calls, eval_cache)) for k, v in call.kwargs),
                 None,
                 (),
                 call.span,
@@ -301,11 +334,88 @@ def _evaluation(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, calls: 
     losses = []
     for name in analysis.evaluated:
         declared = pipeline.losses[name]
-        loss = _loss(ir.Loss(name, _held_out(declared.expr, held_out), declared.span), eval_calls)
+        loss = _loss(ir.Loss(name, _held_out(declared.expr, held_out), declared.span), eval_calls, eval_cache)
         terms = tuple(dataclasses.replace(t, stats=_eval_stats(t.expr)) for t in loss.terms)
         losses.append(dataclasses.replace(loss, terms=terms))
         ops.append(P.EvalLoss(op_id(), name, declared.span))
-    return P.Evaluation(sets, tuple(ops), tuple(losses))
+    return P.Evaluation(sets, tuple(ops), tuple(losses)), fills
+
+
+# -- the precompute phase ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cache:
+    """The cache entries by what they read; `aliases` maps an eval call to its training call."""
+
+    ids: Mapping[Read, str]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def entry(self, call: ir.ModelCall, path: tuple[str, ...], top: tuple[int, float] | None = None) -> str | None:
+        node = g.call_id(call)
+        node = self.aliases.get(node, node)
+        read = Read(node, path, *top) if top else Read(node, path)
+        return self.ids.get(read)
+
+
+def _entry_id(read: Read, calls: dict[str, str]) -> str:
+    """`teacher#1.logits`, or `teacher#1.logits@top16` for its top-16 (`/T2` at temperature 2)."""
+    text = calls[read.call] + "".join(f".{p}" for p in read.path)
+    if read.topk is not None:
+        text += f"@top{read.topk}" + (f"/T{read.temperature:g}" if read.temperature != 1.0 else "")
+    return text
+
+
+def _precompute(
+    pipeline: ir.Pipeline,
+    graph: Graph,
+    calls: dict[str, str],
+    hoisting: Hoisting,
+    cache: _Cache,
+    eval_fills: dict[str, str],
+) -> P.Precompute | None:
+    """For each cached model, each of its calls over its data set (and over the eval set when
+    the evaluation reads it), then the model released."""
+    if not hoisting.reads:
+        return None
+    entries = tuple(
+        P.CacheEntry(cache.ids[read], calls[node], read.path, read.topk, read.temperature)
+        for node, reads in hoisting.reads.items()
+        for read in reads
+    )
+    steps: list[P.PrecomputeStep] = []
+    step_id = iter(range(1, 10**9)).__next__
+    for model in pipeline.models:
+        nodes = [n for n in hoisting.reads if graph.nodes[n]["model"] == model]
+        if not nodes:
+            continue
+        for node in nodes:
+            call: ir.ModelCall = graph.nodes[node]["call"]
+            train = hoisting.data[node]
+            for data in filter(None, (train, eval_fills.get(node))):
+                read_call = _held_out(call, {train: data}) if data != train else call
+                assert isinstance(read_call, ir.ModelCall)
+                reads = hoisting.reads[node]
+                rows = hoisting.rows.get(data)
+                sizes = [hoisting.row_bytes.get(r) for r in reads]
+                total = None if rows is None or None in sizes else rows * sum(x for x in sizes if x is not None)
+                steps.append(
+                    P.FillCache(
+                        step_id(),
+                        calls[node],
+                        ir.show_expr(read_call),
+                        model,
+                        data,
+                        tuple(_expr(a, calls) for a in read_call.args),
+                        tuple((k, _expr(v, calls)) for k, v in read_call.kwargs),
+                        tuple(cache.ids[r] for r in reads),
+                        rows,
+                        total,
+                        call.span,
+                    )
+                )
+        steps.append(P.ReleaseModel(step_id(), model, pipeline.models[model].span))
+    return P.Precompute(pipeline.settings.cache_dir, entries, tuple(steps))
 
 
 def _held_out(expr: ir.LossExpr, held_out: dict[str, str]) -> ir.LossExpr:
@@ -335,8 +445,18 @@ def _eval_stats(expr: P.Expr) -> tuple[str, ...]:
     return ()
 
 
-def _expr(expr: ir.LossExpr, calls: dict[str, str]) -> P.Expr:
-    """An IR expression as the plan's: model calls by their id."""
+def _expr(expr: ir.LossExpr, calls: dict[str, str], cache: _Cache | None = None) -> P.Expr:
+    """An IR expression as the plan's: model calls by their id, a hoisted call's output (or the
+    teacher of `kl(..., topk=K)`) by its cache entry."""
+    if cache is not None and cache.ids:
+        found = chain(expr)
+        entry = cache.entry(*found) if found else None
+        if entry is not None:
+            return P.Cached(entry, expr.span)
+
+    def sub(x: ir.LossExpr) -> P.Expr:
+        return _expr(x, calls, cache)
+
     match expr:
         case ir.Const(value=v, span=s):
             return P.Const(v, s)
@@ -345,19 +465,25 @@ def _expr(expr: ir.LossExpr, calls: dict[str, str]) -> P.Expr:
         case ir.ModelCall(span=s):
             return P.CallOutput(calls[g.call_id(expr)], s)
         case ir.Project(obj=o, attr=a, span=s):
-            return P.Attr(_expr(o, calls), a, s)
+            return P.Attr(sub(o), a, s)
         case ir.LossFn(fn=fn, builtin=b, args=a, kwargs=k, span=s):
-            return P.LossCall(fn, b, tuple(_expr(x, calls) for x in a), tuple((n, _expr(x, calls)) for n, x in k), s)
+            args = [sub(x) for x in a]
+            top = topk_of(expr)
+            teacher = chain(a[1]) if top is not None and len(a) > 1 else None
+            entry = cache.entry(teacher[0], teacher[1], top) if cache is not None and teacher else None
+            if entry is not None:  # the teacher's top-k, precomputed
+                args[1] = P.Cached(entry, a[1].span)
+            return P.LossCall(fn, b, tuple(args), tuple((n, sub(x)) for n, x in k), s)
         case ir.LossRef(name=n, span=s):
             return P.LossValue(n, s)
         case ir.BinOp(op=op, left=left, right=right, span=s):
-            return P.BinOp(op, _expr(left, calls), _expr(right, calls), s)
+            return P.BinOp(op, sub(left), sub(right), s)
         case ir.Neg(operand=o, span=s):
-            return P.Neg(_expr(o, calls), s)
+            return P.Neg(sub(o), s)
     raise TypeError(f"not a loss expression: {expr!r}")
 
 
-def _loss(loss: ir.Loss, calls: dict[str, str]) -> P.Loss:
+def _loss(loss: ir.Loss, calls: dict[str, str], cache: _Cache | None = None) -> P.Loss:
     """The loss as the weighted sum of its terms, each named for the metrics (`kd/kl`, `kd/ce`)."""
     terms: list[P.Term] = []
     seen: dict[str, int] = {}
@@ -373,6 +499,12 @@ def _loss(loss: ir.Loss, calls: dict[str, str]) -> P.Loss:
         name = short if seen[short] == 1 else f"{short}#{seen[short]}"
         stats = catalogue.LOSSES[term.expr.fn].stats if isinstance(term.expr, ir.LossFn) and term.expr.builtin else ()
         terms.append(
-            P.Term(f"{loss.name}/{name}", float(term.weight), _expr(term.expr, calls), ir.show_expr(term.expr), stats)
+            P.Term(
+                f"{loss.name}/{name}",
+                float(term.weight),
+                _expr(term.expr, calls, cache),
+                ir.show_expr(term.expr),
+                stats,
+            )
         )
     return P.Loss(loss.name, ir.show_expr(loss.expr), tuple(terms), loss.span)

@@ -81,6 +81,7 @@ def to_text(plan: P.Plan) -> str:
         out.append(f"  frozen models: {plan.frozen.engine.value}: {plan.frozen.reason}")
     out += ["", "setup"]
     out += _table([[f"{st.id:>2}", st.kind, setup_detail(plan, st), _line(st.span)] for st in plan.setup])
+    out += _cache_text(plan)
     accum = f"; each op runs for each of {s.grad_accum} micro batches" if s.grad_accum > 1 else ""
     out += ["", f"each step{accum}"]
     out += [*_table([[f"{op.id:>2}", op.kind, op_detail(plan, op), _line(op.span)] for op in plan.step]), ""]
@@ -165,10 +166,51 @@ def setup_detail(plan: P.Plan, st: P.SetupStep) -> str:
             assert_never(st)
 
 
+def _size(count: int | None) -> str:
+    if count is None:
+        return "? bytes (known at run time)"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _cache_text(plan: P.Plan) -> list[str]:
+    """The cache decisions and the precompute phase, between the setup and the loop."""
+    out: list[str] = []
+    if plan.cache:
+        out += ["", "cache"]
+        out += _table([[d.model, "cached" if d.cached else "not cached", d.reason, _line(d.span)] for d in plan.cache])
+    pre = plan.precompute
+    if pre is None:
+        return out
+    where = pre.directory or "RUN_DIR/cache"
+    out += ["", f"precompute (once, before the loop; cache in {where}, reused when its manifest matches)"]
+    rows = []
+    for st in pre.steps:
+        match st:
+            case P.FillCache():
+                count = "?" if st.rows is None else f"{st.rows}"
+                detail = f"{st.text} over {st.data}: {count} rows -> {', '.join(st.entries)}, {_size(st.bytes)}"
+            case P.ReleaseModel(model=name):
+                detail = f"{name}: engine destroyed, its memory freed for the loop"
+            case _:
+                assert_never(st)
+        rows.append([f"{st.id:>2}", st.kind, detail, _line(st.span)])
+    out += _table(rows)
+    for e in pre.entries:
+        whole = "whole output" if e.topk is None else f"top-{e.topk} log-probabilities + int32 ids per position"
+        at = f" (log_softmax(x / {e.temperature:g}))" if e.topk is not None and e.temperature != 1.0 else ""
+        out.append(f"  entry {e.id}: {whole}{at}")
+    return out
+
+
 def op_detail(plan: P.Plan, op: P.StepOp) -> str:
     match op:
         case P.NextBatch(data=data):
             return f"{data} (this rank's next micro batch, to the device)"
+        case P.ReadCache(entry=entry, data=data):
+            return f"{entry} (cached rows of {data} at the batch's sample indices, to the device)"
         case P.Forward():
             mode = "no_grad" if op.no_grad else f"grad -> group {op.grad_group}"
             detach = f"  detach {', '.join(op.detach)}" if op.detach else ""
@@ -192,6 +234,8 @@ def eval_op_detail(plan: P.Plan, op: P.EvalOp) -> str:
     match op:
         case P.NextBatch(data=data):
             return f"{data} (this rank's next eval batch, to the device)"
+        case P.ReadCache(entry=entry, data=data):
+            return f"{entry} (cached rows of {data} at the batch's sample indices)"
         case P.Forward():
             return f"{op.call} = {op.text}  [no_grad]"
         case P.EvalLoss(loss=loss):

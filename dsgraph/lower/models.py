@@ -55,6 +55,14 @@ class ModelLowering:
             and not self._quantizable(name, source, decl, spans, lora)
         ):
             return None
+        if props.get("train_mode") is True and not props.get("frozen", False):
+            self.diags.add(
+                "DSG209",
+                spans["train_mode"],
+                f"`train_mode` is for frozen models; `{name}` is not frozen",
+                "remove it: a trained model runs in train mode already (eval mode only in evaluations)",
+            )
+            return None
         if source is None or INVALID in props.values():
             return None
         dsg = self.builder.sources.get(decl.name.span.file)  # the file that declares the model
@@ -76,6 +84,8 @@ class ModelLowering:
             bool(props.get("zero_init", True)),
             bool(props.get("gradient_checkpointing", False)),
             props.get("quantize"),
+            props.get("cache", "false"),
+            bool(props.get("train_mode", False)),
         )
 
     def _quantizable(
@@ -115,7 +125,22 @@ class ModelLowering:
 
     def _property(self, model: str, key: str, entry: ast.Entry, zeros: dict[str, ir.ZeroConfig]) -> Any:
         value = entry.value
-        if key in ("frozen", "zero_init", "gradient_checkpointing"):
+        if key == "cache":  # `cache`, `cache = true | false | auto`
+            if value is None:
+                return "true"
+            if isinstance(value, ast.Bool):
+                return "true" if value.value else "false"
+            if isinstance(value, ast.Ident) and value.name in catalogue.CACHE_MODES:
+                return value.name
+            self.diags.add(
+                "DSG203",
+                value.span,
+                "`cache` is true, false or auto",
+                "write `cache = true` (computed once before the loop), `cache = auto` (when it pays) "
+                "or `cache = false`",
+            )
+            return INVALID
+        if key in ("frozen", "zero_init", "gradient_checkpointing", "train_mode"):
             if value is None:
                 return True
             if isinstance(value, ast.Bool):

@@ -66,8 +66,8 @@ def lower_settings(nodes: list[ast.Setting], pipeline: ast.Pipeline, diags: Diag
             )
             values[key] = INVALID
             continue
-        minimum = 0 if key in ("seed", "checkpoint_every", "eval_every") else 1
-        if spec.type == "int" and value < minimum:
+        minimum = 0 if key in ("seed", "checkpoint_every", "eval_every", "cache_budget") else 1
+        if spec.type in ("int", "float") and value < minimum:
             diags.add(
                 "DSG209",
                 node.value.span,
@@ -119,5 +119,7 @@ def lower_settings(nodes: list[ast.Setting], pipeline: ast.Pipeline, diags: Diag
         get("eval_every"),
         tuple(get("track")),
         get("rank_metrics"),
+        get("cache_dir"),
+        float(get("cache_budget")),
         spans,
     )

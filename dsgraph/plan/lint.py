@@ -11,6 +11,7 @@ from dsgraph.plan.steps import (
     BinOp,
     BuildData,
     BuildModel,
+    Cached,
     CallOutput,
     CompleteConfig,
     ComputeLoss,
@@ -19,6 +20,7 @@ from dsgraph.plan.steps import (
     EvalLoss,
     Expr,
     Field,
+    FillCache,
     Forward,
     Initialize,
     InitProcessGroup,
@@ -28,6 +30,8 @@ from dsgraph.plan.steps import (
     NextBatch,
     OptimizerStep,
     Prepare,
+    ReadCache,
+    ReleaseModel,
     SelectPlugin,
     ShardData,
     ShardEval,
@@ -36,7 +40,7 @@ from dsgraph.plan.steps import (
 
 def lint(plan: Plan) -> list[str]:
     """What is wrong with the plan, in words; empty when nothing is."""
-    return _declarations(plan) + _setup(plan) + _step(plan) + _evaluation(plan)
+    return _declarations(plan) + _setup(plan) + _precompute(plan) + _step(plan) + _evaluation(plan)
 
 
 def _declarations(plan: Plan) -> list[str]:
@@ -134,6 +138,7 @@ class _Reads:
         self.batches: set[str] = set()
         self.calls: set[str] = set()
         self.losses: set[str] = set()
+        self.cached: set[str] = set()
 
     def check(self, expr: Expr, where: str) -> None:
         out, batches, calls, losses, refs = self.out, self.batches, self.calls, self.losses, self.check
@@ -144,6 +149,8 @@ class _Reads:
                 out.append(f"{where}: reads `{call}` before it is called")
             case LossValue(loss=loss) if loss not in losses:
                 out.append(f"{where}: reads loss `{loss}` before its group computes it")
+            case Cached(entry=entry) if entry not in self.cached:
+                out.append(f"{where}: reads cache entry `{entry}` before a read_cache op")
             case Attr(of=inner) | Neg(operand=inner):
                 refs(inner, where)
             case BinOp(left=left, right=right):
@@ -152,8 +159,17 @@ class _Reads:
             case LossCall(args=args, kwargs=kwargs):
                 for arg in (*args, *(v for _, v in kwargs)):
                     refs(arg, where)
-            case Const() | Field() | CallOutput() | LossValue():
+            case Const() | Field() | CallOutput() | LossValue() | Cached():
                 pass
+
+    def read_cache(self, op: ReadCache, plan: Plan, filled: set[tuple[str, str]], where: str) -> None:
+        """A cache read: of an entry the precompute phase fills for this data set, after its batch."""
+        if op.data not in self.batches:
+            self.out.append(f"{where}: reads the cache rows of `{op.data}` before its batch")
+        entry = next((e for e in plan.precompute.entries if e.id == op.entry), None) if plan.precompute else None
+        if entry is None or (entry.call, op.data) not in filled:
+            self.out.append(f"{where}: cache entry `{op.entry}` is not filled over `{op.data}`")
+        self.cached.add(op.entry)
 
     def forward(self, op: Forward, where: str) -> None:
         for arg in (*op.args, *(v for _, v in op.kwargs)):
@@ -169,12 +185,18 @@ def _step(plan: Plan) -> list[str]:
     losses = reads.losses
     backward: set[int] = set()
     stepped: set[int] = set()
+    filled = _filled(plan)
+    released = set(plan.precompute.released) if plan.precompute else set()
     for op in plan.step:
         where = f"op {op.id} ({op.kind})"
         match op:
             case NextBatch(data=name):
                 reads.batches.add(name)
+            case ReadCache():
+                reads.read_cache(op, plan, filled, where)
             case Forward():
+                if op.model in released:
+                    out.append(f"{where}: `{op.model}` is released before the loop")
                 reads.forward(op, where)
             case ComputeLoss(loss=name):
                 for term in plan.loss(name).terms:
@@ -211,7 +233,11 @@ def _evaluation(plan: Plan) -> list[str]:
                 if name not in evals:
                     out.append(f"{where}: `{name}` is not an eval set")
                 reads.batches.add(name)
+            case ReadCache():
+                reads.read_cache(op, plan, _filled(plan), where)
             case Forward():
+                if plan.precompute and op.model in plan.precompute.released:
+                    out.append(f"{where}: `{op.model}` is released before the loop")
                 if not op.no_grad:
                     out.append(f"{where}: an eval forward with gradients")
                 reads.forward(op, where)
@@ -223,3 +249,55 @@ def _evaluation(plan: Plan) -> list[str]:
                     reads.check(term.expr, where)
                 reads.losses.add(name)
     return out
+
+
+def _filled(plan: Plan) -> set[tuple[str, str]]:
+    """(call, data set) of every fill of the precompute phase."""
+    if plan.precompute is None:
+        return set()
+    return {(s.call, s.data) for s in plan.precompute.steps if isinstance(s, FillCache)}
+
+
+def _precompute(plan: Plan) -> list[str]:
+    """Each fill runs a frozen model (not released yet) over a data set, writing declared entries
+    of its own call; each cached model is released once, after its fills."""
+    if plan.precompute is None:
+        return []
+    out: list[str] = []
+    entries = {e.id: e for e in plan.precompute.entries}
+    names = {d.name for d in plan.data}
+    released: set[str] = set()
+    for step in plan.precompute.steps:
+        where = f"precompute step {step.id} ({step.kind})"
+        match step:
+            case FillCache(model=model, data=data, call=call):
+                if model not in {m.name for m in plan.models} or plan.model(model).trained:
+                    out.append(f"{where}: `{model}` is not a frozen model of the plan")
+                if model in released:
+                    out.append(f"{where}: `{model}` is released already")
+                if data not in names:
+                    out.append(f"{where}: `{data}` is not a data set")
+                for arg in (*step.args, *(v for _, v in step.kwargs)):
+                    if not _fields_of(arg, data):
+                        out.append(f"{where}: an argument reads something else than `{data}`'s fields")
+                for entry in step.entries:
+                    if entry not in entries or entries[entry].call != call:
+                        out.append(f"{where}: entry `{entry}` is not an entry of `{call}`")
+            case ReleaseModel(model=model):
+                if model in released:
+                    out.append(f"{where}: `{model}` is released twice")
+                released.add(model)
+    return out
+
+
+def _fields_of(expr: Expr, data: str) -> bool:
+    match expr:
+        case Field(data=name):
+            return name == data
+        case Const():
+            return True
+        case Attr(of=inner) | Neg(operand=inner):
+            return _fields_of(inner, data)
+        case BinOp(left=left, right=right):
+            return _fields_of(left, data) and _fields_of(right, data)
+    return False

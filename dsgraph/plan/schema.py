@@ -23,10 +23,10 @@ from functools import cached_property
 from typing import Any, TypeAlias
 
 from dsgraph.plan.codec import decode, encode
-from dsgraph.plan.steps import CreateAccelerator, EvalOp, Expr, Loss, SetupStep, StepOp
+from dsgraph.plan.steps import CreateAccelerator, EvalOp, Expr, Loss, PrecomputeStep, SetupStep, StepOp
 from dsgraph.source import Span
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 
 JsonObject: TypeAlias = dict[str, Any]
 
@@ -190,6 +190,9 @@ class DataSet:
     eval: str | None = None
     eval_span: Span | None = None  # the `eval = NAME` entry
     collate: Source | None = None  # a factory returning the DataLoader's collate_fn
+    # the same sample for the same index every time; None: as its source is (built-ins and files
+    # are, a factory is not declared so)
+    deterministic: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,7 @@ class Model:
     # arguments; DeepSpeed wraps it as a client optimizer (the config has no "optimizer" block)
     client_optimizer: Source | None = None
     quantize: Quantize | None = None  # `quantize = bnb4(...)`: 4-bit base weights (built whole)
+    train_mode: bool = False  # a frozen model run in train mode (dropout on), without gradients
 
     @property
     def role(self) -> Role:
@@ -286,6 +290,47 @@ class FrozenEngine:
     forced: bool = False  # by `engine = ...` in the file, rather than chosen
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """A value the loop reads from the cache in place of a live call: the output of `call` at
+    `path` (`teacher#1.logits`), whole, or at each position its `topk` largest log-probabilities
+    (of the output divided by `temperature`) with their class ids."""
+
+    id: str
+    call: str
+    path: tuple[str, ...]
+    topk: int | None
+    temperature: float | None
+
+
+@dataclass(frozen=True)
+class CacheDecision:
+    """`cache = true | auto` on a frozen model: whether it is cached, and why."""
+
+    model: str
+    cached: bool
+    reason: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Precompute:
+    """The phase between the setup and the loop: each hoisted call over its data sets, written to
+    the cache in `directory` (relative to the .dsg file; "" for RUN_DIR/cache), then each cached
+    model released. A cache whose manifest matches is reused, not computed again."""
+
+    directory: str
+    entries: tuple[CacheEntry, ...]
+    steps: tuple[PrecomputeStep, ...]
+
+    def entry(self, id: str) -> CacheEntry:
+        return next(e for e in self.entries if e.id == id)
+
+    @property
+    def released(self) -> tuple[str, ...]:
+        return tuple(s.model for s in self.steps if s.kind == "release_model")
+
+
 # -- the plan ----------------------------------------------------------------------------------
 
 
@@ -303,6 +348,8 @@ class Plan:
     step: tuple[StepOp, ...]  # one micro step; run grad_accum times per optimizer step
     losses: tuple[Loss, ...]
     evaluation: Evaluation | None  # None: no eval set
+    precompute: Precompute | None = None  # None: nothing hoisted
+    cache: tuple[CacheDecision, ...] = ()  # every frozen model with `cache = true | auto`
 
     def data_set(self, name: str) -> DataSet:
         return next(d for d in self.data if d.name == name)
@@ -392,5 +439,9 @@ class Plan:
 
 # The union members: each is written with its `kind`, by which it is read back.
 TAGGED: frozenset[type] = frozenset(
-    typing.get_args(SetupStep) + typing.get_args(StepOp) + typing.get_args(EvalOp) + typing.get_args(Expr)
+    typing.get_args(SetupStep)
+    + typing.get_args(StepOp)
+    + typing.get_args(EvalOp)
+    + typing.get_args(Expr)
+    + typing.get_args(PrecomputeStep)
 )

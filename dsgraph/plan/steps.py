@@ -91,7 +91,18 @@ class Neg:
     span: Span
 
 
-Expr: TypeAlias = Const | Field | CallOutput | Attr | LossCall | LossValue | BinOp | Neg
+@final
+@dataclass(frozen=True)
+class Cached:
+    """A cache entry's rows for the current batch (a `read_cache` op fetched them): what a hoisted
+    call's output, or its top-k, was for these samples."""
+
+    kind: ClassVar[str] = "cached"
+    entry: str
+    span: Span
+
+
+Expr: TypeAlias = Const | Field | CallOutput | Attr | LossCall | LossValue | BinOp | Neg | Cached
 
 
 @dataclass(frozen=True)
@@ -291,7 +302,19 @@ class OptimizerStep:
     span: Span
 
 
-StepOp: TypeAlias = NextBatch | Forward | ComputeLoss | Backward | OptimizerStep
+@dataclass(frozen=True)
+class ReadCache:
+    """The rows of a cache entry at the sample indices of the current batch of `data`: read from
+    the memory-mapped cache in place of the hoisted model's forward."""
+
+    kind: ClassVar[str] = "read_cache"
+    id: int
+    entry: str
+    data: str
+    span: Span
+
+
+StepOp: TypeAlias = NextBatch | ReadCache | Forward | ComputeLoss | Backward | OptimizerStep
 
 
 # -- the ops of one eval batch -------------------------------------------------------------------
@@ -308,4 +331,42 @@ class EvalLoss:
     span: Span
 
 
-EvalOp: TypeAlias = NextBatch | Forward | EvalLoss
+EvalOp: TypeAlias = NextBatch | ReadCache | Forward | EvalLoss
+
+
+# -- the precompute phase: hoisted calls, once per sample, before the loop ---------------------
+
+
+@dataclass(frozen=True)
+class FillCache:
+    """The hoisted call over every sample of `data`, in micro batches (rank r takes batches r,
+    r+W, ...; every rank joins every forward, the uneven end padded), under no_grad in eval mode;
+    each of `entries` written by sample index. `rows` and `bytes`: what the compiler knows of
+    the data set's size and the entries' rows (None: known at run time)."""
+
+    kind: ClassVar[str] = "fill_cache"
+    id: int
+    call: str
+    text: str
+    model: str
+    data: str
+    args: tuple[Expr, ...]
+    kwargs: tuple[tuple[str, Expr], ...]
+    entries: tuple[str, ...]
+    rows: int | None
+    bytes: int | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class ReleaseModel:
+    """The model's engine destroyed and its memory released: nothing reads it after the
+    precompute phase."""
+
+    kind: ClassVar[str] = "release_model"
+    id: int
+    model: str
+    span: Span
+
+
+PrecomputeStep: TypeAlias = FillCache | ReleaseModel

@@ -7,7 +7,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -263,22 +263,69 @@ def ce(
     return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
+class TopK(NamedTuple):
+    """A teacher's K largest log-probabilities at each position, and their class ids: what
+    `kl(..., topk=K)` reads (from the cache, or taken from the live teacher's logits)."""
+
+    logp: torch.Tensor  # [..., K] float32
+    ids: torch.Tensor  # [..., K] int64
+
+
+def topk_of(logits: torch.Tensor, k: int, temperature: float) -> TopK:
+    """The K largest log-probabilities of softmax(logits / T) over the last dimension."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return TopK(values, ids)
+
+
 def kl(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None
+    student: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    topk: int | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et al.)
     so that gradients keep their scale; averaged over rows (tokens for sequence models), or over
-    the rows where `mask` is non-zero (the attention mask: padding does not count)."""
+    the rows where `mask` is non-zero (the attention mask: padding does not count). With `topk`,
+    over the teacher's K most likely classes, the rest of both distributions as one class."""
     t = float(temperature)
     student, _ = _flatten_logits(student)
-    teacher, _ = _flatten_logits(teacher)
     log_p_student = F.log_softmax(student.float() / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
+    if topk is not None or isinstance(teacher, TopK):
+        top = teacher if isinstance(teacher, TopK) else topk_of(teacher, int(topk or 0), t)
+        per_token = _topk_kl(log_p_student, top)
+    else:
+        teacher, _ = _flatten_logits(teacher)
+        log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
+        if mask is None:
+            return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+        per_token = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
     if mask is None:
-        return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
-    per_token = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+        return per_token.sum() / per_token.shape[0] * t * t
     weights = mask.reshape(-1).to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp(min=1.0) * t * t
+
+
+def _topk_kl(log_q: torch.Tensor, top: TopK) -> torch.Tensor:
+    """Per row: KL(p || q) over the support of p's top K, with the mass outside it as one more
+    class on both sides: sum_k p_k (log p_k - log q_k) + p_rest (log p_rest - log q_rest). Exact
+    when K is every class (there is no rest then). `log_q`: [N, V]; `top`: [..., K]."""
+    k = top.logp.shape[-1]
+    log_p = top.logp.reshape(-1, k).float()
+    ids = top.ids.reshape(-1, k).long()
+    log_q_top = log_q.gather(-1, ids)
+    p = log_p.exp()
+    per_row = (p * (log_p - log_q_top)).sum(-1)
+    if k >= log_q.shape[-1]:
+        return per_row
+    p_rest = (1.0 - p.sum(-1)).clamp(min=0.0)
+    # log q_rest over the classes outside the top K; their log q is masked with the lowest finite
+    # value (not -inf: a row whose rest is empty keeps a finite gradient, multiplied by 0)
+    outside = log_q.scatter(-1, ids, torch.finfo(log_q.dtype).min)
+    log_q_rest = torch.logsumexp(outside, dim=-1)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-30).log() - log_q_rest), torch.zeros_like(p_rest))
+    return per_row + rest
 
 
 # -- statistics a loss reports beside its value (catalogue: `stats`), logged by the run -----------

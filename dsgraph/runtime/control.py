@@ -30,7 +30,7 @@ from dsgraph.runtime import rundir
 
 _FORMAT = struct.Struct("<qqdq8s")  # phase, last completed step, time of the beat, pid, run id
 _STOP = struct.Struct("<q")  # after the beat: the step to stop after (0: none), the driver writes it
-SETUP, TRAINING, FINISHED, CHECKPOINT, EXPORT, EVALUATION = 0, 1, 2, 3, 4, 5
+SETUP, TRAINING, FINISHED, CHECKPOINT, EXPORT, EVALUATION, PRECOMPUTE = 0, 1, 2, 3, 4, 5, 6
 PHASES = {
     SETUP: "setup",
     TRAINING: "training",
@@ -38,6 +38,7 @@ PHASES = {
     CHECKPOINT: "a checkpoint",
     EXPORT: "the export",
     EVALUATION: "an evaluation",
+    PRECOMPUTE: "the precompute",
 }
 EXIT_DRIVER_GONE = 75  # a worker's exit code when its driver died
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, default_collate
 
 
 def data_seed(pipeline_seed: int, index: int) -> int:
@@ -105,6 +105,34 @@ class RankBatchSampler(Sampler[list[int]]):
         raw = base64.b64decode(state["generator"])
         self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         self.epoch, self._skip, self._started = state["epoch"], state["position"], False
+
+
+class Indexed(Dataset):
+    """A data set whose items carry their index: the cache's rows are read by sample index."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class IndexedCollate:
+    """The collate function of an `Indexed` data set: (the batch's sample indices, the batch as
+    the data set's own collate function makes it)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None):
+        self.collate = collate or default_collate
+
+    def __call__(self, items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+        return torch.tensor([i for i, _ in items]), self.collate([item for _, item in items])
+
+
+def indexed(dataset: Dataset, collate: Callable[[list[Any]], Any] | None) -> tuple[Dataset, IndexedCollate]:
+    return Indexed(dataset), IndexedCollate(collate)
 
 
 def sharded_loader(

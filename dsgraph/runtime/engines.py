@@ -273,6 +273,35 @@ class Backend:
 
             engine.step = measured_step
 
+    def release(self, name: str) -> None:
+        """A frozen model's engine destroyed (its ZeRO-3 hooks removed) and every reference to it
+        dropped, the Accelerator's included, so that its parameters are freed."""
+        import gc
+
+        self.calls.append(("release", name))
+        handle = self.models.pop(name)
+        engine = handle.engine
+        for accelerator in self.accelerators.values():  # prepare() kept the engine, and wrapped its
+            # ZeRO-3 parameter offload (the `optimizer` of a frozen engine) as an optimizer
+            accelerator._models = [m for m in accelerator._models if m is not engine]
+            accelerator._optimizers = [
+                o for o in accelerator._optimizers if getattr(o, "optimizer", None) is not engine.optimizer
+            ]
+        module = handle.engine.module
+        handle.engine.destroy()
+        # DeepSpeed 0.19's ZeRO-3 keeps every engine's top module on a module-level stack it never
+        # pops (parameter_offload.FWD_MODULE_STACK): without this, the model outlives its engine.
+        from deepspeed.runtime.zero import parameter_offload
+
+        stack = parameter_offload.FWD_MODULE_STACK
+        stack[:] = [m for m in stack if m is not module]
+        _clear_release_cache()
+        engine.module = None
+        del handle, engine, module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Every model's bytes: a trained one's as measured at its step, a frozen one's now."""
         return {name: h.memory or measure.measure(h.engine) for name, h in self.models.items()}
@@ -352,6 +381,22 @@ class Backend:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def _clear_release_cache() -> None:
+    """DeepSpeed 0.19's ZeRO-3 parameter coordinator memoizes which parameters to release per
+    (coordinator, submodule) in a class-wide lru_cache, which holds every module it has seen. A
+    cache only: emptied, the other engines' coordinators fill it again on their next forward."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    function = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    for _ in range(4):  # through the decorators around it (DeepSpeed's instrument_w_nvtx)
+        if function is None or hasattr(function, "cache_clear"):
+            break
+        inner = [c.cell_contents for c in getattr(function, "__closure__", None) or () if callable(c.cell_contents)]
+        function = getattr(function, "__wrapped__", None) or (inner[0] if inner else None)
+    if function is not None and hasattr(function, "cache_clear"):
+        function.cache_clear()
 
 
 def _load_without_quant_states(src: dict[str, Any], dst: nn.Module) -> None:

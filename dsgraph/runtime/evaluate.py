@@ -1,7 +1,8 @@
 """Evaluating the plan's expressions (model-call arguments and loss terms) over one micro batch.
 
 Values are looked up in a `Scope`: the current batch of every data set, the outputs of the model
-calls made so far (by call id) and the losses of the current train group. A call listed in
+calls made so far (by call id), the cached rows read for the batch (by cache entry) and the
+losses of the current train group. A call listed in
 `detach` is read detached, so that one group's backward never reaches another group's models."""
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Scope:
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: dict[str, Any] = field(default_factory=dict)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    cached: dict[str, Any] = field(default_factory=dict)  # cache entry -> the batch's rows
+    indices: dict[str, Any] = field(default_factory=dict)  # data set -> the batch's sample indices
 
 
 def detached(value: Any) -> Any:
@@ -83,4 +86,6 @@ def evaluate(expr: P.Expr, scope: Scope, detach: tuple[str, ...], factories: Fac
         if expr.op == "*":
             return a * b
         return a / b
+    if type(expr) is P.Cached:
+        return scope.cached[expr.entry]
     assert_never(expr)

@@ -10,6 +10,7 @@ import gc
 import json
 import sys
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from functools import cached_property
@@ -22,9 +23,21 @@ from torch import nn
 from dsgraph import plan as P
 from dsgraph.compat import assert_never
 from dsgraph.context import RunContext
-from dsgraph.runtime import adapters, builtins, checkpoint, configs, control, data, manifest, rundir, sources
+from dsgraph.runtime import (
+    adapters,
+    builtins,
+    cache,
+    checkpoint,
+    configs,
+    control,
+    data,
+    manifest,
+    measure,
+    rundir,
+    sources,
+)
 from dsgraph.runtime.engines import Backend
-from dsgraph.runtime.evaluate import Scope, evaluate
+from dsgraph.runtime.evaluate import Scope, evaluate, project
 from dsgraph.runtime.export import export_model
 from dsgraph.runtime.meter import EvalMeter, Meter
 from dsgraph.runtime.metrics import Metrics
@@ -67,7 +80,7 @@ def model_seed(pipeline_seed: int, name: str) -> int:
     return (pipeline_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
-def _where(step: P.SetupStep | P.StepOp | P.EvalLoss) -> str:
+def _where(step: P.SetupStep | P.StepOp | P.EvalLoss | P.PrecomputeStep) -> str:
     """How a failure names the step: `setup step 3 (build_model student)`, `loss `kd``."""
     match step:
         case P.Forward(text=text):
@@ -76,6 +89,12 @@ def _where(step: P.SetupStep | P.StepOp | P.EvalLoss) -> str:
             return f"loss `{loss}`"
         case P.Backward() | P.OptimizerStep() | P.NextBatch():
             return f"step op {step.id} ({step.kind})"
+        case P.ReadCache(entry=entry):
+            return f"step op {step.id} (read_cache {entry})"
+        case P.FillCache(text=text, data=data):
+            return f"precompute `{text}` over `{data}`"
+        case P.ReleaseModel(model=name):
+            return f"releasing `{name}`"
         case _:
             subject = getattr(step, "model", None) or getattr(step, "data", None)
             return f"setup step {step.id} ({step.kind}{' ' + subject if subject else ''})"
@@ -83,7 +102,7 @@ def _where(step: P.SetupStep | P.StepOp | P.EvalLoss) -> str:
 
 class Executor:
     def __init__(self, plan: P.Plan, run_dir: Path, rank: int, world: int, run_id: str, resume: Path | None = None):
-        self.plan, self.run_dir, self.rank, self.world = plan, run_dir, rank, world
+        self.plan, self.run_dir, self.rank, self.world, self.run_id = plan, run_dir, rank, world, run_id
         self.resume = resume  # a checkpoint manifest the driver checked
         self.settings = plan.settings
         self.base_dir = Path(plan.file).parent
@@ -104,6 +123,12 @@ class Executor:
         self._total_steps: int | None = None
         self._factories: dict[str, Callable[..., Any]] = {}
         self._groups = {g.index: (g.loss, tuple(m.name for m in plan.models_of(g.index))) for g in plan.groups}
+        # The data sets whose batches carry their sample indices: the cache's rows are read by them.
+        reads = [*plan.step, *(plan.evaluation.step if plan.evaluation else ())]
+        self.indexed = frozenset(op.data for op in reads if isinstance(op, P.ReadCache))
+        self.cached: dict[tuple[str, str], cache.Arrays] = {}  # (entry, data set) -> its rows
+        self.precomputed: list[dict[str, Any]] = []  # what each fill did, for the report
+        self.memory_phases: dict[str, Any] = {}
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -163,8 +188,9 @@ class Executor:
             case P.ShardData(data=name):
                 index = [d.name for d in plan.data].index(name)
                 declared = plan.data_set(name)
+                dataset, collate = self._dataset(name)
                 loader = data.sharded_loader(
-                    self.datasets[name],
+                    dataset,
                     self.settings.micro_batch,
                     data.data_seed(self.settings.seed, index),
                     self.rank,
@@ -172,18 +198,14 @@ class Executor:
                     declared.shuffle,
                     declared.drop_last,
                     declared.workers,
-                    self._collate(declared),
+                    collate,
                 )
                 self.batches[name] = data.Batches(loader, name)
             case P.ShardEval(data=name):
                 declared = plan.data_set(name)
+                dataset, collate = self._dataset(name)
                 shard = data.EvalShard(
-                    self.datasets[name],
-                    self.settings.micro_batch,
-                    self.rank,
-                    self.world,
-                    declared.workers,
-                    self._collate(declared),
+                    dataset, self.settings.micro_batch, self.rank, self.world, declared.workers, collate
                 )
                 self.eval_shards[name] = shard
             case _:
@@ -238,6 +260,14 @@ class Executor:
             raise TypeError(f"{declared.collate.target} returned {type(collate).__name__}, not a collate function")
         return collate
 
+    def _dataset(self, name: str) -> tuple[Any, Callable[[list[Any]], Any] | None]:
+        """The data set and its collate function; a data set read with the cache gives each batch's
+        sample indices beside it."""
+        collate = self._collate(self.plan.data_set(name))
+        if name in self.indexed:
+            return data.indexed(self.datasets[name], collate)
+        return self.datasets[name], collate
+
     def _context(self, seed: int | None = None) -> RunContext:
         s = self.settings
         return RunContext(s.seed, self.rank, self.world, s.micro_batch, s.grad_accum, seed)
@@ -268,6 +298,120 @@ class Executor:
                 )
                 self._total_steps = max(1, s.epochs * per_epoch // s.grad_accum)
         return self._total_steps
+
+    # -- the precompute phase --------------------------------------------------------------
+
+    def precompute(self) -> None:
+        """The plan's precompute steps: each hoisted call over its data set, written to the cache
+        (or a matching cache reused), then each cached model released before the loop."""
+        pre = self.plan.precompute
+        if pre is None:
+            return
+        root = cache.directory(self.plan, self.run_dir)
+        self.heartbeat.beat(control.PRECOMPUTE, 0)
+        for step in pre.steps:
+            try:
+                match step:
+                    case P.FillCache():
+                        with writing(f"writing the cache of `{step.text}`", root):
+                            self._fill(step, root)
+                    case P.ReleaseModel(model=name):
+                        self._release(name)
+                    case _:
+                        assert_never(step)
+            except RunFailure:
+                raise
+            except Exception as error:
+                raise RunFailure(_where(step), step.span, error) from error
+        self.heartbeat.beat(control.SETUP, 0)
+
+    def _fill(self, step: P.FillCache, root: Path) -> None:
+        """Every rank takes batches r, r+W, ... of the data set in file order and joins every
+        forward (a ZeRO-3 forward is a collective; a rank short of a batch in the last round runs
+        the first one again and writes nothing); each rank writes its rows in place."""
+        assert self.plan.precompute is not None
+        started = time.perf_counter()
+        entries = [self.plan.precompute.entry(e) for e in step.entries]
+        digest = cache.fill_digest(self.plan, step, model_seed(self.settings.seed, step.model), self.base_dir)
+        fill = cache.Fill(root, digest, step, entries, self.run_id)
+        rows = len(self.datasets[step.data])
+        found = self.backend.all_gather_object(fill.complete(rows), self.world)  # every rank sees the same cache
+        forwards = 0
+        if not all(found):
+            fill.arrays = {}
+            declared = self.plan.data_set(step.data)
+            shard = data.EvalShard(
+                self.datasets[step.data],
+                self.settings.micro_batch,
+                self.rank,
+                self.world,
+                declared.workers,
+                self._collate(declared),
+            )
+            device = self.backend.device()
+            batches = zip(shard.indices, shard.weights, shard.loader, strict=True)
+            for number, (indices, weight, batch) in enumerate(self._fill_progress(batches, len(shard), step)):
+                scope = Scope(batches={step.data: _to_device(batch, device)})
+                args = [evaluate(a, scope, (), self._factory) for a in step.args]
+                kwargs = {k: evaluate(v, scope, (), self._factory) for k, v in step.kwargs}
+                with torch.no_grad():  # the model is frozen and in eval mode; ZeRO-3 gathers per layer
+                    out = self.backend.forward(step.model, args, kwargs)
+                values = {e.id: cache.to_cache(_at(out, e.path), e) for e in entries}
+                forwards += 1
+                if number == 0:  # the arrays take the shapes of the first batch's rows
+                    if self.rank == 0:
+                        fill.create(rows, values)
+                    self.backend.barrier()
+                if weight:
+                    fill.write(indices, values)
+                self.heartbeat.beat(control.PRECOMPUTE, 0)  # a long precompute is not a hang
+            fill.flush()
+            self.backend.barrier()  # every rank's rows are on disk
+            if self.rank == 0:
+                fill.commit(rows, time.perf_counter() - started)
+            self.backend.barrier()
+            fill.open(fill.final)
+        for entry in entries:
+            self.cached[entry.id, step.data] = fill.arrays[entry.id]
+        self.precomputed.append(
+            {
+                "step": step.id,
+                "call": step.text,
+                "data": step.data,
+                "rows": rows,
+                "reused": all(found),
+                "forwards": forwards,
+                "seconds": round(time.perf_counter() - started, 3),
+                "digest": digest,
+            }
+        )
+
+    def _fill_progress(self, batches: Any, total: int, step: P.FillCache) -> Any:
+        if self.rank != 0 or total < 20:
+            return batches
+        from tqdm import tqdm
+
+        return tqdm(batches, total=total, desc=f"precompute {step.text}", unit="batch", leave=False, file=sys.stderr)
+
+    def _release(self, name: str) -> None:
+        """The model's engine destroyed and its memory given back; measured on either side: the
+        bytes of every live tensor of this rank (and of CUDA's allocator on a GPU)."""
+        handle = self.backend.models[name]
+        held = measure.measure(handle.engine)
+        gc.collect()
+        before = measure.live_tensor_bytes()
+        engine = weakref.ref(handle.engine)
+        del handle
+        self.backend.release(name)
+        after = measure.live_tensor_bytes()
+        self.memory_phases[name] = {
+            "model": held,
+            "live_before": before,
+            "live_after": after,
+            "engine_freed": engine() is None,
+        }
+        if torch.cuda.is_available():
+            self.memory_phases[name]["cuda_allocated_after"] = torch.cuda.memory_allocated()
 
     # -- training --------------------------------------------------------------------------
 
@@ -423,7 +567,9 @@ class Executor:
         that every rank joins every forward, counted for nothing)."""
         match op:
             case P.NextBatch(data=name):
-                scope.batches[name] = _to_device(next(batches[read.index(name)]), device)
+                self._put_batch(scope, name, next(batches[read.index(name)]), device)
+            case P.ReadCache(entry=entry, data=name):
+                scope.cached[entry] = self.cached[entry, name].rows(scope.indices[name], device)
             case P.Forward():
                 args = [evaluate(a, scope, (), self._factory) for a in op.args]
                 kwargs = {k: evaluate(v, scope, (), self._factory) for k, v in op.kwargs}
@@ -452,7 +598,9 @@ class Executor:
         backend = self.backend
         match op:
             case P.NextBatch(data=name):
-                scope.batches[name] = _to_device(self.batches[name].next(), device)
+                self._put_batch(scope, name, self.batches[name].next(), device)
+            case P.ReadCache(entry=entry, data=name):  # rows by sample index, from the memory map
+                scope.cached[entry] = self.cached[entry, name].rows(scope.indices[name], device)
             case P.Forward():
                 args = [evaluate(a, scope, op.detach, self._factory) for a in op.args]
                 kwargs = {k: evaluate(v, scope, op.detach, self._factory) for k, v in op.kwargs}
@@ -471,6 +619,11 @@ class Executor:
                 backend.optimizer_step(self._groups[group][1])  # at the accumulation boundary
             case _:
                 assert_never(op)
+
+    def _put_batch(self, scope: Scope, name: str, batch: Any, device: torch.device) -> None:
+        if name in self.indexed:  # (sample indices, batch): the indices stay on the CPU
+            scope.indices[name], batch = batch[0].numpy(), batch[1]
+        scope.batches[name] = _to_device(batch, device)
 
     def _loss(self, op: P.ComputeLoss, scope: Scope, meter: Meter) -> torch.Tensor:
         """The weighted sum of the loss's terms; on a logged step, each term is metered too."""
@@ -509,7 +662,7 @@ class Executor:
         """What this rank executed and held, for tests and for the driver's summary."""
         digests = {}
         for m in self.plan.models:
-            if not m.trained:
+            if not m.trained and m.name in self.backend.models:  # a released model is gone
                 state = self.backend.full_state_dict(m.name)  # collective: all ranks gather
                 if state is not None:
                     digests[m.name] = state_digest(state)
@@ -525,6 +678,8 @@ class Executor:
             "backend_calls": self.backend.calls,
             "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
             "memory": self.backend.memory_report(),
+            "precompute": self.precomputed,
+            "released": self.memory_phases,
             "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
             "samples": {name: b.sampler.served for name, b in self.batches.items()},
         }
@@ -542,6 +697,13 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def _at(value: Any, path: tuple[str, ...]) -> Any:
+    """A call's output at an attribute path (`.logits`)."""
+    for attr in path:
+        value = project(value, attr)
+    return value
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

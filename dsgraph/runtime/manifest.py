@@ -132,10 +132,13 @@ def data_digest(source: Source, base_dir: Path) -> str | None:
     """The SHA-256 of what a data set reads (its `path`): a file's bytes, or a directory's (a
     `save_to_disk` data set) files, each by its relative name and bytes; None when it reads none."""
     path = source.arg("path")
-    if not isinstance(path, str):
-        return None
+    return path_digest(base_dir / path) if isinstance(path, str) else None
+
+
+def path_digest(root: Path) -> str | None:
+    """The SHA-256 of a file's bytes, or of a directory's files, each by its relative name and
+    bytes; None when it cannot be read (what reads it fails with its own message)."""
     try:
-        root = base_dir / path
         if not root.is_dir():
             return _sha256(root)
         digest = hashlib.sha256()
@@ -143,7 +146,7 @@ def data_digest(source: Source, base_dir: Path) -> str | None:
             digest.update(f"{file.relative_to(root).as_posix()}\0{_sha256(file)}\0".encode())
         return digest.hexdigest()
     except OSError:
-        return None  # the run fails on it with its own message
+        return None
 
 
 def _sha256(path: Path) -> str:

@@ -139,3 +139,21 @@ def measure(engine: Any, device_type: str | None = None) -> dict[str, int]:
     out["total"] = sum(count.bytes.values())
     out["host"] = count.host
     return out
+
+
+def live_tensor_bytes() -> int:
+    """The bytes of every tensor storage this process can still reach (each storage once, meta
+    tensors left out): what a released model's memory is measured against. Walks every object
+    the garbage collector tracks, so it is called outside the loop."""
+    import gc
+
+    seen: dict[tuple[str, int], int] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+            continue
+        try:
+            storage = obj.untyped_storage()
+        except RuntimeError:  # a tensor without storage (a functional or sparse wrapper)
+            continue
+        seen[(str(obj.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())

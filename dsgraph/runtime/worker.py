@@ -72,6 +72,9 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
         executor = Executor(plan, run_dir, rank, world, run_id, resume)
         executor.setup()
         setup_time = time.perf_counter() - started
+        phase = "the precompute"
+        executor.precompute()
+        precompute_time = time.perf_counter() - started - setup_time
         phase = "training"
         metrics = executor.train()
         phase = "the export"
@@ -80,8 +83,9 @@ def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> 
         phase = "the report"
         executor.write_rank_report()
         executor.heartbeat.beat(control.FINISHED, executor.last_step)
-        train_time = time.perf_counter() - started - setup_time
-        metrics.close(_summary(plan, executor.last_step, metrics, exported, setup_time, train_time, run_dir))
+        train_time = time.perf_counter() - started - setup_time - precompute_time
+        times = {"setup": setup_time, "precompute": precompute_time, "train": train_time}
+        metrics.close(_summary(plan, executor.last_step, metrics, exported, times, run_dir))
         executor.backend.shutdown()
         (run_dir / "done").mkdir(exist_ok=True)
         outcome = "stopped" if executor.stopped_early else "ok"
@@ -156,11 +160,14 @@ def _reserve_failure_record(run_dir: Path, rank: int) -> None:
 
 
 def _summary(
-    plan: Plan, steps: int, metrics: Metrics, exported: list[Path], setup: float, train: float, run_dir: Path
+    plan: Plan, steps: int, metrics: Metrics, exported: list[Path], seconds: dict[str, float], run_dir: Path
 ) -> list[str]:
     last, evaluated = metrics.last, metrics.last_eval
     stopped = "" if steps == plan.settings.steps or plan.settings.steps is None else " (stopped early)"
-    times = f"setup {setup:.1f} s" + (f", evaluation {metrics.eval_seconds:.1f} s" if evaluated else "")
+    train = seconds["train"]
+    times = f"setup {seconds['setup']:.1f} s"
+    times += f", precompute {seconds['precompute']:.1f} s" if plan.precompute else ""
+    times += f", evaluation {metrics.eval_seconds:.1f} s" if evaluated else ""
     if last:
         rate = f"{last.get('samples_per_s', 0):.0f} samples/s"
         took = train - metrics.eval_seconds
