@@ -49,6 +49,7 @@ class Refusal:
     why: str
     help: str
     span: Span
+    where: str  # what `span` shows, for the note
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def hoist(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, world_size: i
                         span,
                         f"`{name}` cannot be cached: `{ir.show_expr(call)}` {r.why}",
                         r.help,
-                        Note("the call is here", r.span),
+                        Note(r.where, r.span),
                     )
                 )
             if not refused:
@@ -183,6 +184,7 @@ def _hoistable(pipeline: ir.Pipeline, call: ir.ModelCall) -> str | Refusal:
             "runs in train mode: its dropout draws new masks on every call",
             f"remove `train_mode` from `{call.model}` to cache it, or `cache` to keep it in the loop",
             model.spans.get("train_mode", model.span),
+            "`train_mode` is set here",
         )
     fields: list[ir.FieldRef] = []
     for arg in [*call.args, *(v for _, v in call.kwargs)]:
@@ -193,6 +195,7 @@ def _hoistable(pipeline: ir.Pipeline, call: ir.ModelCall) -> str | Refusal:
                 f"reads the output of `{ir.show_expr(inner)}`, which is not a data field",
                 "only a call on data fields is computed once per sample; remove `cache`",
                 inner.span,
+                "the model output it reads",
             )
         fields += _fields(arg)
     sets = sorted({f.data for f in fields})
@@ -203,6 +206,7 @@ def _hoistable(pipeline: ir.Pipeline, call: ir.ModelCall) -> str | Refusal:
             "a cached row belongs to one sample of one data set",
             "cache a call whose arguments are fields of one data set, or remove `cache`",
             call.span,
+            "the call",
         )
     for name in (sets[0], pipeline.data[sets[0]].eval):
         if name is None or name not in pipeline.data:  # an undeclared eval set: DSG201 says so
@@ -215,6 +219,7 @@ def _hoistable(pipeline: ir.Pipeline, call: ir.ModelCall) -> str | Refusal:
                 f"write `deterministic = true` in the block of `{name}` if it gives the same sample for the same "
                 "index every time, or remove `cache`",
                 pipeline.data[name].span,
+                f"`{name}` is declared here",
             )
     return sets[0]
 
