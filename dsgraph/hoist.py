@@ -24,6 +24,7 @@ from dsgraph import graph as g
 from dsgraph.analysis import Analysis, Role
 from dsgraph.diagnostics import Diagnostic, Note, diagnostic
 from dsgraph.dsconfig.resolve import precision_of
+from dsgraph.dsconfig.sizes import human
 from dsgraph.graph import Graph
 from dsgraph.plan import DataSet, SourceKind
 from dsgraph.source import Span
@@ -162,13 +163,13 @@ def hoist(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, world_size: i
                 ModelCache(
                     name,
                     False,
-                    f"{total / GIB:.3g} GiB exceed `cache_budget = {pipeline.settings.cache_budget:g}`",
+                    f"{human(total)} exceed `cache_budget = {pipeline.settings.cache_budget:g}` (GiB)",
                     span,
                 )
             )
         else:
             budget -= total
-            models.append(ModelCache(name, True, f"{epochs:.3g} passes over the data; {total / GIB:.3g} GiB", span))
+            models.append(ModelCache(name, True, f"{epochs:.3g} passes over the data; {human(total)}", span))
     cached = {m.model for m in models if m.cached}
     kept = {n: r for n, r in reads.items() if graph.nodes[n]["model"] in cached}
     return Hoisting(data, refusals, kept, tuple(models), rows, sizes, tuple(diags))

@@ -198,10 +198,17 @@ class Estimate:
     models: list[ModelEstimate]
     device_memory: int | None = None
     device_source: str | None = None
+    released: tuple[str, ...] = ()  # cached models, released after the precompute phase
 
     @property
     def total(self) -> int:
+        """The peak: every model is built (and held) during the setup and the precompute."""
         return sum(m.total for m in self.models)
+
+    @property
+    def training_total(self) -> int:
+        """During the loop: the released models' memory is given back."""
+        return sum(m.total for m in self.models if m.name not in self.released)
 
     @property
     def host_total(self) -> int:
@@ -222,6 +229,7 @@ class Estimate:
             "device_memory": self.device_memory,
             "device_source": self.device_source,
             "fits": self.fits,
+            "phases": {"precompute": self.total, "training": self.training_total, "released": list(self.released)},
         }
 
     def to_text(self) -> str:
@@ -251,6 +259,14 @@ class Estimate:
             for r in rows
         ]
         lines.append(f"  total per device: {human(self.total)} ({self.total} bytes)")
+        if self.released:
+            freed = self.total - self.training_total
+            names = ", ".join(self.released)
+            lines.append(f"    during the precompute: {human(self.total)} (every model built)")
+            lines.append(
+                f"    during training:       {human(self.training_total)} ({self.training_total} bytes; "
+                f"{names} released before the loop: {human(freed)} freed per rank)"
+            )
         if self.host_total:
             lines.append(f"  offloaded to host RAM, per rank: {human(self.host_total)}")
         if self.device_memory is not None:
@@ -278,7 +294,8 @@ def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = 
         est = estimate_model(m.name, m.role.value, m.stage, m.precision.value, config, counts[m.name], world)
         est.zero_auto = m.zero_auto
         models.append(est)
-    return Estimate(plan.pipeline, world, models)
+    released = plan.precompute.released if plan.precompute else ()
+    return Estimate(plan.pipeline, world, models, released=released)
 
 
 # -- how much memory there is -------------------------------------------------------------------
