@@ -105,15 +105,18 @@ _ENGINE_STEPS = ("init_process_group", "create_accelerator", "select_plugin", "b
 def assert_ranks_executed_the_plan(run_dir: Path) -> None:
     """The setup steps and the ops of a training step each rank executed, in order, are the
     plan's lists, op by op, the optimizer step included; and the backend was asked for exactly
-    the engine steps of the setup, in that order. Held for every shipped pipeline (the language
+    the engine steps of the setup (and the releases of the precompute phase), in that order. Held for every shipped pipeline (the language
     models' in tests/test_lm.py)."""
     plan = load_plan(run_dir)
     setup = [{"id": s.id, "kind": s.kind} for s in plan.setup]
     ops = [{"id": op.id, "kind": op.kind} for op in plan.step] * plan.settings.grad_accum
     assert "optimizer_step" in {op["kind"] for op in ops}
     engine_calls = [(s.kind, getattr(s, "model", None)) for s in plan.setup if s.kind in _ENGINE_STEPS]
+    precompute = [{"id": s.id, "kind": s.kind} for s in plan.precompute.steps] if plan.precompute else []
+    engine_calls += [("release", name) for name in (plan.precompute.released if plan.precompute else ())]
     for report in ranks(run_dir):
         assert report["executed"] == setup
+        assert report["executed_precompute"] == precompute
         assert report["executed_step"] == ops
         assert [tuple(c) for c in report["backend_calls"]] == engine_calls
 

@@ -114,6 +114,7 @@ class Executor:
         self.built: dict[str, nn.Module] = {}  # built, not yet handed to an engine
         self.executed: list[int] = []  # setup step ids, in the order run
         self.executed_step: list[int] = []  # op ids of the first optimizer step
+        self.executed_precompute: list[int] = []  # precompute step ids, in the order run
         self.heartbeat = control.Heartbeat(run_dir, rank, run_id)
         self.first_step = 0  # > 0 when resuming
         self.resume_rng: dict[str, str] | None = None
@@ -323,6 +324,7 @@ class Executor:
                 raise
             except Exception as error:
                 raise RunFailure(_where(step), step.span, error) from error
+            self.executed_precompute.append(step.id)
         self.heartbeat.beat(control.SETUP, 0)
 
     def _fill(self, step: P.FillCache, root: Path) -> None:
@@ -668,12 +670,14 @@ class Executor:
                     digests[m.name] = state_digest(state)
         kinds = {s.id: s.kind for s in self.plan.setup}
         op_kinds = {op.id: op.kind for op in self.plan.step}
+        pre_kinds = {s.id: s.kind for s in self.plan.precompute.steps} if self.plan.precompute else {}
         report = {
             "rank": self.rank,
             "device": str(self.backend.device()),
             "process_group": str(torch.distributed.get_backend()),
             "executed": [{"id": i, "kind": kinds[i]} for i in self.executed],
             "executed_step": [{"id": i, "kind": op_kinds[i]} for i in self.executed_step],
+            "executed_precompute": [{"id": i, "kind": pre_kinds[i]} for i in self.executed_precompute],
             "frozen_digests": digests,
             "backend_calls": self.backend.calls,
             "shards": {name: self.backend.local_shard_numels(name) for name in self.backend.models},
