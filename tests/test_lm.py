@@ -106,6 +106,36 @@ def test_gradient_checkpointing_gives_the_same_losses(pipelines, distill_lm_run,
             assert a["losses"][name] == pytest.approx(b["losses"][name], abs=1e-6), (a["step"], name)
 
 
+@pytest.mark.parametrize("topk", [None, 259])
+def test_a_cached_lm_teacher_gives_the_live_losses_whole_or_as_top_k_of_the_whole_vocabulary(
+    pipelines, distill_lm_run, tmp_path, topk
+):
+    """The GPT-2 teacher's logits computed once before the loop (448 training and 64 test samples),
+    whole, or as the top-k log-probabilities with k the byte vocabulary (259): every training step
+    and the evaluation give the live run's losses and statistics within 1e-6."""
+    pipeline = pipelines / "distill_lm.dsg"
+    if topk:
+        text, kd = pipeline.read_text(), "temperature=2.0, mask=train.attention_mask)"
+        assert kd in text
+        pipeline = pipelines / "distill_lm_topk.dsg"
+        pipeline.write_text(text.replace(kd, f"temperature=2.0, mask=train.attention_mask, topk={topk})"))
+    run_dir = tmp_path / "run"
+    done = dsgraph_run(pipeline, run_dir, f"steps={STEPS}", "teacher.cache=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = load_plan(run_dir)
+    assert plan.precompute is not None and [e.topk for e in plan.precompute.entries] == [topk]
+    cached, live = all_rows(run_dir), all_rows(distill_lm_run)
+    assert [r["step"] for r in cached] == [r["step"] for r in live]
+    for a, b in zip(cached, live, strict=True):
+        for group in ("losses", "terms", "stats"):
+            for name, value in b[group].items():
+                assert a[group][name] == pytest.approx(value, abs=1e-6), (a["split"], a["step"], name)
+    for report in ranks(run_dir):
+        assert [(f["rows"], f["forwards"]) for f in report["precompute"]] == [(448, 14), (64, 2)]
+        assert report["released"]["teacher"]["engine_freed"]
+    assert_ranks_executed_the_plan(run_dir)
+
+
 def _margins(policy, reference, pairs) -> torch.Tensor:
     """beta-free DPO margins of every pair: (policy - reference) on chosen minus on rejected."""
     from dsgraph.runtime.builtins import sequence_logprobs

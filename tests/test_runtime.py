@@ -104,8 +104,9 @@ _ENGINE_STEPS = ("init_process_group", "create_accelerator", "select_plugin", "b
 
 def assert_ranks_executed_the_plan(run_dir: Path) -> None:
     """The setup steps and the ops of a training step each rank executed, in order, are the
-    plan's lists, op by op, the optimizer step included; and the backend was asked for exactly
-    the engine steps of the setup (and the releases of the precompute phase), in that order. Held for every shipped pipeline (the language
+    plan's lists, op by op, the optimizer step included (and the precompute phase's steps); and
+    the backend was asked for exactly the engine steps of the setup (then the releases of the
+    precompute phase), in that order. Held for every shipped pipeline (the language
     models' in tests/test_lm.py)."""
     plan = load_plan(run_dir)
     setup = [{"id": s.id, "kind": s.kind} for s in plan.setup]
