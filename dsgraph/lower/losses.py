@@ -188,6 +188,14 @@ class LossLowering:
                     f"write a constant, e.g. `{name}={param.default!r}`",
                 )
                 ok = False
+            elif name == "topk" and value.value < 1:
+                self.diags.add(
+                    "DSG209",
+                    arg.value.span,
+                    f"`topk` keeps the teacher's K most likely classes: at least 1, not {value.value}",
+                    "write e.g. `topk=64`, or leave it out for the whole distribution",
+                )
+                ok = False
         return ir.LossFn(spec.name, True, positional, keywords, span) if ok else None
 
     def _undefined(self, text: str, span: Span, candidates: Iterable[str]) -> None:
