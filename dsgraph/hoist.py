@@ -155,9 +155,9 @@ def hoist(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, world_size: i
         if total is None or epochs is None:
             models.append(ModelCache(name, False, "its size is known only at run time: write `cache = true`", span))
         elif epochs <= 1:
-            models.append(
-                ModelCache(name, False, f"the run reads each sample {epochs:.2g} times: nothing to save", span)
-            )
+            at = "" if world_size else " at world size 1 (compile with --world-size N to plan for N processes)"
+            why = f"the run reads each sample {epochs:.2g} times{at}: nothing to save"
+            models.append(ModelCache(name, False, why, span))
         elif total > budget:
             models.append(
                 ModelCache(

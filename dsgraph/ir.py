@@ -245,7 +245,9 @@ class Pipeline:
             f"checkpoint_every={s.checkpoint_every} precision={s.precision.value}"
             + (f" eval_every={s.eval_every}" if s.eval_every else "")
             + (f" track={','.join(s.track)}" if s.track else "")
-            + (" rank_metrics" if s.rank_metrics else ""),
+            + (" rank_metrics" if s.rank_metrics else "")
+            + (f" cache_dir={json.dumps(s.cache_dir)}" if s.cache_dir else "")
+            + (f" cache_budget={s.cache_budget:g}" if s.cache_budget != 16.0 else ""),
         ]
         for d in self.data.values():
             fields = ",".join(d.fields) if d.fields is not None else "?"
@@ -254,6 +256,7 @@ class Pipeline:
             options += f" workers={d.workers}" if d.workers else ""
             options += f" eval={d.eval}" if d.eval else ""
             options += f" collate={d.collate.show()}" if d.collate else ""
+            options += "" if d.deterministic is None else f" deterministic={str(d.deterministic).lower()}"
             out.append(f"  data {d.name} = {d.source.show()} fields=[{fields}]{options}")
         for z in self.zeros.values():
             origin = f" file={z.file}" if z.file else ""
@@ -279,6 +282,10 @@ class Pipeline:
                 props.append("gradient_checkpointing")
             if m.quantize:
                 props.append(f"quantize=bnb4{json.dumps(dataclasses.asdict(m.quantize), sort_keys=True)}")
+            if m.cache != "false":
+                props.append(f"cache={m.cache}")
+            if m.train_mode:
+                props.append("train_mode")
             out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
         for loss in self.losses.values():
             out.append(f"  loss {loss.name} = {show_expr(loss.expr)}")

@@ -238,5 +238,10 @@ def _is_launcher(command: list[str]) -> bool:
 def prepare_current_process() -> None:
     """For a rank started by an external launcher: the same settings the driver would give."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for key, value in worker_environment(world).items():
+    prepared = worker_environment(world)
+    for key, value in prepared.items():
         os.environ.setdefault(key, value)
+    # The environment's own `ninja` first here too: the op cache is keyed by it, and DeepSpeed's
+    # build reads PATH; another ninja would rebuild the op (~25 s) at each switch between
+    # `dsgraph run` and an external launcher.
+    os.environ["PATH"] = prepared["PATH"]
