@@ -188,7 +188,7 @@ class LossLowering:
                     f"write a constant, e.g. `{name}={param.default!r}`",
                 )
                 ok = False
-            elif name == "topk" and value.value < 1:
+            elif name == "topk" and isinstance(value.value, int) and value.value < 1:
                 self.diags.add(
                     "DSG209",
                     arg.value.span,
