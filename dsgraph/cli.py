@@ -28,7 +28,8 @@ EXIT_ENVIRONMENT = 74  # the machine's fault: the run directory, a full disk, a 
 EPILOG = """examples:
   dsgraph compile pipelines/distill.dsg               the plan, as text
   dsgraph compile pipelines/distill.dsg --format json --world-size 2
-  dsgraph compile pipelines/distill.dsg --emit graph  an earlier stage: ast, ir or graph
+  dsgraph compile pipelines/distill.dsg --emit graph  an earlier stage: ast, ir, graph or hoist
+  dsgraph compile pipelines/distill.dsg --set teacher.cache=true   the teacher hoisted out of the loop
   dsgraph compile pipelines/distill.dsg --memory --world-size 2   bytes per model and rank
   dsgraph check pipelines/*.dsg                       diagnostics only
   dsgraph dot pipelines/distill.dsg -o distill.svg    the graph, drawn by Graphviz
@@ -68,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument(
-        "--emit", choices=("ast", "ir", "graph", "plan"), default="plan", help="print this stage instead of the plan"
+        "--emit",
+        choices=("ast", "ir", "graph", "hoist", "plan"),
+        default="plan",
+        help="print this stage instead of the plan",
     )
     p.add_argument(
         "--world-size", type=_positive, default=None, help="plan for this many processes (resolves train_batch_size)"
@@ -228,6 +232,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from dsgraph.graph import show
 
         sys.stdout.write(show(graph))
+    elif args.emit == "hoist":
+        assert result.hoisting is not None
+        sys.stdout.write(result.hoisting.show(graph))
     elif args.format == "json":
         sys.stdout.write(plan.to_json())
     else:

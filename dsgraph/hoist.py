@@ -72,13 +72,27 @@ class Hoisting:
     rows: Mapping[str, int | None]  # data set -> its samples, where known before the run
     row_bytes: Mapping[Read, int | None]  # bytes of one cached row of a read
     diagnostics: tuple[Diagnostic, ...]
+    calls: tuple[str, ...] = ()  # every reached call of a frozen model, in evaluation order
 
-    @property
-    def cached(self) -> frozenset[str]:
-        return frozenset(m.model for m in self.models if m.cached)
-
-    def cached_call(self, node: str, graph: Graph) -> bool:
-        return node in self.reads and graph.nodes[node]["model"] in self.cached
+    def show(self, graph: Graph) -> str:
+        """`--emit hoist`: each frozen call, loop-invariant or why not; each `cache` decision; what
+        is read of each cached call."""
+        out = ["hoist"]
+        for node in self.calls:
+            text = ir.show_expr(graph.nodes[node]["call"])
+            if node in self.data:
+                out.append(f"  call {text}: loop-invariant over `{self.data[node]}`")
+            else:
+                out.append(f"  call {text}: not loop-invariant: {self.refusals[node].why}")
+        for m in self.models:
+            out.append(f"  model {m.model}: {'cached' if m.cached else 'not cached'} ({m.reason})")
+        for node, reads in self.reads.items():
+            for r in reads:
+                kept = "whole" if r.topk is None else f"top-{r.topk} at temperature {r.temperature:g}"
+                out.append(
+                    f"  read {ir.show_expr(graph.nodes[node]['call'])}{''.join('.' + p for p in r.path)}: {kept}"
+                )
+        return "\n".join(out) + "\n"
 
 
 def hoist(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, world_size: int | None) -> Hoisting:
@@ -172,7 +186,9 @@ def hoist(pipeline: ir.Pipeline, graph: Graph, analysis: Analysis, world_size: i
             models.append(ModelCache(name, True, f"{epochs:.3g} passes over the data; {human(total)}", span))
     cached = {m.model for m in models if m.cached}
     kept = {n: r for n, r in reads.items() if graph.nodes[n]["model"] in cached}
-    return Hoisting(data, refusals, kept, tuple(models), rows, sizes, tuple(diags))
+    calls = tuple(n for nodes in calls_of.values() for n in nodes)
+    calls = tuple(sorted(calls, key=analysis.position.__getitem__))
+    return Hoisting(data, refusals, kept, tuple(models), rows, sizes, tuple(diags), calls)
 
 
 def _hoistable(pipeline: ir.Pipeline, call: ir.ModelCall) -> str | Refusal:
@@ -284,12 +300,12 @@ def topk_of(fn: ir.LossFn) -> tuple[int, float] | None:
     return (int(topk), float(options.get("temperature", 1.0))) if isinstance(topk, int) else None
 
 
-def find_reads(expr: ir.LossExpr, hoisted: Callable[[str], bool]) -> Iterator[tuple[ir.LossExpr, Read]]:
+def find_reads(expr: ir.LossExpr, hoisted: Callable[[str], bool]) -> Iterator[Read]:
     """Each place `expr` reads a hoisted call's output, outermost first: a projection chain over
     the call (`teacher(x).logits`), or the teacher argument of `kl(..., topk=K)` (its top-K)."""
     found = chain(expr)
     if found is not None and hoisted(g.call_id(found[0])):
-        yield expr, Read(g.call_id(found[0]), found[1])
+        yield Read(g.call_id(found[0]), found[1])
         return
     match expr:
         case ir.LossFn(args=args, kwargs=kwargs):
@@ -297,7 +313,7 @@ def find_reads(expr: ir.LossExpr, hoisted: Callable[[str], bool]) -> Iterator[tu
             for index, arg in enumerate(args):
                 inner = chain(arg)
                 if top is not None and index == 1 and inner is not None and hoisted(g.call_id(inner[0])):
-                    yield arg, Read(g.call_id(inner[0]), inner[1], top[0], top[1])
+                    yield Read(g.call_id(inner[0]), inner[1], top[0], top[1])
                 else:
                     yield from find_reads(arg, hoisted)
             for _, value in kwargs:
@@ -321,7 +337,7 @@ def _reads(pipeline: ir.Pipeline, analysis: Analysis, hoistable: frozenset[str])
         loss.expr for name, loss in pipeline.losses.items() if g.loss_id(name) in analysis.reached
     ]
     for loss in exprs:
-        for _, read in find_reads(loss, hoistable.__contains__):
+        for read in find_reads(loss, hoistable.__contains__):
             if read not in found.setdefault(read.call, []):
                 found[read.call].append(read)
     return {node: tuple(reads) for node, reads in found.items()}

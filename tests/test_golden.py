@@ -19,6 +19,7 @@ STAGES = {
     "ast": lambda r: dump(r.ast),
     "ir": lambda r: r.ir.show(),
     "graph": lambda r: show_graph(r.graph),
+    "hoist": lambda r: r.hoisting.show(r.graph),
     "plan.txt": lambda r: to_text(r.plan),
     "plan.json": lambda r: r.plan.to_json(),
     "dot": lambda r: to_dot(r.graph, r.plan),
