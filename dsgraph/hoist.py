@@ -343,6 +343,14 @@ def _reads(pipeline: ir.Pipeline, analysis: Analysis, hoistable: frozenset[str])
     return {node: tuple(reads) for node, reads in found.items()}
 
 
+def fill_bytes(reads: tuple[Read, ...], rows: int | None, sizes: Mapping[Read, int | None]) -> int | None:
+    """The bytes of one fill: its rows times the bytes of a row of each read (None: unknown)."""
+    per_row = [sizes.get(r) for r in reads]
+    if rows is None or any(b is None for b in per_row):
+        return None
+    return rows * sum(b for b in per_row if b is not None)
+
+
 def _cache_bytes(
     nodes: list[str],
     data: Mapping[str, str],
@@ -351,16 +359,14 @@ def _cache_bytes(
     sizes: Mapping[Read, int | None],
     pipeline: ir.Pipeline,
 ) -> int | None:
-    """The bytes of a model's cache: every read of every call, over its data set and eval set."""
+    """The bytes of a model's cache: every call's fills, over its data set and its eval set."""
     total = 0
     for node in nodes:
-        sets = [data[node], pipeline.data[data[node]].eval]
-        for read in reads.get(node, ()):
-            for name in filter(None, sets):
-                size, count = sizes.get(read), rows.get(name)
-                if size is None or count is None:
-                    return None
-                total += size * count
+        for name in filter(None, (data[node], pipeline.data[data[node]].eval)):
+            size = fill_bytes(reads.get(node, ()), rows.get(name), sizes)
+            if size is None:
+                return None
+            total += size
     return total
 
 

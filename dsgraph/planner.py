@@ -19,7 +19,7 @@ from dsgraph import plan as P
 from dsgraph.analysis import Analysis, Role
 from dsgraph.dsconfig.keys import zero_stage
 from dsgraph.dsconfig.resolve import Resolved, precision_of, zero_of
-from dsgraph.hoist import Hoisting, Read, chain, topk_of
+from dsgraph.hoist import Hoisting, Read, chain, fill_bytes, topk_of
 from dsgraph.plan import Engine, SourceKind, Width
 from dsgraph.strategy import Strategy
 
@@ -397,8 +397,6 @@ def _precompute(
                 assert isinstance(read_call, ir.ModelCall)
                 reads = hoisting.reads[node]
                 rows = hoisting.rows.get(data)
-                sizes = [hoisting.row_bytes.get(r) for r in reads]
-                total = None if rows is None or None in sizes else rows * sum(x for x in sizes if x is not None)
                 steps.append(
                     P.FillCache(
                         step_id(),
@@ -410,7 +408,7 @@ def _precompute(
                         tuple((k, _expr(v, calls)) for k, v in read_call.kwargs),
                         tuple(cache.ids[r] for r in reads),
                         rows,
-                        total,
+                        fill_bytes(reads, rows, hoisting.row_bytes),
                         call.span,
                     )
                 )
