@@ -113,7 +113,10 @@ def analyse(pipeline: ir.Pipeline, graph: Graph) -> Analysis | None:
     evaluated, partly = [], []
     for node in order:
         if node.startswith("loss:") and node in reached:
-            read = {n for n in nx.ancestors(flow, node) if n.startswith("data:")} - held_out
+            ancestors = nx.ancestors(flow, node)
+            if any(n.startswith("gen:") for n in ancestors):
+                continue  # on-policy: it reads what a generation sampled (DSG325 for an eval set)
+            read = {n for n in ancestors if n.startswith("data:")} - held_out
             if read and read <= with_eval:
                 evaluated.append(graph.nodes[node]["name"])
             elif read & with_eval:

@@ -86,6 +86,12 @@ DATA = {
             summary="JSONL {prompt, completion}, tokenized and padded; labels only on the completion",
         ),
         Builtin(
+            "prompts",
+            (P("path", "str"), P("tokenizer", "str", "bytes"), P("max_length", "int", 64)),
+            fields=("input_ids", "attention_mask"),
+            summary="JSONL {prompt, ...}: the prompts a generation completes, tokenized and left-padded",
+        ),
+        Builtin(
             "preference_pairs",
             (P("path", "str"), P("tokenizer", "str", "bytes"), P("max_length", "int", 128)),
             fields=(
@@ -161,8 +167,65 @@ LOSSES = {
             summary="DPO over the sequence log-probabilities of the labelled tokens (logits in, labels -100 elsewhere)",
             stats=("reward_margin", "reward_accuracy"),
         ),
+        Builtin(
+            "grpo",
+            (
+                P("policy", "tensor"),
+                P("rollouts", "generation"),
+                P("rewards", "tensor"),
+                P("reference", "tensor", None),
+                P("beta", "float", 0.04),
+                P("epsilon", "float", 0.2),
+            ),
+            summary="GRPO: group-normalised advantages, the clipped ratio to the generation's "
+            "log-probabilities, beta * k3 KL to the reference (logits in)",
+            stats=("reward_mean", "reward_std", "kl", "clip_fraction", "completion_length"),
+        ),
+        Builtin(
+            "gkd",
+            (
+                P("student", "tensor"),
+                P("teacher", "tensor"),
+                P("tokens", "tensor"),
+                P("beta", "float", 0.5),
+                P("temperature", "float", 1.0),
+            ),
+            summary="GKD's generalised JSD per token (beta 0: KL(teacher||student), 1: reverse KL) over a "
+            "generation's completions, or the labelled tokens (labels != -100)",
+        ),
     )
 }
+
+# `reward NAME = builtin.X(...)`: one number per completion of a generation.
+REWARDS = {
+    b.name: b
+    for b in (
+        Builtin(
+            "sums",
+            (P("exact", "float", 1.0), P("digits", "float", 0.5)),
+            summary="the toy task's reward: `exact` for the right sum of an `a+b=` prompt, else `digits` "
+            "times the share of digits in the completion",
+        ),
+    )
+}
+
+# `generate NAME = MODEL(DATA) { ... }`: how completions are sampled.
+GENERATION_PROPERTIES = {
+    p.name: p
+    for p in (
+        P("samples", "int", 4),  # completions per prompt (a group, for group-relative losses)
+        P("max_new_tokens", "int", 64),
+        P("temperature", "float", 1.0),  # 0: greedy
+        P("top_p", "float", 1.0),
+        P("stop", "ints", []),  # token ids that end a completion, beside the tokenizer's end token
+        P("gather", "str", "once"),  # ZeRO-3: weights gathered once per generation, or layer by layer
+    )
+}
+GATHER_MODES = ("once", "layers")
+# What a generation gives, per completion: prompt and completion tokens (left-padded prompt,
+# completion after it, padding after its end), the mask of real tokens, the mask of completion
+# tokens, and the log-probability each token had when it was sampled (0 elsewhere).
+GENERATION_FIELDS = ("input_ids", "attention_mask", "completion_mask", "logprobs")
 
 ADAPTERS = {
     b.name: b
@@ -339,5 +402,6 @@ TYPE_WORDS = {
     "tensor": "a tensor",
     "any": "a value",
     "name": "a name",
+    "generation": "a generation, by its name",
     "factory": "a factory, package.module:function(...)",
 }

@@ -74,6 +74,13 @@ _ALL = (
     Code("DSG317", "cache-nondeterministic-data", E, "a cached call over data that may differ for the same index"),
     Code("DSG318", "cache-train-mode", E, "a cached model that runs in train mode (dropout differs each time)"),
     Code("DSG319", "cache-data-sets", E, "a cached call that reads no data set, or several"),
+    Code("DSG320", "cache-on-policy", E, "a cached call that reads generated data (on-policy: new every step)"),
+    Code("DSG321", "generator-not-causal-lm", E, "a generation from a model that is not a causal language model"),
+    Code("DSG322", "group-needs-samples", E, "a group-relative loss over a generation of one sample per prompt"),
+    Code("DSG323", "generation-too-long", E, "prompts plus new tokens longer than a model's positions"),
+    Code("DSG324", "tokenizer-mismatch", E, "prompts tokenized for another vocabulary than the model's"),
+    Code("DSG325", "generation-eval-set", E, "an eval set on the prompts of a generation"),
+    Code("DSG326", "generation-prompts", E, "a generation over a data set without input_ids and attention_mask"),
     # 4xx: DeepSpeed configuration and engines.
     Code("DSG401", "frozen-with-optimizer", E, "a frozen model with an optimizer, scheduler, clipping or LoRA adapter"),
     Code("DSG402", "frozen-zero-no-sharding", W, "ZeRO-1/2 on a frozen model: only stage 3 shards parameters"),

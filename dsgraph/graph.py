@@ -1,6 +1,7 @@
-"""IR -> a networkx graph of data, model, model-call, loss-term and loss nodes.
+"""IR -> a networkx graph of data, model, generation, model-call, reward, loss-term and loss nodes.
 
-Edges carry a `kind`: `input` (a value flows), `weights` (a model's parameters feed its call),
+Edges carry a `kind`: `input` (a value flows), `weights` (a model's parameters feed its call or
+its generation),
 `term` (a weighted term of a loss) and `trains` (a `train` statement: loss -> model). The
 dataflow view (everything but `trains`) is acyclic once the checks pass; its lexicographic
 topological order is the evaluation order."""
@@ -31,6 +32,14 @@ def loss_id(name: str) -> str:
 
 def call_id(call: ir.ModelCall) -> str:
     return f"call:{ir.show_expr(call)}"
+
+
+def generation_id(name: str) -> str:
+    return f"gen:{name}"
+
+
+def reward_id(call: ir.RewardCall) -> str:
+    return f"reward:{ir.show_expr(call)}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,12 @@ def build(pipeline: ir.Pipeline) -> Graph:
         graph.add_node(data_id(data.name), kind="data", name=data.name, span=data.span)
     for model in pipeline.models.values():
         graph.add_node(model_id(model.name), kind="model", name=model.name, span=model.span, frozen=model.frozen)
+    for gen in pipeline.generations.values():
+        graph.add_node(generation_id(gen.name), kind="generation", name=gen.name, model=gen.model, span=gen.span)
+        if gen.model in pipeline.models:
+            graph.add_edge(model_id(gen.model), generation_id(gen.name), kind="weights")
+        if gen.data in pipeline.data:
+            graph.add_edge(data_id(gen.data), generation_id(gen.name), kind="input", field="attention_mask,input_ids")
     for loss in pipeline.losses.values():
         graph.add_node(loss_id(loss.name), kind="loss", name=loss.name, span=loss.span)
     for loss in pipeline.losses.values():
@@ -112,6 +127,19 @@ def _add_inputs(graph: Graph, expr: ir.LossExpr, consumer: str, pipeline: ir.Pip
             case ir.LossRef(name=n):
                 if n in pipeline.losses:
                     graph.add_edge(loss_id(n), consumer, kind="input")
+            case ir.Generated(generation=gen, field=f):
+                if gen in pipeline.generations:
+                    source = generation_id(gen)
+                    known = graph.edges[source, consumer]["field"] if graph.has_edge(source, consumer) else ""
+                    fields = sorted(set(known.split(",") if known else []) | {f or "*"})
+                    graph.add_edge(source, consumer, kind="input", field=",".join(fields))
+            case ir.RewardCall(reward=r, generation=gen):
+                rid = reward_id(node)
+                if rid not in graph:
+                    graph.add_node(rid, kind="reward", reward=r, call=node, text=ir.show_expr(node), span=node.span)
+                    if gen in pipeline.generations:
+                        graph.add_edge(generation_id(gen), rid, kind="input", field="*")
+                graph.add_edge(rid, consumer, kind="input")
             case ir.ModelCall(model=m):
                 cid = call_id(node)
                 if cid not in graph:
@@ -140,6 +168,8 @@ def show(graph: Graph) -> str:
         extra = ""
         if attrs["kind"] == "model":
             extra = " frozen" if attrs["frozen"] else ""
+        elif attrs["kind"] == "generation":
+            extra = f" by {attrs['model']}"
         elif attrs["kind"] == "term":
             extra = f" weight={attrs['weight']:g} {attrs['text']}"
         lines.append(f"  node {node}{extra}")

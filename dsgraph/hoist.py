@@ -205,6 +205,15 @@ def _hoistable(pipeline: ir.Pipeline, call: ir.ModelCall) -> str | Refusal:
         )
     fields: list[ir.FieldRef] = []
     for arg in [*call.args, *(v for _, v in call.kwargs)]:
+        generated = _generated(arg)
+        if generated is not None:
+            return Refusal(
+                "DSG320",
+                f"reads `{ir.show_expr(generated)}`, sampled anew at every step: it is on-policy",
+                "a call on generated data runs every step; remove `cache`",
+                generated.span,
+                "the generated data it reads",
+            )
         inner = _model_input(arg)
         if inner is not None:
             return Refusal(
@@ -250,6 +259,19 @@ def _nondeterministic(data: DataSet) -> str | None:
         return "a factory's data set, which may differ for the same index (random crops, augmentations)"
     if data.collate is not None:
         return "whose collate function may be random (masking, cropping)"
+    return None
+
+
+def _generated(expr: ir.LossExpr) -> ir.Generated | None:
+    match expr:
+        case ir.Generated():
+            return expr
+        case ir.Project(obj=obj) | ir.Neg(operand=obj):
+            return _generated(obj)
+        case ir.BinOp(left=left, right=right):
+            return _generated(left) or _generated(right)
+        case ir.ModelCall(args=args, kwargs=kwargs):
+            return next(filter(None, (_generated(a) for a in (*args, *(v for _, v in kwargs)))), None)
     return None
 
 

@@ -89,6 +89,42 @@ class Model:
 
 
 CacheMode: TypeAlias = Literal["true", "false", "auto"]  # `cache = ...` on a frozen model
+GatherMode: TypeAlias = Literal["once", "layers"]  # a ZeRO-3 generator's weights during generation
+
+
+@dataclass(frozen=True)
+class Generation:
+    """`generate rollouts = policy(prompts) {...}`: completions sampled from `model` for each
+    batch of `data`'s prompts, `samples` per prompt (laid out prompt by prompt)."""
+
+    name: str
+    model: str
+    data: str
+    samples: int
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    stop: tuple[int, ...]  # token ids that end a completion (with the tokenizer's end token)
+    gather: GatherMode
+    span: Span
+    spans: dict[str, Span] = field(compare=False)  # property name -> span
+
+    def show(self) -> str:
+        stop = f" stop={list(self.stop)}" if self.stop else ""
+        return (
+            f"generate {self.name} = {self.model}({self.data}) samples={self.samples} "
+            f"max_new_tokens={self.max_new_tokens} temperature={self.temperature:g} top_p={self.top_p:g}"
+            f"{stop} gather={self.gather}"
+        )
+
+
+@dataclass(frozen=True)
+class Reward:
+    """`reward correct = builtin.sums()`: one number per completion of a generation."""
+
+    name: str
+    source: Source
+    span: Span
 
 
 # -- loss expressions --------------------------------------------------------------------------
@@ -153,7 +189,26 @@ class Neg:
     span: Span = field(compare=False)
 
 
-LossExpr: TypeAlias = Const | FieldRef | ModelCall | Project | LossFn | LossRef | BinOp | Neg
+@dataclass(frozen=True)
+class Generated:
+    """`rollouts.input_ids`: a field of a generation's current rollouts; `rollouts` (field None):
+    the rollouts themselves, as the on-policy losses take them."""
+
+    generation: str
+    field: str | None
+    span: Span = dataclasses.field(compare=False)
+
+
+@dataclass(frozen=True)
+class RewardCall:
+    """`correct(rollouts)`: a reward of each completion of a generation."""
+
+    reward: str
+    generation: str
+    span: Span = field(compare=False)
+
+
+LossExpr: TypeAlias = Const | FieldRef | ModelCall | Project | LossFn | LossRef | BinOp | Neg | Generated | RewardCall
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -172,6 +227,10 @@ def show_expr(expr: LossExpr, parent: int = 0) -> str:
             return f"{show_expr(o, 3)}.{a}"
         case LossRef(name=n):
             return n
+        case Generated(generation=gen, field=f):
+            return gen if f is None else f"{gen}.{f}"
+        case RewardCall(reward=r, generation=gen):
+            return f"{r}({gen})"
         case BinOp(op=op, left=l, right=r):
             prec = _PRECEDENCE[op]
             text = f"{show_expr(l, prec)} {op} {show_expr(r, prec + 1)}"
@@ -182,13 +241,13 @@ def show_expr(expr: LossExpr, parent: int = 0) -> str:
 
 
 def walk_inputs(expr: LossExpr) -> Iterator[LossExpr]:
-    """The direct inputs of an expression: model calls, data fields and loss references,
-    without descending into a model call's own arguments."""
+    """The direct inputs of an expression: model calls, data fields, generated data, rewards and
+    loss references, without descending into a model call's own arguments."""
     stack = [expr]
     while stack:
         node = stack.pop()
         match node:
-            case ModelCall() | FieldRef() | LossRef():
+            case ModelCall() | FieldRef() | LossRef() | Generated() | RewardCall():
                 yield node
             case Project(obj=o):
                 stack.append(o)
@@ -235,6 +294,8 @@ class Pipeline:
     # False when lowering reported errors: declarations that had them are missing, so what
     # looks unused or unreached may only be so because of them (the checks say nothing then).
     complete: bool = True
+    generations: dict[str, Generation] = field(default_factory=dict)
+    rewards: dict[str, Reward] = field(default_factory=dict)
 
     def show(self) -> str:
         s = self.settings
@@ -287,6 +348,10 @@ class Pipeline:
             if m.train_mode:
                 props.append("train_mode")
             out.append(f"  model {m.name} = {m.source.show()} {' '.join(props)}")
+        for gen in self.generations.values():
+            out.append(f"  {gen.show()}")
+        for reward in self.rewards.values():
+            out.append(f"  reward {reward.name} = {reward.source.show()}")
         for loss in self.losses.values():
             out.append(f"  loss {loss.name} = {show_expr(loss.expr)}")
         for t in self.trains:

@@ -91,6 +91,27 @@ def build_plan(
         evaluation,
         _precompute(pipeline, graph, calls, hoisting, cache, eval_fills),
         tuple(P.CacheDecision(d.model, d.cached, d.reason, d.span) for d in hoisting.models),
+        tuple(
+            P.Generation(
+                gen.name,
+                gen.model,
+                gen.data,
+                gen.samples,
+                gen.max_new_tokens,
+                gen.temperature,
+                gen.top_p,
+                gen.stop,
+                gen.gather,
+                gen.span,
+            )
+            for gen in pipeline.generations.values()
+            if g.generation_id(gen.name) in analysis.reached
+        ),
+        tuple(
+            P.Reward(r.name, r.source, r.span)
+            for r in pipeline.rewards.values()
+            if any(graph.nodes[n]["reward"] == r.name for n in analysis.in_order(analysis.reached, "reward:"))
+        ),
     )
     for model in plan.models:  # one home for each value: the config says what resolution decided
         assert model.precision is precision_of(pipeline, pipeline.models[model.name]), model.name
@@ -242,6 +263,12 @@ def _training_step(
         span = graph.nodes[node]["call"].span
         for read in reads:
             ops.append(P.ReadCache(op_id(), cache.ids[read], hoisting.data[node], span))
+    for node in analysis.in_order(analysis.reached, "gen:"):  # on-policy: sampled every micro step
+        gen = pipeline.generations[graph.nodes[node]["name"]]
+        ops.append(P.Generate(op_id(), gen.name, gen.model, gen.data, gen.span))
+    for node in analysis.in_order(analysis.reached, "reward:"):
+        call = graph.nodes[node]["call"]
+        ops.append(P.ScoreReward(op_id(), ir.show_expr(call), call.reward, call.generation, call.span))
     for node, call_id in calls.items():
         if node in hoisting.reads:
             continue
@@ -474,6 +501,10 @@ def _expr(expr: ir.LossExpr, calls: dict[str, str], cache: _Cache | None = None)
             return P.LossCall(fn, b, tuple(args), tuple((n, sub(x)) for n, x in k), s)
         case ir.LossRef(name=n, span=s):
             return P.LossValue(n, s)
+        case ir.Generated(generation=gen, field=f, span=s):
+            return P.Generated(gen, f, s)
+        case ir.RewardCall(span=s):
+            return P.RewardValue(ir.show_expr(expr), s)
         case ir.BinOp(op=op, left=left, right=right, span=s):
             return P.BinOp(op, sub(left), sub(right), s)
         case ir.Neg(operand=o, span=s):

@@ -211,6 +211,10 @@ def op_detail(plan: P.Plan, op: P.StepOp) -> str:
             return f"{data} (this rank's next micro batch, to the device)"
         case P.ReadCache(entry=entry, data=data):
             return f"{entry} (cached rows of {data} at the batch's sample indices, to the device)"
+        case P.Generate():
+            return _generate_text(plan, op)
+        case P.ScoreReward(call=call, reward=reward):
+            return f"{call} = {plan.reward(reward).source.show()}  (one number per completion)"
         case P.Forward():
             mode = "no_grad" if op.no_grad else f"grad -> group {op.grad_group}"
             detach = f"  detach {', '.join(op.detach)}" if op.detach else ""
@@ -228,6 +232,21 @@ def op_detail(plan: P.Plan, op: P.StepOp) -> str:
             return f"group {index}: step + zero_grad {models} (engine.step)"
         case _:
             assert_never(op)
+
+
+def _generate_text(plan: P.Plan, op: P.Generate) -> str:
+    gen, model = plan.generation(op.generation), plan.model(op.model)
+    sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature:g}, top_p {gen.top_p:g}"
+    stop = f", stop at {', '.join(map(str, gen.stop))} or the end token" if gen.stop else ", stop at the end token"
+    if model.stage is P.ZeroStage.ZERO3:
+        weights = "weights gathered once" if gen.gather == "once" else "weights gathered layer by layer"
+        mode = f"no_grad, eval mode, ZeRO-3: {weights}"
+    else:
+        mode = "no_grad, eval mode"
+    return (
+        f"{gen.name} = {gen.model}({gen.data}): {gen.samples} per prompt, <= {gen.max_new_tokens} new tokens, "
+        f"{sampling}{stop}  [{mode}]"
+    )
 
 
 def eval_op_detail(plan: P.Plan, op: P.EvalOp) -> str:

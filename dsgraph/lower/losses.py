@@ -18,12 +18,24 @@ Keywords: TypeAlias = tuple[tuple[str, ir.LossExpr], ...]
 
 class LossLowering:
     def __init__(
-        self, data: dict[str, DataSet | None], model_names: set[str], loss_names: set[str], diags: Diagnostics
+        self,
+        data: dict[str, DataSet | None],
+        model_names: set[str],
+        loss_names: set[str],
+        diags: Diagnostics,
+        generations: set[str] | None = None,
+        rewards: set[str] | None = None,
     ):
         self.data = data  # None: declared, but its declaration had errors
         self.models = model_names
         self.losses = loss_names
         self.diags = diags
+        self.generations = generations or set()
+        self.rewards = rewards or set()
+
+    @property
+    def _names(self) -> set[str]:
+        return self.losses | set(self.data) | self.models | self.generations | self.rewards
 
     def lower(self, expr: ast.Expr) -> ir.LossExpr | None:
         match expr:
@@ -54,10 +66,20 @@ class LossLowering:
 
     def _ref(self, name: ast.Name, span: Span) -> ir.LossExpr | None:
         text = name.text
-        if text in ("true", "false") and text not in self.losses | set(self.data) | self.models:
+        if text in ("true", "false") and text not in self._names:
             return ir.Const(text == "true", span)  # `shift=true`
         if text in self.losses:
             return ir.LossRef(text, span)
+        if text in self.generations:  # the rollouts themselves: what on-policy losses take
+            return ir.Generated(text, None, span)
+        if text in self.rewards:
+            self.diags.add(
+                "DSG212",
+                span,
+                f"reward `{text}` is used without being called",
+                f"call it on a generation: `{text}(rollouts)`",
+            )
+            return None
         if text in self.data:
             data = self.data[text]
             fields = data.fields if data is not None else None
@@ -71,10 +93,21 @@ class LossLowering:
                 f"call it on its inputs: `{text}(data.field)`",
             )
         else:
-            self._undefined(text, span, self.losses | set(self.data) | self.models)
+            self._undefined(text, span, self._names)
         return None
 
     def _attr(self, obj: ast.Expr, name: ast.Name, span: Span) -> ir.LossExpr | None:
+        if isinstance(obj, ast.Ref) and obj.name.text in self.generations:
+            if name.text not in catalogue.GENERATION_FIELDS:
+                self.diags.add(
+                    "DSG211",
+                    name.span,
+                    f"generation `{obj.name.text}` has no field "
+                    f"`{name.text}`{did_you_mean(name.text, catalogue.GENERATION_FIELDS)}",
+                    f"its fields are: {', '.join(catalogue.GENERATION_FIELDS)}",
+                )
+                return None
+            return ir.Generated(obj.name.text, name.text, span)
         if isinstance(obj, ast.Ref) and obj.name.text in self.data:
             data = self.data[obj.name.text]
             if data is None:  # already reported where it is declared
@@ -110,19 +143,42 @@ class LossLowering:
             case ast.FactoryRef(target=t):
                 return ir.LossFn(t, False, positional, keywords, span)
             case ast.Ref(name=name) if name.text in self.models:
+                whole = [a for a in (*positional, *(v for _, v in keywords)) if _whole_generation(a)]
+                if whole:
+                    self.diags.add(
+                        "DSG212",
+                        whole[0].span,
+                        "a model is called on a generation's fields, not on the generation",
+                        f"write e.g. `{name.text}({ir.show_expr(whole[0])}.input_ids, "
+                        f"attention_mask={ir.show_expr(whole[0])}.attention_mask)`",
+                    )
+                    return None
                 return ir.ModelCall(name.text, positional, keywords, span)
+            case ast.Ref(name=name) if name.text in self.rewards:
+                if len(positional) != 1 or keywords or not _whole_generation(positional[0]):
+                    self.diags.add(
+                        "DSG212",
+                        span,
+                        f"reward `{name.text}` is called on one generation, by its name",
+                        f"write `{name.text}(rollouts)` for `generate rollouts = ...`; "
+                        "its options go where it is declared",
+                    )
+                    return None
+                generated = positional[0]
+                assert isinstance(generated, ir.Generated)
+                return ir.RewardCall(name.text, generated.generation, span)
             case ast.Ref(name=name) if name.text in catalogue.LOSSES:
                 return self._builtin_loss(catalogue.LOSSES[name.text], positional, keywords, span, args)
-            case ast.Ref(name=name) if name.text in self.data or name.text in self.losses:
-                kind = "data set" if name.text in self.data else "loss"
+            case ast.Ref(name=name) if name.text in self.data or name.text in self.losses | self.generations:
+                kind = "data set" if name.text in self.data else "loss" if name.text in self.losses else "generation"
                 self.diags.add(
                     "DSG212",
                     name.span,
                     f"{kind} `{name.text}` cannot be called",
-                    "only models, built-in losses and `package.module:function` factories are called",
+                    "only models, rewards, built-in losses and `package.module:function` factories are called",
                 )
             case ast.Ref(name=name):
-                self._undefined(name.text, name.span, self.models | set(catalogue.LOSSES))
+                self._undefined(name.text, name.span, self.models | self.rewards | set(catalogue.LOSSES))
             case _:
                 self.diags.add(
                     "DSG212",
@@ -154,7 +210,7 @@ class LossLowering:
         span: Span,
         args: tuple[ast.Arg[ast.Expr], ...],
     ) -> ir.LossExpr | None:
-        tensors = [p for p in spec.params if p.type == "tensor" and p.default is catalogue.REQUIRED]
+        tensors = [p for p in spec.params if p.type in ("tensor", "generation") and p.default is catalogue.REQUIRED]
         options = {p.name: p for p in spec.params if p not in tensors}
         ok = True
         if len(positional) != len(tensors):
@@ -167,6 +223,23 @@ class LossLowering:
                 f"{', ' if options else ''}{', '.join(f'{o}=...' for o in options)})`",
             )
             ok = False
+        for tensor, value in zip(tensors, positional, strict=False):
+            if tensor.type == "generation" and not _whole_generation(value):
+                self.diags.add(
+                    "DSG212",
+                    value.span,
+                    f"`{tensor.name}` of `{spec.name}` is a generation, by its name",
+                    f"write the name of a `generate` declaration, e.g. `{spec.name}(..., rollouts, ...)`",
+                )
+                ok = False
+            elif tensor.type == "tensor" and _whole_generation(value) and tensor.name != "tokens":
+                self.diags.add(
+                    "DSG212",
+                    value.span,
+                    f"`{tensor.name}` of `{spec.name}` is a tensor, not a generation",
+                    "name one of its fields, e.g. `rollouts.completion_mask`",
+                )
+                ok = False
         named = [(a, a.name) for a in args if a.name is not None]
         for (name, value), (arg, arg_name) in zip(keywords, named, strict=True):
             param = options.get(name)
@@ -203,5 +276,10 @@ class LossLowering:
             "DSG201",
             span,
             f"`{text}` is not defined{did_you_mean(text, candidates)}",
-            f"declare it with `model`, `data` or `loss`, or use a built-in loss ({', '.join(catalogue.LOSSES)})",
+            f"declare it with `model`, `data`, `generate`, `reward` or `loss`, or use a built-in loss "
+            f"({', '.join(catalogue.LOSSES)})",
         )
+
+
+def _whole_generation(expr: ir.LossExpr) -> bool:
+    return isinstance(expr, ir.Generated) and expr.field is None

@@ -60,8 +60,12 @@ class _Lowerer:
             if self._declare(data_decl.name, self.names, "name"):
                 data[data_decl.name.text] = self._data(data_decl)
         model_decls = [i for i in items if isinstance(i, ast.ModelDecl)]
+        generate_decls = [i for i in items if isinstance(i, ast.GenerateDecl)]
+        reward_decls = [i for i in items if isinstance(i, ast.RewardDecl)]
         loss_decls = [i for i in items if isinstance(i, ast.LossDecl)]
         models_ok = [d for d in model_decls if self._declare(d.name, self.names, "name")]
+        generates_ok = [d for d in generate_decls if self._declare(d.name, self.names, "name")]
+        rewards_ok = [d for d in reward_decls if self._declare(d.name, self.names, "name")]
         losses_ok = [d for d in loss_decls if self._declare(d.name, self.names, "name")]
         models: dict[str, ir.Model] = {}
         model_lowering = ModelLowering(self.diags, self.zero_names, builder, includes_loaded)
@@ -70,7 +74,24 @@ class _Lowerer:
             if model is not None:
                 models[model.name] = model
         data = self._eval_sets(data)
-        lowering = LossLowering(data, {d.name.text for d in models_ok}, {d.name.text for d in losses_ok}, self.diags)
+        generations: dict[str, ir.Generation] = {}
+        for generate_decl in generates_ok:
+            generation = self._generation(generate_decl, data, {d.name.text for d in models_ok})
+            if generation is not None:
+                generations[generation.name] = generation
+        rewards: dict[str, ir.Reward] = {}
+        for reward_decl in rewards_ok:
+            reward_source = lower_source(reward_decl.source, catalogue.REWARDS, "reward", self.diags)
+            if reward_source is not None:
+                rewards[reward_decl.name.text] = ir.Reward(reward_decl.name.text, reward_source, reward_decl.span)
+        lowering = LossLowering(
+            data,
+            {d.name.text for d in models_ok},
+            {d.name.text for d in losses_ok},
+            self.diags,
+            {d.name.text for d in generates_ok},
+            {d.name.text for d in rewards_ok},
+        )
         losses: dict[str, ir.Loss] = {}
         for loss_decl in losses_ok:
             expr = lowering.lower(loss_decl.expr)
@@ -94,6 +115,8 @@ class _Lowerer:
             tuple(trains),
             node.span,
             complete=not self.diags.has_errors,
+            generations=generations,
+            rewards=rewards,
         )
 
     def _declare(self, name: ast.Name, table: dict[str, Span], kind: str) -> bool:
@@ -240,6 +263,64 @@ class _Lowerer:
             served[ds.eval] = ds
         return out
 
+    # -- generations ---------------------------------------------------------------------------
+
+    def _generation(
+        self, decl: ast.GenerateDecl, data: dict[str, DataSet | None], models: set[str]
+    ) -> ir.Generation | None:
+        """`generate NAME = MODEL(DATA) { samples = 4 ... }`: the model and data set exist, each
+        property has its type and range (DSG201, DSG203, DSG207-DSG209, DSG212)."""
+        ok = True
+        for name, table, kind, what in (
+            (decl.model, models, "model", "a model declared with `model`"),
+            (decl.data, set(data), "data set", "a data set of prompts declared with `data`"),
+        ):
+            if name.text not in table:
+                ok = False
+                if name.text in self.names:
+                    self.diags.add("DSG212", name.span, f"`{name.text}` is not a {kind}", f"`generate` takes {what}")
+                else:
+                    self.diags.add(
+                        "DSG201",
+                        name.span,
+                        f"there is no {kind} `{name.text}`{did_you_mean(name.text, table)}",
+                        f"`generate` takes {what}",
+                    )
+        if decl.data.text in data and data[decl.data.text] is None:
+            ok = False  # its own errors are reported where it is declared
+        values: dict[str, Any] = {p.name: p.default for p in catalogue.GENERATION_PROPERTIES.values()}
+        spans: dict[str, Span] = {}
+        owner = f"generation `{decl.name.text}`"
+        for entry in block_entries(decl.block, catalogue.GENERATION_PROPERTIES, "generation", owner, self.diags):
+            key = entry.key.text
+            spec = catalogue.GENERATION_PROPERTIES[key]
+            span = (entry.value or entry).span
+            value = to_python(entry.value, self.diags) if entry.value is not None else None
+            if value is INVALID or not check_type(spec.type, value, span, f"`{key}`", self.diags):
+                ok = False
+                continue
+            problem = _generation_range(key, value)
+            if problem is not None:
+                self.diags.add("DSG209", span, *problem)
+                ok = False
+                continue
+            values[key], spans[key] = value, entry.span
+        if not ok:
+            return None
+        return ir.Generation(
+            decl.name.text,
+            decl.model.text,
+            decl.data.text,
+            values["samples"],
+            values["max_new_tokens"],
+            float(values["temperature"]),
+            float(values["top_p"]),
+            tuple(values["stop"]),
+            values["gather"],
+            decl.span,
+            spans,
+        )
+
     # -- train statements ----------------------------------------------------------------------
 
     def _trains(self, nodes: list[ast.TrainStmt], models: set[str], losses: set[str]) -> list[ir.Train]:
@@ -276,6 +357,24 @@ class _Lowerer:
                 f"there is no {kind} `{name.text}`{did_you_mean(name.text, candidates)}",
                 f"`train` takes {what} here",
             )
+
+
+def _generation_range(key: str, value: Any) -> tuple[str, str] | None:
+    """(message, help) when a generation property is out of its range."""
+    if key in ("samples", "max_new_tokens") and value < 1:
+        return f"`{key}` must be 1 or more, not {value}", f"write e.g. `{key} = 4`"
+    if key == "temperature" and value < 0:
+        return f"`temperature` must be 0 (greedy) or more, not {value}", "write e.g. `temperature = 1.0`"
+    if key == "top_p" and not 0 < value <= 1:
+        return f"`top_p` must be in (0, 1], not {value}", "write e.g. `top_p = 0.9`, or 1.0 to keep every token"
+    if key == "gather" and value not in catalogue.GATHER_MODES:
+        return (
+            f'`gather` must be one of {", ".join(catalogue.GATHER_MODES)}, not "{value}"',
+            "`gather = once` gathers a ZeRO-3 model's weights for the whole generation, `layers` one layer at a time",
+        )
+    if key == "stop" and any(v < 0 for v in value):
+        return "`stop` lists token ids, 0 or more", "write e.g. `stop = [10]`"
+    return None
 
 
 # hf_dataset's `format` -> the built-in whose fields it gives

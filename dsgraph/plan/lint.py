@@ -22,6 +22,8 @@ from dsgraph.plan.steps import (
     Field,
     FillCache,
     Forward,
+    Generate,
+    Generated,
     Initialize,
     InitProcessGroup,
     LossCall,
@@ -32,6 +34,8 @@ from dsgraph.plan.steps import (
     Prepare,
     ReadCache,
     ReleaseModel,
+    RewardValue,
+    ScoreReward,
     SelectPlugin,
     ShardData,
     ShardEval,
@@ -139,6 +143,8 @@ class _Reads:
         self.calls: set[str] = set()
         self.losses: set[str] = set()
         self.cached: set[str] = set()
+        self.generated: set[str] = set()
+        self.rewards: set[str] = set()
 
     def check(self, expr: Expr, where: str) -> None:
         out, batches, calls, losses, refs = self.out, self.batches, self.calls, self.losses, self.check
@@ -151,6 +157,10 @@ class _Reads:
                 out.append(f"{where}: reads loss `{loss}` before its group computes it")
             case Cached(entry=entry) if entry not in self.cached:
                 out.append(f"{where}: reads cache entry `{entry}` before a read_cache op")
+            case Generated(generation=gen) if gen not in self.generated:
+                out.append(f"{where}: reads generation `{gen}` before it is generated")
+            case RewardValue(call=call) if call not in self.rewards:
+                out.append(f"{where}: reads reward `{call}` before it is computed")
             case Attr(of=inner) | Neg(operand=inner):
                 refs(inner, where)
             case BinOp(left=left, right=right):
@@ -159,7 +169,7 @@ class _Reads:
             case LossCall(args=args, kwargs=kwargs):
                 for arg in (*args, *(v for _, v in kwargs)):
                     refs(arg, where)
-            case Const() | Field() | CallOutput() | LossValue() | Cached():
+            case Const() | Field() | CallOutput() | LossValue() | Cached() | Generated() | RewardValue():
                 pass
 
     def read_cache(self, op: ReadCache, plan: Plan, filled: set[tuple[str, str]], where: str) -> None:
@@ -194,6 +204,21 @@ def _step(plan: Plan) -> list[str]:
                 reads.batches.add(name)
             case ReadCache():
                 reads.read_cache(op, plan, filled, where)
+            case Generate(generation=name, model=model, data=data):
+                gen = next((g for g in plan.generations if g.name == name), None)
+                if gen is None or (gen.model, gen.data) != (model, data):
+                    out.append(f"{where}: `{name}` is not a generation of `{model}` over `{data}`")
+                if model not in {m.name for m in plan.models} or model in released:
+                    out.append(f"{where}: `{model}` is not a model of the loop")
+                if data not in reads.batches:
+                    out.append(f"{where}: generates from `{data}` before its batch")
+                reads.generated.add(name)
+            case ScoreReward(call=call, reward=reward, generation=gen):
+                if reward not in {r.name for r in plan.rewards}:
+                    out.append(f"{where}: `{reward}` is not a reward of the plan")
+                if gen not in reads.generated:
+                    out.append(f"{where}: scores generation `{gen}` before it is generated")
+                reads.rewards.add(call)
             case Forward():
                 if op.model in released:
                     out.append(f"{where}: `{op.model}` is released before the loop")

@@ -26,7 +26,7 @@ from dsgraph.plan.codec import decode, encode
 from dsgraph.plan.steps import CreateAccelerator, EvalOp, Expr, Loss, PrecomputeStep, SetupStep, StepOp
 from dsgraph.source import Span
 
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 
 JsonObject: TypeAlias = dict[str, Any]
 
@@ -331,6 +331,36 @@ class Precompute:
         return tuple(s.model for s in self.steps if s.kind == "release_model")
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Completions sampled from `model` for each batch of `data`'s prompts (a `generate` op in
+    the step): `samples` per prompt, laid out prompt by prompt, at most `max_new_tokens` each,
+    ended by a `stop` id or the tokenizer's end token. `temperature` 0 is greedy. A ZeRO-3
+    model's weights are gathered `once` for the whole generation, or one layer at a time
+    (`layers`) as its forward needs them."""
+
+    name: str
+    model: str
+    data: str
+    samples: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[int, ...]
+    gather: str  # once | layers
+    span: Span
+
+
+@dataclass(frozen=True)
+class Reward:
+    """`reward NAME = SOURCE`: a built-in or `pkg.mod:fn` called with the prompts and completions
+    of a generation and the source's arguments; one number per completion."""
+
+    name: str
+    source: Source
+    span: Span
+
+
 # -- the plan ----------------------------------------------------------------------------------
 
 
@@ -350,6 +380,14 @@ class Plan:
     evaluation: Evaluation | None  # None: no eval set
     precompute: Precompute | None = None  # None: nothing hoisted
     cache: tuple[CacheDecision, ...] = ()  # every frozen model with `cache = true | auto`
+    generations: tuple[Generation, ...] = ()
+    rewards: tuple[Reward, ...] = ()
+
+    def generation(self, name: str) -> Generation:
+        return next(g for g in self.generations if g.name == name)
+
+    def reward(self, name: str) -> Reward:
+        return next(r for r in self.rewards if r.name == name)
 
     def data_set(self, name: str) -> DataSet:
         return next(d for d in self.data if d.name == name)

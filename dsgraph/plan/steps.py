@@ -102,7 +102,31 @@ class Cached:
     span: Span
 
 
-Expr: TypeAlias = Const | Field | CallOutput | Attr | LossCall | LossValue | BinOp | Neg | Cached
+@final
+@dataclass(frozen=True)
+class Generated:
+    """A field of the current rollouts of a generation (a `generate` op made them); `field` None:
+    the rollouts themselves, as `grpo` and `gkd` take them."""
+
+    kind: ClassVar[str] = "generated"
+    generation: str
+    field: str | None
+    span: Span
+
+
+@final
+@dataclass(frozen=True)
+class RewardValue:
+    """What a `reward` op computed for the current rollouts: one number per completion, [N, 1]."""
+
+    kind: ClassVar[str] = "reward_value"
+    call: str  # `correct(rollouts)`
+    span: Span
+
+
+Expr: TypeAlias = (
+    Const | Field | CallOutput | Attr | LossCall | LossValue | BinOp | Neg | Cached | Generated | RewardValue
+)
 
 
 @dataclass(frozen=True)
@@ -314,7 +338,33 @@ class ReadCache:
     span: Span
 
 
-StepOp: TypeAlias = NextBatch | ReadCache | Forward | ComputeLoss | Backward | OptimizerStep
+@dataclass(frozen=True)
+class Generate:
+    """Completions of the current batch of `data` sampled from `model` (the plan's generation of
+    that name says how): under no_grad, the model in eval mode, every rank taking part in every
+    forward until all ranks' completions have ended."""
+
+    kind: ClassVar[str] = "generate"
+    id: int
+    generation: str
+    model: str
+    data: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class ScoreReward:
+    """A reward of every completion of the current rollouts of `generation`."""
+
+    kind: ClassVar[str] = "reward"
+    id: int
+    call: str  # `correct(rollouts)`: read by RewardValue
+    reward: str
+    generation: str
+    span: Span
+
+
+StepOp: TypeAlias = NextBatch | ReadCache | Generate | ScoreReward | Forward | ComputeLoss | Backward | OptimizerStep
 
 
 # -- the ops of one eval batch -------------------------------------------------------------------

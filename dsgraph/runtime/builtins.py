@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dsgraph.runtime import policy
+from dsgraph.runtime.generation import Rollouts
 from dsgraph.runtime.hfdata import hf_dataset
 from dsgraph.runtime.tokenizer import Tokenizer, load_tokenizer
 
@@ -217,12 +220,42 @@ def preference_pairs(path: str, tokenizer: str = "bytes", max_length: int = 128)
     return encode_preferences(tok, _records(path, ("prompt", "chosen", "rejected")), max_length, f"{path}:")
 
 
+class Prompts(TensorRecords):
+    """Prompts to complete: input_ids left-padded to max_length (the completion follows the last
+    prompt token), attention_mask, and the tokenizer that reads them back."""
+
+    def __init__(self, columns: dict[str, torch.Tensor], tokenizer: Tokenizer):
+        super().__init__(columns)
+        self.tokenizer = tokenizer
+
+
+def prompts(path: str, tokenizer: str = "bytes", max_length: int = 64) -> Dataset:
+    """JSONL lines {"prompt": ...} (other fields are ignored): the start token and the prompt,
+    left-padded to max_length."""
+    tok = load_tokenizer(tokenizer, Path("."))
+    records = _records(path, ("prompt",))
+    start = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = torch.full((len(records), max_length), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(records), max_length), dtype=torch.long)
+    for i, record in enumerate(records):
+        row = start + tok.encode(record["prompt"])
+        if len(row) > max_length:
+            raise ValueError(
+                f"{path}: record {i + 1}: the prompt takes {len(row)} tokens, max_length is {max_length}; "
+                "raise max_length or shorten the prompt"
+            )
+        ids[i, max_length - len(row) :] = torch.tensor(row)
+        mask[i, max_length - len(row) :] = 1
+    return Prompts({"input_ids": ids, "attention_mask": mask}, tok)
+
+
 DATA: dict[str, Callable[..., Dataset]] = {
     "synthetic_classification": synthetic_classification,
     "synthetic_tokens": synthetic_tokens,
     "jsonl": jsonl,
     "prompt_completion": prompt_completion,
     "preference_pairs": preference_pairs,
+    "prompts": prompts,
     "hf_dataset": hf_dataset,
 }
 
@@ -384,6 +417,65 @@ def dpo(
     return -F.logsigmoid(rewards).mean()
 
 
+def _per_completion(rewards: Any, rollouts: Rollouts) -> torch.Tensor:
+    """Rewards as one number per completion: [N] or a column [N, 1] (a reward model's logits)."""
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"the rewards are a {type(rewards).__name__}, not a tensor")
+    rows = rollouts.input_ids.shape[0]
+    if rewards.numel() != rows or rewards.dim() > 2:
+        raise ValueError(
+            f"the rewards have shape {tuple(rewards.shape)}, not one number per completion ({rows}): "
+            "a reward model needs one output (num_labels = 1)"
+        )
+    return rewards.reshape(-1).float()
+
+
+def grpo(
+    policy_logits: torch.Tensor,
+    rollouts: Rollouts,
+    rewards: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    beta: float = 0.04,
+    epsilon: float = 0.2,
+) -> torch.Tensor:
+    """GRPO (dsgraph.runtime.policy.grpo) over a batch of rollouts: the advantages of the rewards
+    within each prompt's group, the policy's and reference's token log-probabilities of the
+    completion tokens under logits / T (the generation's temperature), the generation's own as
+    the old ones."""
+    if not isinstance(rollouts, Rollouts):
+        raise TypeError("`grpo` takes the rollouts of a generation as its second argument")
+    if beta and reference is None:
+        raise ValueError("`grpo` with beta > 0 needs `reference=` (the frozen reference's logits), or beta = 0")
+    r = _per_completion(rewards, rollouts)
+    advantages = policy.group_advantages(r, rollouts.samples)
+    t, tokens = rollouts.temperature, rollouts.input_ids
+    logp = policy.token_logprobs(policy_logits / t, tokens)
+    ref = policy.token_logprobs(reference / t, tokens) if reference is not None else None
+    mask = rollouts.completion_mask[:, 1:]
+    terms = policy.grpo(logp, rollouts.logprobs[:, 1:], ref, advantages, mask, epsilon, beta)
+    if _recording is not None:
+        one = torch.ones((), dtype=torch.float64, device=r.device)
+        lengths = rollouts.completion_lengths.double()
+        _report(
+            reward_mean=(r.double().sum(), one * r.numel()),
+            reward_std=(r.double().std(), one),  # over this batch's completions
+            kl=(terms.kl.double(), one),
+            clip_fraction=(terms.clip_fraction.double(), one),
+            completion_length=(lengths.sum(), one * lengths.numel()),
+        )
+    return terms.loss
+
+
+def gkd(
+    student: torch.Tensor, teacher: torch.Tensor, tokens: Any, beta: float = 0.5, temperature: float = 1.0
+) -> torch.Tensor:
+    """GKD's generalised JSD (dsgraph.runtime.policy.generalized_jsd) between the distributions
+    the logits give for each next token: over a generation's completion tokens (`tokens` the
+    rollouts), or over the labelled tokens of a data set (`tokens` labels, -100 elsewhere)."""
+    mask = tokens.completion_mask[:, 1:] if isinstance(tokens, Rollouts) else tokens[:, 1:] != -100
+    return policy.generalized_jsd(student[:, :-1], teacher[:, :-1], mask, beta, temperature)
+
+
 def mse(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(input.float(), target.float())
 
@@ -392,6 +484,36 @@ def cosine(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(input.float(), target.float(), dim=-1)).mean()
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {"ce": ce, "kl": kl, "mse": mse, "cosine": cosine, "dpo": dpo}
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "ce": ce,
+    "kl": kl,
+    "mse": mse,
+    "cosine": cosine,
+    "dpo": dpo,
+    "grpo": grpo,
+    "gkd": gkd,
+}
 
-__all__ = ["DATA", "LOSSES", "MODELS"]
+# -- rewards: called with the prompts and completions of a generation, one number each --------
+
+_SUM = re.compile(r"\s*(\d+)\s*\+\s*(\d+)\s*=\s*")
+
+
+def sums(prompts: Sequence[str], completions: Sequence[str], exact: float = 1.0, digits: float = 0.5) -> list[float]:
+    """The toy task of pipelines/data/sums.jsonl: `exact` when the completion is the sum the
+    prompt `a+b=` asks for; otherwise `digits` times the share of digits among its characters
+    (a shaping term that a policy which writes numbers at all collects first)."""
+    out = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        found = _SUM.fullmatch(prompt)
+        text = completion.strip()
+        if found and text == str(int(found[1]) + int(found[2])):
+            out.append(float(exact))
+        else:
+            out.append(float(digits) * (sum(c.isdigit() for c in text) / len(text) if text else 0.0))
+    return out
+
+
+REWARDS: dict[str, Callable[..., list[float]]] = {"sums": sums}
+
+__all__ = ["DATA", "LOSSES", "MODELS", "REWARDS"]

@@ -60,6 +60,23 @@ def set_rng_state(state: dict[str, str]) -> None:
     numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
 
 
+GENERATOR_PREFIX = "generate/"  # a generation's sampling generator, in a rank's rng states
+
+
+def generator_states(generators: dict[str, Any]) -> dict[str, str]:
+    return {GENERATOR_PREFIX + name: _b64(g.get_state().numpy().tobytes()) for name, g in generators.items()}
+
+
+def set_generator_states(state: dict[str, str], make: Any) -> None:
+    """Each saved generation's generator (`make(name)` creates it) back at its saved state."""
+    import torch
+
+    for key, value in state.items():
+        if key.startswith(GENERATOR_PREFIX):
+            raw = torch.frombuffer(bytearray(base64.b64decode(value)), dtype=torch.uint8)
+            make(key.removeprefix(GENERATOR_PREFIX)).set_state(raw)
+
+
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
@@ -85,7 +102,8 @@ def save(executor: Executor, step: int) -> None:
     for model in trained:
         # DeepSpeed writes this rank's shards; `.partial` until every rank is done.
         backend.save_checkpoint(model, str(run_dir / "ckpt" / model), name + ".partial")
-    mine = RankState(rng_state(), {d: b.sampler.state() for d, b in executor.batches.items()})
+    rng = {**rng_state(), **generator_states(executor.generators)}
+    mine = RankState(rng, {d: b.sampler.state() for d, b in executor.batches.items()})
     ranks = backend.all_gather_object(mine, executor.world)
     backend.barrier()
     if executor.rank == 0:

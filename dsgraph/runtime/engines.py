@@ -204,6 +204,35 @@ class Backend:
         return _cast(out, torch.float32) if dtype is not None else out  # ... outputs back to fp32
 
     @contextlib.contextmanager
+    def generating(self, name: str, gather_once: bool) -> Iterator[nn.Module]:
+        """The model's module for sampling: eval mode and no_grad, train mode again after (a
+        trained model). At ZeRO-3, `gather_once` gathers every parameter once for the whole
+        generation and takes DeepSpeed's per-layer hooks off until it ends (DeepSpeed's own
+        `unwrap_model_for_generation`; the copy costs the model's full size on each rank);
+        otherwise each forward gathers each layer again, for every new token."""
+        handle = self.models[name]
+        engine, module = handle.engine, handle.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                if gather_once and engine.zero_optimization_stage() == 3 and engine.optimizer is not None:
+                    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+                    with unwrap_model_for_generation(engine):  # one all-gather of every parameter
+                        yield module
+                else:
+                    yield module
+        finally:
+            module.train(was_training)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on some rank: a collective every rank calls at the same point."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device())
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)  # a sync point
+        return bool(value.item())
+
+    @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """An evaluation: every engine in eval mode (no dropout) and no autograd graph; the
         trained engines back in train mode after."""

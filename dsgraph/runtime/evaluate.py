@@ -1,8 +1,8 @@
 """Evaluating the plan's expressions (model-call arguments and loss terms) over one micro batch.
 
 Values are looked up in a `Scope`: the current batch of every data set, the outputs of the model
-calls made so far (by call id), the cached rows read for the batch (by cache entry) and the
-losses of the current train group. A call listed in
+calls made so far (by call id), the cached rows read for the batch (by cache entry), the rollouts
+generated and the rewards scored in this micro step, and the losses of the current train group. A call listed in
 `detach` is read detached, so that one group's backward never reaches another group's models."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from dsgraph import plan as P
 from dsgraph.compat import assert_never
 from dsgraph.runtime import builtins
+from dsgraph.runtime.generation import Rollouts
 
 Factories = Callable[[str], Callable[..., Any]]
 
@@ -27,6 +28,8 @@ class Scope:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     cached: dict[str, Any] = field(default_factory=dict)  # cache entry -> the batch's rows
     indices: dict[str, Any] = field(default_factory=dict)  # data set -> the batch's sample indices
+    rollouts: dict[str, Rollouts] = field(default_factory=dict)  # generation -> this micro step's
+    rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # `correct(rollouts)` -> [N, 1]
 
 
 def detached(value: Any) -> Any:
@@ -88,4 +91,9 @@ def evaluate(expr: P.Expr, scope: Scope, detach: tuple[str, ...], factories: Fac
         return a / b
     if type(expr) is P.Cached:
         return scope.cached[expr.entry]
+    if type(expr) is P.Generated:
+        rollouts = scope.rollouts[expr.generation]
+        return rollouts if expr.field is None else rollouts.field(expr.field)
+    if type(expr) is P.RewardValue:
+        return scope.rewards[expr.call]
     assert_never(expr)

@@ -6,6 +6,7 @@ DeepSpeed and Accelerate call goes through the Backend."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import sys
@@ -31,6 +32,7 @@ from dsgraph.runtime import (
     configs,
     control,
     data,
+    generation,
     manifest,
     measure,
     rundir,
@@ -91,6 +93,10 @@ def _where(step: P.SetupStep | P.StepOp | P.EvalLoss | P.PrecomputeStep) -> str:
             return f"step op {step.id} ({step.kind})"
         case P.ReadCache(entry=entry):
             return f"step op {step.id} (read_cache {entry})"
+        case P.Generate(generation=name, model=model, data=data):
+            return f"generating `{name}` from `{model}` over `{data}`"
+        case P.ScoreReward(call=call):
+            return f"reward `{call}`"
         case P.FillCache(text=text, data=data):
             return f"precompute `{text}` over `{data}`"
         case P.ReleaseModel(model=name):
@@ -130,6 +136,12 @@ class Executor:
         self.cached: dict[tuple[str, str], cache.Arrays] = {}  # (entry, data set) -> its rows
         self.precomputed: list[dict[str, Any]] = []  # what each fill did, for the report
         self.memory_phases: dict[str, Any] = {}
+        # Sampling draws from a generator per generation and rank; checkpoints keep its state.
+        self.generators: dict[str, torch.Generator] = {}
+        self.generated: dict[str, dict[str, Any]] = {}  # per generation: what it did, for the report
+        self._decoded = frozenset(op.generation for op in plan.step if isinstance(op, P.ScoreReward))
+        # Where a step's time goes, logged beside the losses of a pipeline that generates.
+        self._phase_of = {op.id: _phase(op) for op in plan.step} if plan.generations else {}
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -451,7 +463,9 @@ class Executor:
         torch.manual_seed(self.settings.seed * 7919 + self.rank)  # dropout differs per rank
         if self.resume_rng is not None:
             checkpoint.set_rng_state(self.resume_rng)
+            checkpoint.set_generator_states(self.resume_rng, lambda name: self._generator(name, device))
         tick, last_logged = time.perf_counter(), self.first_step
+        phases = dict.fromkeys(PHASES, 0.0)
         self.last_step = self.first_step  # a resume at the last step runs none
         self.heartbeat.beat(control.TRAINING, self.first_step)
         for step in range(self.first_step + 1, self.total_steps + 1):
@@ -461,10 +475,13 @@ class Executor:
                 scope = Scope()
                 with backend.accumulate():
                     for op in plan.step:
+                        began = time.perf_counter()
                         try:
                             self._step_op(op, scope, meter, device)
                         except Exception as error:
                             raise RunFailure(_where(op), op.span, error) from error
+                        if self._phase_of:
+                            phases[self._phase_of[op.id]] += time.perf_counter() - began
                         if step == self.first_step + 1:
                             self.executed_step.append(op.id)
             if logged:
@@ -482,8 +499,10 @@ class Executor:
                         "stats": stats,
                         "lr": {name: backend.learning_rate(name) for name in trained},
                         "samples_per_s": round(global_batch * (step - last_logged) / max(now - tick, 1e-9), 2),
+                        **self._phases_row(phases, step - last_logged),
                     }
                 )
+                phases = dict.fromkeys(PHASES, 0.0)
                 tick, last_logged = now, step
             metrics.advance()
             self.last_step = step
@@ -505,6 +524,85 @@ class Executor:
                 self.stopped_early = True
                 break
         return metrics
+
+    def _phases_row(self, phases: dict[str, float], steps: int) -> dict[str, Any]:
+        """Seconds per optimizer step in each phase (this rank's), for a pipeline that generates."""
+        if not self._phase_of:
+            return {}
+        return {"phase_s": {name: round(spent / max(steps, 1), 4) for name, spent in phases.items()}}
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _generator(self, name: str, device: torch.device) -> torch.Generator:
+        if name not in self.generators:
+            seed = model_seed(self.settings.seed * 7919 + self.rank, f"generate/{name}")
+            self.generators[name] = torch.Generator(device=device).manual_seed(seed)
+        return self.generators[name]
+
+    def _generate(self, op: P.Generate, scope: Scope, device: torch.device) -> None:
+        """Completions of this micro batch's prompts: every rank runs the same number of forwards."""
+        spec = self.plan.generation(op.generation)
+        batch = scope.batches[op.data]
+        tokenizer = getattr(self.datasets[op.data], "tokenizer", None)
+        end = getattr(tokenizer, "eos_token_id", None)
+        stop = spec.stop + ((end,) if end is not None and end not in spec.stop else ())
+        pad = getattr(tokenizer, "pad_token_id", None) or 0
+        began = time.perf_counter()
+        # no_grad, eval mode; ZeRO-3 `once`: one all-gather of every parameter, released after
+        with self.backend.generating(op.model, spec.gather == "once") as module:
+            rollouts = generation.sample(
+                module,
+                batch["input_ids"],
+                batch["attention_mask"],
+                spec,
+                self._generator(spec.name, device),
+                stop,
+                pad,
+                self.backend.any_rank,
+            )
+        if op.generation in self._decoded:  # rewards read text
+            if tokenizer is None:
+                raise ValueError(
+                    f"data set `{op.data}` has no tokenizer to decode the completions for the rewards "
+                    "(builtin.prompts has one; a factory's data set can set `.tokenizer`)"
+                )
+            special = tuple(i for i in (tokenizer.bos_token_id, end, tokenizer.pad_token_id) if i is not None)
+            prompt_length = batch["input_ids"].shape[1]
+            rollouts = dataclasses.replace(
+                rollouts,
+                prompts=generation.decode(
+                    tokenizer,
+                    rollouts.input_ids[:, :prompt_length],
+                    rollouts.attention_mask[:, :prompt_length],
+                    special,
+                ),
+                completions=generation.decode(tokenizer, rollouts.input_ids, rollouts.completion_mask, special),
+            )
+        scope.rollouts[op.generation] = rollouts
+        done = self.generated.setdefault(
+            op.generation, {"gather": spec.gather, "calls": 0, "completions": 0, "tokens": 0, "seconds": 0.0}
+        )
+        done["calls"] += 1
+        done["completions"] += int(rollouts.input_ids.shape[0])
+        done["tokens"] += int(rollouts.completion_mask.sum())
+        done["seconds"] = round(done["seconds"] + time.perf_counter() - began, 4)
+
+    def _score(self, op: P.ScoreReward, scope: Scope, device: torch.device) -> None:
+        rollouts = scope.rollouts[op.generation]
+        reward = self.plan.reward(op.reward)
+        if reward.source.kind is P.SourceKind.BUILTIN:
+            function = builtins.REWARDS[reward.source.target]
+        else:
+            function = self._factory(reward.source.target)
+        positional, keywords = sources.call_args(reward.source.args)
+        values = function(list(rollouts.prompts), list(rollouts.completions), *positional, **keywords)
+        scores = torch.as_tensor(values, dtype=torch.float32).to(device)
+        rows = rollouts.input_ids.shape[0]
+        if scores.numel() != rows:
+            raise ValueError(
+                f"{reward.source.target} returned {scores.numel()} value(s) for {rows} completions: one number each"
+            )
+        scope.rewards[op.call] = scores.reshape(rows, 1)
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -603,6 +701,10 @@ class Executor:
                 self._put_batch(scope, name, self.batches[name].next(), device)
             case P.ReadCache(entry=entry, data=name):  # rows by sample index, from the memory map
                 scope.cached[entry] = self.cached[entry, name].rows(scope.indices[name], device)
+            case P.Generate():  # on-policy: sampled anew each micro step (a forward per token)
+                self._generate(op, scope, device)
+            case P.ScoreReward():
+                self._score(op, scope, device)
             case P.Forward():
                 args = [evaluate(a, scope, op.detach, self._factory) for a in op.args]
                 kwargs = {k: evaluate(v, scope, op.detach, self._factory) for k, v in op.kwargs}
@@ -684,11 +786,27 @@ class Executor:
             "memory": self.backend.memory_report(),
             "precompute": self.precomputed,
             "released": self.memory_phases,
+            "generated": self.generated,
             "epochs": {name: b.sampler.epoch for name, b in self.batches.items()},
             "samples": {name: b.sampler.served for name, b in self.batches.items()},
         }
         (self.run_dir / "ranks").mkdir(exist_ok=True)
         rundir.write_new(self.run_dir / "ranks" / f"rank{self.rank}.json", json.dumps(report, indent=2) + "\n")
+
+
+PHASES = ("generate", "score", "train")
+
+
+def _phase(op: P.StepOp) -> str:
+    """generate: sampling; score: the rewards and the frozen models' forwards; train: the rest."""
+    match op:
+        case P.Generate():
+            return "generate"
+        case P.ScoreReward():
+            return "score"
+        case P.Forward() if op.no_grad:
+            return "score"
+    return "train"
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

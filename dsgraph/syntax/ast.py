@@ -191,6 +191,22 @@ class ModelDecl:
 
 
 @dataclass(frozen=True, slots=True)
+class GenerateDecl:
+    name: Name
+    model: Name
+    data: Name
+    block: Block | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class RewardDecl:
+    name: Name
+    source: Source
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class LossDecl:
     name: Name
     expr: Expr
@@ -204,7 +220,7 @@ class TrainStmt:
     span: Span
 
 
-Item: TypeAlias = Setting | DataDecl | ZeroDecl | ModelDecl | LossDecl | TrainStmt
+Item: TypeAlias = Setting | DataDecl | ZeroDecl | ModelDecl | GenerateDecl | RewardDecl | LossDecl | TrainStmt
 
 
 @dataclass(frozen=True, slots=True)

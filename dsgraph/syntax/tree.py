@@ -93,6 +93,14 @@ class ToAst:
         name, source, block = children
         return ast.ModelDecl(name, source, block, self._span(meta))
 
+    def generate_decl(self, meta: Meta, children: Children) -> ast.GenerateDecl:
+        name, model, data, block = children
+        return ast.GenerateDecl(name, model, data, block, self._span(meta))
+
+    def reward_decl(self, meta: Meta, children: Children) -> ast.RewardDecl:
+        name, source = children
+        return ast.RewardDecl(name, source, self._span(meta))
+
     def loss_decl(self, meta: Meta, children: Children) -> ast.LossDecl:
         return ast.LossDecl(children[0], children[1], self._span(meta))
 
