@@ -17,6 +17,7 @@ from dsgraph.diagnostics import Diagnostic, Note, diagnostic
 from dsgraph.hoist import Hoisting
 from dsgraph.dsconfig.keys import zero_stage
 from dsgraph.dsconfig.resolve import Resolved, precision_of, zero_of
+from dsgraph.generation_checks import check_generations, check_group_samples
 from dsgraph.plan import Engine, Precision
 from dsgraph.source import Span
 from dsgraph.strategy import Strategy
@@ -167,6 +168,8 @@ def check_eval_sets(ctx: Context) -> Iterator[Diagnostic]:
     pairs = [(d, p.data[d.eval]) for d in p.data.values() if d.eval is not None and d.eval in p.data]
     for data, held_out in pairs:
         assert data.eval_span is not None
+        if any(graph.nodes[n]["kind"] == "generation" for n in graph.successors(g.data_id(data.name))):
+            continue  # the prompts of a generation: DSG325 (generation_checks.py)
         if _read(graph, held_out.name):
             yield diagnostic(
                 "DSG312",
@@ -513,6 +516,8 @@ CHECKS: tuple[Check, ...] = (
     check_offload_optimizer,
     check_quantized_training,
     check_cache,
+    check_generations,
+    check_group_samples,
     check_resolved_configs,
 )
 

@@ -61,6 +61,22 @@ def to_dot(graph: Graph, plan: Plan) -> str:
             out.append(f"  {_q(node)} " + _attrs(label=attrs["name"], shape="cylinder"))
         elif kind == "call":
             out.append(f"  {_q(node)} " + _attrs(label=attrs["text"], shape="ellipse"))
+        elif kind == "generation":  # its own kind: sampled every step, from the model's weights
+            gen = plan.generation(attrs["name"]) if attrs["name"] in {g.name for g in plan.generations} else None
+            detail = f"\n{gen.samples} per prompt · ≤ {gen.max_new_tokens} tokens" if gen else ""
+            out.append(
+                f"  {_q(node)} "
+                + _attrs(
+                    label=f"generate {attrs['name']}{detail}",
+                    shape="hexagon",
+                    style="filled,bold",
+                    fillcolor="#d9f2d9",
+                )
+            )
+        elif kind == "reward":
+            out.append(
+                f"  {_q(node)} " + _attrs(label=attrs["text"], shape="invhouse", style="filled", fillcolor="#fff2b3")
+            )
         elif kind == "term":
             out.append(f"  {_q(node)} " + _attrs(label=attrs["text"], shape="note"))
         elif kind == "loss":
@@ -75,6 +91,8 @@ def to_dot(graph: Graph, plan: Plan) -> str:
                 extra = _attrs(label=f"× {e['weight']:g}")  # noqa: RUF001 - a multiplication sign
             case "trains":
                 extra = _attrs(label="trains", style="bold", color="#1f77b4", constraint="false")
+            case "weights" if v.startswith("gen:"):
+                extra = _attrs(label="samples", style="bold", color="#2ca02c")
             case "weights":
                 extra = _attrs(style="dotted", arrowhead="none")
             case "eval":

@@ -108,6 +108,8 @@ class Generation:
     gather: GatherMode
     span: Span
     spans: dict[str, Span] = field(compare=False)  # property name -> span
+    model_span: Span | None = field(default=None, compare=False)  # `policy` in `= policy(prompts)`
+    data_span: Span | None = field(default=None, compare=False)  # `prompts` in `= policy(prompts)`
 
     def show(self) -> str:
         stop = f" stop={list(self.stop)}" if self.stop else ""

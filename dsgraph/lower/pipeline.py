@@ -319,6 +319,8 @@ class _Lowerer:
             values["gather"],
             decl.span,
             spans,
+            model_span=decl.model.span,
+            data_span=decl.data.span,
         )
 
     # -- train statements ----------------------------------------------------------------------
