@@ -296,8 +296,11 @@ def _is_position(state: Any) -> bool:
 
 def _is_rng(state: dict[str, str]) -> bool:
     """The shapes `checkpoint.rng_state` saves: torch's (and CUDA's) bytes, Python's and NumPy's
-    states as JSON."""
-    if not {"torch", "python", "numpy"} <= set(state) <= {"torch", "python", "numpy", "cuda"}:
+    states as JSON; and each generation's sampling generator (`generate/NAME`), as bytes."""
+    generators = {k for k in state if k.startswith("generate/")}
+    if not {"torch", "python", "numpy"} <= set(state) - generators <= {"torch", "python", "numpy", "cuda"}:
+        return False
+    if not all(_base64(state[k]) for k in generators):
         return False
     try:
         python, numpy = json.loads(state["python"]), json.loads(state["numpy"])
