@@ -6,6 +6,7 @@ sampled, under ZeRO-2 and ZeRO-3 (gathered once and layer by layer)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_grpo_with_a_zero3_reward_model_scores_every_step(pipelines, tmp_path):
     rows = metrics(run_dir)
     assert len(rows) == 3
     for row in rows:
-        assert 0 <= _stat(row, "reward_std") and _stat(row, "reward_mean") == _stat(row, "reward_mean")
+        assert _stat(row, "reward_std") >= 0 and math.isfinite(_stat(row, "reward_mean"))
     for report in ranks(run_dir):
         local, total = report["shards"]["scorer"]
         assert 0 < local < total  # the reward model is partitioned

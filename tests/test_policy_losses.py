@@ -87,3 +87,48 @@ def test_generalized_jsd_is_forward_kl_at_0_reverse_kl_at_1_and_symmetric_jsd_at
         0.9 * kl(p, m) + 0.1 * kl(q, m), abs=1e-6
     )
     assert generalized_jsd(p.log(), p.log(), mask, 0.5).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_builtin_grpo_over_rollouts_equals_a_hand_computation():
+    """The loss a `.dsg` file's `grpo(policy(...).logits, rollouts, rewards, reference=...)` runs,
+    on a fixed batch: 2 prompts x 2 samples, a 2-token prompt and 2 completion tokens (the last
+    of completion 1 is padding), a 3-token vocabulary, temperature 0.5, every number by hand."""
+    from dsgraph.runtime.builtins import grpo as builtin_grpo
+    from dsgraph.runtime.generation import Rollouts
+
+    g = torch.Generator().manual_seed(3)
+    policy = torch.randn(4, 4, 3, generator=g)
+    reference = torch.randn(4, 4, 3, generator=g)
+    ids = torch.tensor([[0, 1, 2, 0], [0, 1, 1, 2], [2, 2, 0, 1], [2, 2, 1, 1]])
+    completion = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 1, 1], [0, 0, 1, 1]])
+    old = torch.zeros(4, 4)
+    old[:, 2:] = torch.tensor([[-1.0, -1.2], [-0.7, 0.0], [-1.5, -0.2], [-0.9, -2.0]]) * completion[:, 2:]
+    rewards = torch.tensor([[1.0], [0.0], [0.25], [0.75]])
+    rollouts = Rollouts(ids, torch.ones(4, 4, dtype=torch.long), completion, old, samples=2, temperature=0.5)
+    eps, beta, t = 0.2, 0.04, 0.5
+
+    def logp(logits: torch.Tensor, i: int, pos: int) -> float:  # of token `pos`, from position pos - 1
+        row = [float(v) / t for v in logits[i, pos - 1]]
+        return row[int(ids[i, pos])] - math.log(sum(math.exp(v) for v in row))
+
+    r = [1.0, 0.0, 0.25, 0.75]
+    advantages = []
+    for group in (r[:2], r[2:]):
+        mean = sum(group) / 2
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / 1)
+        advantages += [(x - mean) / (std + 1e-4) for x in group]
+    per_sequence = []
+    for i in range(4):
+        terms = []
+        for pos in (2, 3):
+            if not completion[i, pos]:
+                continue
+            lp, ref = logp(policy, i, pos), logp(reference, i, pos)
+            ratio = math.exp(lp - float(old[i, pos]))
+            clipped = min(max(ratio, 1 - eps), 1 + eps)
+            k3 = math.exp(ref - lp) - (ref - lp) - 1
+            terms.append(-min(ratio * advantages[i], clipped * advantages[i]) + beta * k3)
+        per_sequence.append(sum(terms) / len(terms))
+    expected = sum(per_sequence) / 4
+    got = builtin_grpo(policy, rollouts, rewards, reference=reference, beta=beta, epsilon=eps)
+    assert got.item() == pytest.approx(expected, abs=1e-6)

@@ -300,3 +300,8 @@ def test_the_compiler_and_the_runtime_know_the_same_builtins():
         for name, spec in known.items():
             params = list(inspect.signature(implemented[name]).parameters)
             assert [p.name for p in spec.params] == params, name
+    assert set(catalogue.REWARDS) == set(builtins.REWARDS)
+    for name, spec in catalogue.REWARDS.items():  # called with the prompts and completions first
+        params = list(inspect.signature(builtins.REWARDS[name]).parameters)
+        assert params[:2] == ["prompts", "completions"]
+        assert [p.name for p in spec.params] == params[2:], name

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from dsgraph.runtime import policy
+from dsgraph.runtime import policy as onpolicy
 from dsgraph.runtime.generation import Rollouts
 from dsgraph.runtime.hfdata import hf_dataset
 from dsgraph.runtime.tokenizer import Tokenizer, load_tokenizer
@@ -431,14 +431,15 @@ def _per_completion(rewards: Any, rollouts: Rollouts) -> torch.Tensor:
 
 
 def grpo(
-    policy_logits: torch.Tensor,
+    policy: torch.Tensor,
     rollouts: Rollouts,
     rewards: torch.Tensor,
     reference: torch.Tensor | None = None,
     beta: float = 0.04,
     epsilon: float = 0.2,
 ) -> torch.Tensor:
-    """GRPO (dsgraph.runtime.policy.grpo) over a batch of rollouts: the advantages of the rewards
+    """GRPO (dsgraph.runtime.policy.grpo) over a batch of rollouts, `policy` and `reference` the
+    two models' logits over them: the advantages of the rewards
     within each prompt's group, the policy's and reference's token log-probabilities of the
     completion tokens under logits / T (the generation's temperature), the generation's own as
     the old ones."""
@@ -447,12 +448,12 @@ def grpo(
     if beta and reference is None:
         raise ValueError("`grpo` with beta > 0 needs `reference=` (the frozen reference's logits), or beta = 0")
     r = _per_completion(rewards, rollouts)
-    advantages = policy.group_advantages(r, rollouts.samples)
+    advantages = onpolicy.group_advantages(r, rollouts.samples)
     t, tokens = rollouts.temperature, rollouts.input_ids
-    logp = policy.token_logprobs(policy_logits / t, tokens)
-    ref = policy.token_logprobs(reference / t, tokens) if reference is not None else None
+    logp = onpolicy.token_logprobs(policy / t, tokens)
+    ref = onpolicy.token_logprobs(reference / t, tokens) if reference is not None else None
     mask = rollouts.completion_mask[:, 1:]
-    terms = policy.grpo(logp, rollouts.logprobs[:, 1:], ref, advantages, mask, epsilon, beta)
+    terms = onpolicy.grpo(logp, rollouts.logprobs[:, 1:], ref, advantages, mask, epsilon, beta)
     if _recording is not None:
         one = torch.ones((), dtype=torch.float64, device=r.device)
         lengths = rollouts.completion_lengths.double()
@@ -473,7 +474,7 @@ def gkd(
     the logits give for each next token: over a generation's completion tokens (`tokens` the
     rollouts), or over the labelled tokens of a data set (`tokens` labels, -100 elsewhere)."""
     mask = tokens.completion_mask[:, 1:] if isinstance(tokens, Rollouts) else tokens[:, 1:] != -100
-    return policy.generalized_jsd(student[:, :-1], teacher[:, :-1], mask, beta, temperature)
+    return onpolicy.generalized_jsd(student[:, :-1], teacher[:, :-1], mask, beta, temperature)
 
 
 def mse(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

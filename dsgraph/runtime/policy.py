@@ -1,5 +1,5 @@
-"""The losses of on-policy post-training, as functions of tensors (issue 13 builds the generation
-node that feeds them; the catalogue does not offer them to `.dsg` files yet).
+"""The losses of on-policy post-training, as functions of tensors; the built-in `grpo` and `gkd`
+losses (dsgraph/runtime/builtins.py) apply them to the rollouts of a `generate` declaration.
 
 - GRPO (DeepSeekMath; TRL's GRPOTrainer with loss_type "grpo"): group-normalised advantages, the
   clipped ratio of the policy's token log-probabilities to those recorded at generation, and
