@@ -196,3 +196,39 @@ def test_zero_auto_deferred_for_user_code_names_the_model_that_stops_the_sizing(
     assert "`b` is built by user code" in deferred[5].message and deferred[5].notes  # a waits for b
     assert "`b` is built by user code" in deferred[6].message and not deferred[6].notes  # b for itself
     assert "never_imported" not in sys.modules
+
+
+def test_a_zero3_generation_gathered_once_counts_the_whole_model_while_it_runs(tmp_path):
+    """`gather = once` holds the generator's whole weights on every rank while it generates: the
+    estimate's generation phase adds the model less this rank's partition; `layers` adds nothing."""
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1+2="}\n')
+    text = """pipeline g {
+    steps = 2
+    micro_batch = 2
+    data prompts = builtin.prompts(path="prompts.jsonl", max_length=8)
+    model policy = builtin.causal_lm(vocab=259, dim=32, layers=2, heads=2, max_len=32) {
+        zero = { stage = 3 }
+        optimizer = adamw(lr=1e-3)
+    }
+    generate rollouts = policy(prompts) { samples = 2  max_new_tokens = 4  GATHER }
+    reward r = builtin.sums()
+    loss objective = grpo(policy(rollouts.input_ids).logits, rollouts, r(rollouts), beta=0.0)
+    train policy on objective
+}
+"""
+    estimates = {}
+    for gather in ("once", "layers"):
+        path = tmp_path / f"{gather}.dsg"
+        path.write_text(text.replace("GATHER", f"gather = {gather}"))
+        result = compile_file(path, W)
+        assert result.ok and result.plan is not None, result.diagnostics
+        counts = count_plan(result.plan)
+        estimates[gather] = (memory.estimate(result.plan, counts, W), counts["policy"].total)
+    est, elements = estimates["once"]
+    policy = est.models[0]
+    assert est.gathered == {"policy": elements * 4 - policy.params}
+    assert est.generation_total == est.training_total + elements * 4 - policy.params
+    assert est.to_json()["phases"]["generation"] == est.generation_total
+    assert "during generation" in est.to_text()
+    layers, _ = estimates["layers"]
+    assert layers.gathered == {} and layers.generation_total == layers.training_total

@@ -199,6 +199,9 @@ class Estimate:
     device_memory: int | None = None
     device_source: str | None = None
     released: tuple[str, ...] = ()  # cached models, released after the precompute phase
+    # ZeRO-3 generators whose weights a generation gathers once: model -> the bytes beyond its
+    # own partition that each rank holds while it generates (the whole model, less its share)
+    gathered: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -211,12 +214,22 @@ class Estimate:
         return sum(m.total for m in self.models if m.name not in self.released)
 
     @property
+    def generation_total(self) -> int:
+        """While a generation runs: the loop's models, and the largest gathered copy (one
+        generation runs at a time; its copy is released when it ends)."""
+        return self.training_total + max(self.gathered.values(), default=0)
+
+    @property
+    def peak(self) -> int:
+        return max(self.total, self.generation_total)
+
+    @property
     def host_total(self) -> int:
         return sum(m.host_total for m in self.models)
 
     @property
     def fits(self) -> bool | None:
-        return None if self.device_memory is None else self.total <= self.device_memory
+        return None if self.device_memory is None else self.peak <= self.device_memory
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -229,7 +242,13 @@ class Estimate:
             "device_memory": self.device_memory,
             "device_source": self.device_source,
             "fits": self.fits,
-            "phases": {"precompute": self.total, "training": self.training_total, "released": list(self.released)},
+            "phases": {
+                "precompute": self.total,
+                "training": self.training_total,
+                "released": list(self.released),
+                "generation": self.generation_total,
+                "gathered": self.gathered,
+            },
         }
 
     def to_text(self) -> str:
@@ -267,6 +286,12 @@ class Estimate:
                 f"    during training:       {human(self.training_total)} ({self.training_total} bytes; "
                 f"{names} released before the loop: {human(freed)} freed per rank)"
             )
+        if self.gathered:
+            names = ", ".join(f"{name} +{human(extra)}" for name, extra in sorted(self.gathered.items()))
+            lines.append(
+                f"    during generation:     {human(self.generation_total)} ({self.generation_total} bytes; "
+                f"ZeRO-3 weights gathered once: {names} per rank; `gather = layers` holds one layer at a time)"
+            )
         if self.host_total:
             lines.append(f"  offloaded to host RAM, per rank: {human(self.host_total)}")
         if self.device_memory is not None:
@@ -295,7 +320,14 @@ def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = 
         est.zero_auto = m.zero_auto
         models.append(est)
     released = plan.precompute.released if plan.precompute else ()
-    return Estimate(plan.pipeline, world, models, released=released)
+    gathered = {}
+    for gen in plan.generations:
+        model = plan.model(gen.model)
+        if gen.gather == "once" and model.stage == 3:
+            whole = next(m for m in models if m.name == gen.model)
+            full = (counts[gen.model].total) * _PRECISION_BYTES[model.precision.value]
+            gathered[gen.model] = max(gathered.get(gen.model, 0), full - (whole.params + whole.host.get("params", 0)))
+    return Estimate(plan.pipeline, world, models, released=released, gathered=gathered)
 
 
 # -- how much memory there is -------------------------------------------------------------------
