@@ -13,18 +13,21 @@ and with `gather = layers` (each forward gathers each layer again, for every new
 with `dsgraph run --procs 2` into a fresh run directory, alternating which goes first (ABBA).
 Reported: each launch's generation tokens per second (the completions' tokens of both ranks over
 the slower rank's generation seconds, from `RUN_DIR/ranks/rankN.json`, "generated"), its
-tokens and the ratio per round. The last line is `generation speedup X.XX (gathered once vs
-layer by layer)`.
+tokens, its wall time, the cores other processes used meanwhile (from /proc/stat) and the ratio
+per round. The last line is `generation speedup X.XX (gathered once vs layer by layer)`: the
+ratio of the median tokens per second.
 
-Then (unless `--no-grpo`) `pipelines/grpo.dsg` as shipped (a ZeRO-2 policy, a ZeRO-3 reference,
-`gather = once` by default), `--procs 2`, from `pipelines/`: the seconds per step each rank
-spent generating, scoring and training (`metrics.jsonl`'s train rows' "phase_s"), the mean over
-the logged rows after the first."""
+Then (unless `--no-grpo`) `pipelines/grpo.dsg` as shipped (60 steps; a ZeRO-2 policy, so nothing
+to gather while generating, and a ZeRO-3 reference), `--procs 2`, from `pipelines/`: the seconds
+per step rank 0 spent generating, scoring (the reward and the reference's forward) and training
+(`metrics.jsonl`'s train rows' "phase_s"), the mean over the logged rows after the first."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -92,14 +95,28 @@ def write_model(folder: Path, layers: int, embd: int, heads: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def launch(pipeline: Path, run_dir: Path, cwd: Path, extra: tuple[str, ...] = ()) -> float:
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all but idle and iowait) since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def launch(pipeline: Path, run_dir: Path, cwd: Path) -> dict[str, float]:
+    """One `dsgraph run`: its wall time, and the cores other processes used meanwhile."""
     command = [sys.executable, "-m", "dsgraph", "run", str(pipeline), "--procs", str(WORLD), "--run-dir", str(run_dir)]
+    busy, ours = _busy_cpu_s(), _children_cpu_s()
     started = time.perf_counter()
-    done = subprocess.run([*command, *extra], cwd=cwd, capture_output=True)
+    done = subprocess.run(command, cwd=cwd, capture_output=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{pipeline.name}: exit {done.returncode}\n{done.stderr.decode()[-3000:]}")
-    return wall
+    others = (_busy_cpu_s() - busy) - (_children_cpu_s() - ours)
+    return {"wall_s": wall, "other_cores": max(0.0, others / wall)}
 
 
 def generation_figures(run_dir: Path) -> dict[str, float]:
@@ -123,7 +140,7 @@ def grpo_phases(folder: Path) -> tuple[dict[str, float], int, float]:
     """`pipelines/grpo.dsg` as shipped: rank 0's mean seconds per step in each phase over the
     logged train rows after the first, the rows averaged, and the whole run's wall time."""
     run_dir = folder / "grpo"
-    wall = launch(PIPELINES / "grpo.dsg", run_dir, PIPELINES)
+    wall = launch(PIPELINES / "grpo.dsg", run_dir, PIPELINES)["wall_s"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     phases = [r["phase_s"] for r in rows if "phase_s" in r][1:]
     if not phases:
@@ -163,8 +180,8 @@ def main() -> None:
             order = MODES if round_ % 2 == 0 else MODES[::-1]
             for mode in order:
                 run_dir = folder / f"{mode}-{round_}"
-                wall = launch(pipelines[mode], run_dir, folder)
-                result = {**generation_figures(run_dir), "wall_s": wall}
+                launch_figures = launch(pipelines[mode], run_dir, folder)
+                result = {**generation_figures(run_dir), **launch_figures}
                 results[mode].append(result)
                 print(f"round {round_ + 1}: {mode}: {result}", file=sys.stderr, flush=True)
         phases = None if args.no_grpo else grpo_phases(folder)
@@ -174,12 +191,16 @@ def main() -> None:
         f"all partitioned), {WORLD} processes, {MICRO_BATCH} prompts x {SAMPLES} samples x {NEW_TOKENS} new tokens "
         f"per process and step, {args.steps} steps per launch, {args.rounds} rounds (ABBA)"
     )
-    print(f"{'gather':<8}{'tokens':>8}{'gen s':>9}{'tokens/s':>10}{'rank 0 tok/s':>14}{'wall s':>9}   (per round)")
-    for mode, runs in results.items():
-        for r in runs:
+    print(
+        f"{'round':<7}{'gather':<8}{'tokens':>8}{'gen s':>9}{'tokens/s':>10}{'rank 0 tok/s':>14}"
+        f"{'wall s':>9}{'other cores':>13}"
+    )
+    for round_ in range(args.rounds):
+        for mode in MODES:
+            r = results[mode][round_]
             print(
-                f"{mode:<8}{r['tokens']:>8.0f}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.1f}"
-                f"{r['rank0_tokens_per_s']:>14.1f}{r['wall_s']:>9.2f}"
+                f"{round_ + 1:<7}{mode:<8}{r['tokens']:>8.0f}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.1f}"
+                f"{r['rank0_tokens_per_s']:>14.1f}{r['wall_s']:>9.2f}{r['other_cores']:>13.2f}"
             )
     per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["once"], results["layers"], strict=True)]
     print("tokens/s ratio per round (once / layers): " + ", ".join(f"{r:.2f}" for r in per_round))

@@ -320,7 +320,7 @@ def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = 
         est.zero_auto = m.zero_auto
         models.append(est)
     released = plan.precompute.released if plan.precompute else ()
-    gathered = {}
+    gathered: dict[str, int] = {}
     for gen in plan.generations:
         model = plan.model(gen.model)
         if gen.gather == "once" and model.stage == 3:
