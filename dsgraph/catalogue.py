@@ -218,10 +218,12 @@ GENERATION_PROPERTIES = {
         P("temperature", "float", 1.0),  # 0: greedy
         P("top_p", "float", 1.0),
         P("stop", "ints", []),  # token ids that end a completion, beside the tokenizer's end token
-        P("gather", "str", "once"),  # ZeRO-3: weights gathered once per generation, or layer by layer
+        # ZeRO-3: weights gathered once per generation, layer by layer, or once if the memory
+        # estimate says the whole model fits beside the rest (dsgraph/dsconfig/auto.py)
+        P("gather", "str", "auto"),
     )
 }
-GATHER_MODES = ("once", "layers")
+GATHER_MODES = ("once", "layers", "auto")
 # What a generation gives, per completion: prompt and completion tokens (left-padded prompt,
 # completion after it, padding after its end), the mask of real tokens, the mask of completion
 # tokens, and the log-probability each token had when it was sampled (0 elsewhere).

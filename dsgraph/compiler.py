@@ -23,7 +23,7 @@ from dsgraph import ir as ir_mod
 from dsgraph.analysis import Analysis, analyse
 from dsgraph.checks import Context, run_checks
 from dsgraph.diagnostics import Diagnostic, Diagnostics
-from dsgraph.dsconfig.auto import has_auto, resolve_auto
+from dsgraph.dsconfig.auto import has_auto, has_auto_gather, resolve_auto, resolve_gather
 from dsgraph.dsconfig.resolve import Resolved, resolve_configs
 from dsgraph.hoist import Hoisting, hoist
 from dsgraph.load import load
@@ -104,6 +104,8 @@ def _compile(
         return Compilation(source, sources, diags.sorted(), tree)
     if has_auto(pipeline):  # sizes the models on the meta device: imports torch
         pipeline = resolve_auto(pipeline, diags, world_size, device_memory, trust_user_code)
+    if has_auto_gather(pipeline):  # sizes them too, for a ZeRO-3 generator only
+        pipeline = resolve_gather(pipeline, world_size, device_memory, trust_user_code)
     graph = graph_mod.build(pipeline)
     analysis = analyse(pipeline, graph)
     strategy = decide(pipeline, analysis) if analysis else None

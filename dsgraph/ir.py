@@ -89,7 +89,7 @@ class Model:
 
 
 CacheMode: TypeAlias = Literal["true", "false", "auto"]  # `cache = ...` on a frozen model
-GatherMode: TypeAlias = Literal["once", "layers"]  # a ZeRO-3 generator's weights during generation
+GatherMode: TypeAlias = Literal["once", "layers", "auto"]  # a ZeRO-3 generator's weights while it generates
 
 
 @dataclass(frozen=True)
@@ -110,13 +110,14 @@ class Generation:
     spans: dict[str, Span] = field(compare=False)  # property name -> span
     model_span: Span | None = field(default=None, compare=False)  # `policy` in `= policy(prompts)`
     data_span: Span | None = field(default=None, compare=False)  # `prompts` in `= policy(prompts)`
+    gather_reason: str | None = None  # `gather = auto`: what it chose, and why
 
     def show(self) -> str:
         stop = f" stop={list(self.stop)}" if self.stop else ""
         return (
             f"generate {self.name} = {self.model}({self.data}) samples={self.samples} "
             f"max_new_tokens={self.max_new_tokens} temperature={self.temperature:g} top_p={self.top_p:g}"
-            f"{stop} gather={self.gather}"
+            f"{stop} gather={self.gather}" + (f" ({self.gather_reason})" if self.gather_reason else "")
         )
 
 

@@ -102,6 +102,7 @@ def build_plan(
                 gen.top_p,
                 gen.stop,
                 gen.gather,
+                gen.gather_reason,
                 gen.span,
             )
             for gen in pipeline.generations.values()
@@ -113,6 +114,7 @@ def build_plan(
             if any(graph.nodes[n]["reward"] == r.name for n in analysis.in_order(analysis.reached, "reward:"))
         ),
     )
+    assert all(gen.gather in ("once", "layers") for gen in plan.generations), "gather = auto is resolved"
     for model in plan.models:  # one home for each value: the config says what resolution decided
         assert model.precision is precision_of(pipeline, pipeline.models[model.name]), model.name
         assert plan.engine_of(model) is strategy.engine_of(model.name, analysis), model.name

@@ -240,7 +240,7 @@ def _generate_text(plan: P.Plan, op: P.Generate) -> str:
     stop = f", stop at {', '.join(map(str, gen.stop))} or the end token" if gen.stop else ", stop at the end token"
     if model.stage is P.ZeroStage.ZERO3:
         weights = "weights gathered once" if gen.gather == "once" else "weights gathered layer by layer"
-        mode = f"no_grad, eval mode, ZeRO-3: {weights}"
+        mode = f"no_grad, eval mode, ZeRO-3: {weights}" + (f"; {gen.gather_reason}" if gen.gather_reason else "")
     else:
         mode = "no_grad, eval mode"
     return (

@@ -200,9 +200,35 @@ def test_zero_auto_deferred_for_user_code_names_the_model_that_stops_the_sizing(
 
 def test_a_zero3_generation_gathered_once_counts_the_whole_model_while_it_runs(tmp_path):
     """`gather = once` holds the generator's whole weights on every rank while it generates: the
-    estimate's generation phase adds the model less this rank's partition; `layers` adds nothing."""
+    estimate's generation phase adds the model less this rank's partition; `layers` adds nothing.
+    `gather = auto` (the default) takes `once` when that fits the device, else `layers`."""
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "1+2="}\n')
-    text = """pipeline g {
+    estimates = {}
+    (tmp_path / "auto.dsg").write_text(GENERATING.replace("GATHER", ""))  # `gather = auto`, the default
+    for device, chosen in (("16GiB", "once"), ("64KiB", "layers")):
+        result = compile_file(tmp_path / "auto.dsg", W, device_memory=parse_size(device))
+        assert result.plan is not None
+        (gen,) = result.plan.generations
+        assert gen.gather == chosen and gen.gather_reason is not None
+        assert ("does not fit" in gen.gather_reason) == (chosen == "layers"), gen.gather_reason
+    for gather in ("once", "layers"):
+        path = tmp_path / f"{gather}.dsg"
+        path.write_text(GENERATING.replace("GATHER", f"gather = {gather}"))
+        result = compile_file(path, W)
+        assert result.ok and result.plan is not None, result.diagnostics
+        counts = count_plan(result.plan)
+        estimates[gather] = (memory.estimate(result.plan, counts, W), counts["policy"].total)
+    est, elements = estimates["once"]
+    policy = est.models[0]
+    assert est.gathered == {"policy": elements * 4 - policy.params}
+    assert est.generation_total == est.training_total + elements * 4 - policy.params
+    assert est.to_json()["phases"]["generation"] == est.generation_total
+    assert "during generation" in est.to_text()
+    layers, _ = estimates["layers"]
+    assert layers.gathered == {} and layers.generation_total == layers.training_total
+
+
+GENERATING = """pipeline g {
     steps = 2
     micro_batch = 2
     data prompts = builtin.prompts(path="prompts.jsonl", max_length=8)
@@ -216,19 +242,3 @@ def test_a_zero3_generation_gathered_once_counts_the_whole_model_while_it_runs(t
     train policy on objective
 }
 """
-    estimates = {}
-    for gather in ("once", "layers"):
-        path = tmp_path / f"{gather}.dsg"
-        path.write_text(text.replace("GATHER", f"gather = {gather}"))
-        result = compile_file(path, W)
-        assert result.ok and result.plan is not None, result.diagnostics
-        counts = count_plan(result.plan)
-        estimates[gather] = (memory.estimate(result.plan, counts, W), counts["policy"].total)
-    est, elements = estimates["once"]
-    policy = est.models[0]
-    assert est.gathered == {"policy": elements * 4 - policy.params}
-    assert est.generation_total == est.training_total + elements * 4 - policy.params
-    assert est.to_json()["phases"]["generation"] == est.generation_total
-    assert "during generation" in est.to_text()
-    layers, _ = estimates["layers"]
-    assert layers.gathered == {} and layers.generation_total == layers.training_total

@@ -198,3 +198,74 @@ def _assign(p: ir.Pipeline, chosen: Mapping[str, tuple[Candidate, str | None]]) 
         )
         models[name] = dataclasses.replace(m, zero=f"{name}.zero")
     return dataclasses.replace(p, zeros=zeros, models=models)
+
+
+# -- `gather = auto` on a generation ------------------------------------------------------------
+
+
+def has_auto_gather(pipeline: ir.Pipeline) -> bool:
+    return any(g.gather == "auto" for g in pipeline.generations.values())
+
+
+def resolve_gather(
+    p: ir.Pipeline, world_size: int | None, device_memory: int | None, trust_user_code: bool
+) -> ir.Pipeline:
+    """Each `gather = auto` generation as `once` or `layers`: a generator that ZeRO-3 does not
+    partition has nothing to gather (`once`); a ZeRO-3 one is gathered once when the memory
+    estimate of every model plus the generator's whole weights (less this rank's share) fits the
+    device, else layer by layer. Sizing builds the models on the meta device (torch), as
+    `zero = auto` does, and only for a ZeRO-3 generator; a model built by user code is sized only
+    when `trust_user_code` (`dsgraph run`), the plan shows `once` until then."""
+    trained = {name for t in p.trains for name in t.models}
+    world = world_size or 1
+    chosen: dict[str, tuple[ir.GatherMode, str]] = {}
+    sharded = []
+    for gen in p.generations.values():
+        model = p.models.get(gen.model)
+        if gen.gather != "auto" or model is None:
+            continue
+        stage = zero_stage(resolve(p, model, gen.model in trained, world_size).config)
+        if stage != 3:
+            chosen[gen.name] = ("once", f"gather = auto: `{gen.model}` is ZeRO-{stage}, whole on every rank")
+        else:
+            sharded.append(gen)
+    if sharded and any(user_code(m) for m in p.models.values()) and not trust_user_code:
+        for gen in sharded:
+            chosen[gen.name] = ("once", "gather = auto: decided when `dsgraph run` sizes the models built by user code")
+        sharded = []
+    if sharded:
+        from dsgraph.runtime.meta import budget as device_budget, count_elements  # torch, the models' builders
+
+        base = Path(p.file).parent
+        try:
+            counts = {m.name: count_elements(m.source, base, m.lora, m.quantize) for m in p.models.values()}
+        except Exception as error:  # a missing hf directory is DSG214, reported by the checks
+            why = f"gather = auto: the models could not be sized ({type(error).__name__}), so once"
+            generations = {g.name: dataclasses.replace(g, gather="once", gather_reason=why) for g in sharded}
+            sharded = []
+            p = dataclasses.replace(p, generations={**p.generations, **generations})
+    if sharded:
+        budget = device_budget(device_memory, world)
+        held = []
+        for m in p.models.values():
+            config = resolve(p, m, m.name in trained, world_size).config
+            role = "trained" if m.name in trained else "frozen"
+            stage = zero_stage(config) or 0
+            held.append(
+                memory.estimate_model(m.name, role, stage, precision_of(p, m).value, config, counts[m.name], world)
+            )
+        total, host = sum(e.total for e in held), sum(e.host_total for e in held)
+        for gen in sharded:
+            own = next(e for e in held if e.name == gen.model)
+            whole = counts[gen.model].total * memory.precision_bytes(own.precision)
+            extra = whole - own.params - own.host.get("params", 0)
+            fits = budget.fits(total + extra, host)
+            words = (
+                f"{human(total)} per rank for all models + {human(extra)} for `{gen.model}` gathered whole "
+                f"{'fits' if fits else 'does not fit'} {human(budget.device)} ({budget.source})"
+            )
+            chosen[gen.name] = ("once" if fits else "layers", f"gather = auto: {words}")
+    generations = dict(p.generations)
+    for name, (mode, why) in chosen.items():
+        generations[name] = dataclasses.replace(generations[name], gather=mode, gather_reason=why)
+    return dataclasses.replace(p, generations=generations)

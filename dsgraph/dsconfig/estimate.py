@@ -57,6 +57,10 @@ class Counts:
         return sum(self.sizes)
 
 
+def precision_bytes(precision: str) -> int:
+    return _PRECISION_BYTES[precision]
+
+
 def packed_elements(n: int, element_bytes: int) -> int:
     """A 4-bit weight of n elements, packed two to a byte into elements of `element_bytes` (the
     storage dtype: dsgraph packs into the model's precision)."""

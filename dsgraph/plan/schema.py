@@ -348,6 +348,7 @@ class Generation:
     top_p: float
     stop: tuple[int, ...]
     gather: str  # once | layers
+    gather_reason: str | None  # `gather = auto`: why once or layers
     span: Span
 
 
