@@ -218,6 +218,7 @@ GENERATION_PROPERTIES = {
         P("temperature", "float", 1.0),  # 0: greedy
         P("top_p", "float", 1.0),
         P("stop", "ints", []),  # token ids that end a completion, beside the tokenizer's end token
+        P("iterations", "int", 1),  # optimizer steps on each batch of rollouts (GRPO's mu)
         # ZeRO-3: weights gathered once per generation, layer by layer, or once if the memory
         # estimate says the whole model fits beside the rest (dsgraph/dsconfig/auto.py)
         P("gather", "str", "auto"),

@@ -111,13 +111,16 @@ class Generation:
     model_span: Span | None = field(default=None, compare=False)  # `policy` in `= policy(prompts)`
     data_span: Span | None = field(default=None, compare=False)  # `prompts` in `= policy(prompts)`
     gather_reason: str | None = None  # `gather = auto`: what it chose, and why
+    iterations: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu)
 
     def show(self) -> str:
         stop = f" stop={list(self.stop)}" if self.stop else ""
         return (
             f"generate {self.name} = {self.model}({self.data}) samples={self.samples} "
             f"max_new_tokens={self.max_new_tokens} temperature={self.temperature:g} top_p={self.top_p:g}"
-            f"{stop} gather={self.gather}" + (f" ({self.gather_reason})" if self.gather_reason else "")
+            f"{stop} gather={self.gather}"
+            + (f" iterations={self.iterations}" if self.iterations != 1 else "")
+            + (f" ({self.gather_reason})" if self.gather_reason else "")
         )
 
 

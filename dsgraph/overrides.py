@@ -1,5 +1,6 @@
-"""`--set key=value` on the command line: pipeline settings (`steps=40`) and model properties
-(`student.clip=0.5`, `student.optimizer.lr=1e-4`), applied to the AST before lowering, so that
+"""`--set key=value` on the command line: pipeline settings (`steps=40`), model properties
+(`student.clip=0.5`, `student.optimizer.lr=1e-4`) and generation properties
+(`rollouts.temperature=0.7`), applied to the AST before lowering, so that
 a bad value is reported like one written in the file, with a caret under the `--set` argument."""
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def _apply(tree: ast.File, path: list[str], value: ast.Value, source: SourceFile
             return tree
         setting = ast.Setting(ast.Name(path[0], key_span), value, key_span)
         items = [i for i in items if not (isinstance(i, ast.Setting) and i.name.text == path[0])] + [setting]
+    elif any(isinstance(i, ast.GenerateDecl) and i.name.text == path[0] for i in items) and len(path) == 2:
+        position = next(n for n, i in enumerate(items) if isinstance(i, ast.GenerateDecl) and i.name.text == path[0])
+        generate = items[position]
+        assert isinstance(generate, ast.GenerateDecl)
+        if path[1] not in catalogue.GENERATION_PROPERTIES:
+            diags.add(
+                "DSG207",
+                key_span,
+                f"`{path[1]}` is not a generation property{did_you_mean(path[1], catalogue.GENERATION_PROPERTIES)}",
+                f"a generation takes: {', '.join(catalogue.GENERATION_PROPERTIES)}",
+            )
+            return tree
+        kept = [e for e in (generate.block.entries if generate.block else ()) if e.key.text != path[1]]
+        entry = ast.Entry(ast.Name(path[1], key_span), value, key_span)
+        items[position] = dataclasses.replace(
+            generate, block=ast.Block((*kept, entry), generate.block.span if generate.block else key_span)
+        )
     else:
         models = {i.name.text: n for n, i in enumerate(items) if isinstance(i, ast.ModelDecl)}
         if path[0] not in models:
@@ -60,7 +78,7 @@ def _apply(tree: ast.File, path: list[str], value: ast.Value, source: SourceFile
                 "DSG201",
                 key_span,
                 f"there is no model `{path[0]}`{did_you_mean(path[0], models)}",
-                "write `--set MODEL.PROPERTY=value` with a declared model",
+                "write `--set MODEL.PROPERTY=value` with a declared model, or `GENERATION.PROPERTY=value`",
             )
             return tree
         position = models[path[0]]

@@ -103,6 +103,7 @@ def build_plan(
                 gen.stop,
                 gen.gather,
                 gen.gather_reason,
+                gen.iterations,
                 gen.span,
             )
             for gen in pipeline.generations.values()

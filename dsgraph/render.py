@@ -243,9 +243,10 @@ def _generate_text(plan: P.Plan, op: P.Generate) -> str:
         mode = f"no_grad, eval mode, ZeRO-3: {weights}" + (f"; {gen.gather_reason}" if gen.gather_reason else "")
     else:
         mode = "no_grad, eval mode"
+    reuse = f"; each batch of prompts and rollouts kept for {gen.iterations} steps" if gen.iterations > 1 else ""
     return (
         f"{gen.name} = {gen.model}({gen.data}): {gen.samples} per prompt, <= {gen.max_new_tokens} new tokens, "
-        f"{sampling}{stop}  [{mode}]"
+        f"{sampling}{stop}{reuse}  [{mode}]"
     )
 
 

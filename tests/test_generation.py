@@ -96,16 +96,23 @@ def test_a_grpo_run_killed_midway_and_resumed_is_bit_identical(grpo_run, pipelin
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_grpo_with_a_zero3_reward_model_scores_every_step(pipelines, tmp_path):
+def test_grpo_with_a_zero3_reward_model_and_two_steps_per_batch_of_rollouts(pipelines, tmp_path):
+    """grpo_rm.dsg with `iterations = 2` (set on the command line): the rollouts and their rewards
+    made at step 1 are trained on again at step 2 (the same rewards, the ratio no longer 1 once
+    the policy has moved), new ones at step 3; the ZeRO-3 reward model is partitioned."""
     run_dir = tmp_path / "run"
-    done = dsgraph_run(pipelines / "grpo_rm.dsg", run_dir, "steps=3")
+    done = dsgraph_run(pipelines / "grpo_rm.dsg", run_dir, "steps=3", "rollouts.iterations=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_ranks_executed_the_plan(run_dir)  # the scorer's forward is an op of every step
+    assert_ranks_executed_the_plan(run_dir)
     rows = metrics(run_dir)
     assert len(rows) == 3
     for row in rows:
         assert _stat(row, "reward_std") >= 0 and math.isfinite(_stat(row, "reward_mean"))
+    assert _stat(rows[1], "reward_mean") == _stat(rows[0], "reward_mean")  # the same rollouts, scored once
+    assert _stat(rows[2], "reward_mean") != _stat(rows[0], "reward_mean")
+    assert _stat(rows[0], "clip_fraction") == 0.0 and _stat(rows[1], "kl") > 0
     for report in ranks(run_dir):
+        assert report["generated"]["rollouts"]["calls"] == 2  # steps 1 and 3
         local, total = report["shards"]["scorer"]
         assert 0 < local < total  # the reward model is partitioned
 

@@ -76,7 +76,7 @@ class _Lowerer:
         data = self._eval_sets(data)
         generations: dict[str, ir.Generation] = {}
         for generate_decl in generates_ok:
-            generation = self._generation(generate_decl, data, {d.name.text for d in models_ok})
+            generation = self._generation(generate_decl, data, {d.name.text for d in models_ok}, settings)
             if generation is not None:
                 generations[generation.name] = generation
         rewards: dict[str, ir.Reward] = {}
@@ -266,7 +266,7 @@ class _Lowerer:
     # -- generations ---------------------------------------------------------------------------
 
     def _generation(
-        self, decl: ast.GenerateDecl, data: dict[str, DataSet | None], models: set[str]
+        self, decl: ast.GenerateDecl, data: dict[str, DataSet | None], models: set[str], settings: ir.Settings | None
     ) -> ir.Generation | None:
         """`generate NAME = MODEL(DATA) { samples = 4 ... }`: the model and data set exist, each
         property has its type and range (DSG201, DSG203, DSG207-DSG209, DSG212)."""
@@ -305,6 +305,17 @@ class _Lowerer:
                 ok = False
                 continue
             values[key], spans[key] = value, entry.span
+        every = settings.checkpoint_every if settings else 0
+        if values["iterations"] > 1 and every % values["iterations"]:
+            self.diags.add(
+                "DSG209",
+                spans["iterations"],
+                f"`iterations = {values['iterations']}` keeps each batch of rollouts for {values['iterations']} steps, "
+                f"but `checkpoint_every = {every}` saves between them: a resume would sample them again",
+                f"make `checkpoint_every` a multiple of {values['iterations']}",
+                *([Note("`checkpoint_every` is set here", settings.spans["checkpoint_every"])] if settings else []),
+            )
+            ok = False
         if not ok:
             return None
         return ir.Generation(
@@ -321,6 +332,7 @@ class _Lowerer:
             spans,
             model_span=decl.model.span,
             data_span=decl.data.span,
+            iterations=values["iterations"],
         )
 
     # -- train statements ----------------------------------------------------------------------
@@ -363,7 +375,7 @@ class _Lowerer:
 
 def _generation_range(key: str, value: Any) -> tuple[str, str] | None:
     """(message, help) when a generation property is out of its range."""
-    if key in ("samples", "max_new_tokens") and value < 1:
+    if key in ("samples", "max_new_tokens", "iterations") and value < 1:
         return f"`{key}` must be 1 or more, not {value}", f"write e.g. `{key} = 4`"
     if key == "temperature" and value < 0:
         return f"`temperature` must be 0 (greedy) or more, not {value}", "write e.g. `temperature = 1.0`"

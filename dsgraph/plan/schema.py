@@ -349,6 +349,7 @@ class Generation:
     stop: tuple[int, ...]
     gather: str  # once | layers
     gather_reason: str | None  # `gather = auto`: why once or layers
+    iterations: int  # optimizer steps on each batch of rollouts: generated at steps 1, 1 + it, ...
     span: Span
 
 

@@ -140,6 +140,18 @@ class Executor:
         self.generators: dict[str, torch.Generator] = {}
         self.generated: dict[str, dict[str, Any]] = {}  # per generation: what it did, for the report
         self._decoded = frozenset(op.generation for op in plan.step if isinstance(op, P.ScoreReward))
+        # `iterations = k`: a generation's prompts, rollouts and rewards kept for k optimizer
+        # steps (per micro step), made anew at steps 1, 1 + k, ... (`_kept_for`: by what they are)
+        self._iterations = {g.name: g.iterations for g in plan.generations if g.iterations > 1}
+        self._kept_for: dict[str, int] = {}
+        for g in plan.generations:
+            if g.iterations > 1:
+                self._kept_for[g.data] = self._kept_for[g.name] = g.iterations
+        for op in plan.step:
+            if isinstance(op, P.ScoreReward) and op.generation in self._iterations:
+                self._kept_for[op.call] = self._iterations[op.generation]
+        self._kept: dict[tuple[str, int], Any] = {}
+        self._at = (0, 0)  # (optimizer step, micro step) being run
         # Where a step's time goes, logged beside the losses of a pipeline that generates.
         self._phase_of = {op.id: _phase(op) for op in plan.step} if plan.generations else {}
 
@@ -471,7 +483,8 @@ class Executor:
         for step in range(self.first_step + 1, self.total_steps + 1):
             logged = step % log_every == 0 or step == self.total_steps
             meter.start(logged)
-            for _ in range(accum):
+            for micro in range(accum):
+                self._at = (step, micro)
                 scope = Scope()
                 with backend.accumulate():
                     for op in plan.step:
@@ -533,13 +546,27 @@ class Executor:
 
     # -- generation --------------------------------------------------------------------------
 
+    def _reused(self, name: str) -> Any:
+        """What `iterations = k` keeps of `name` (a prompts batch, rollouts, rewards) at a step that
+        is not the first of its k; None: make it anew (and after a resume at such a step)."""
+        every = self._kept_for.get(name, 1)
+        step, micro = self._at
+        if every == 1 or (step - 1) % every == 0:
+            return None
+        return self._kept.get((name, micro))
+
+    def _keep(self, name: str, value: Any) -> Any:
+        if name in self._kept_for:
+            self._kept[name, self._at[1]] = value
+        return value
+
     def _generator(self, name: str, device: torch.device) -> torch.Generator:
         if name not in self.generators:
             seed = model_seed(self.settings.seed * 7919 + self.rank, f"generate/{name}")
             self.generators[name] = torch.Generator(device=device).manual_seed(seed)
         return self.generators[name]
 
-    def _generate(self, op: P.Generate, scope: Scope, device: torch.device) -> None:
+    def _generate(self, op: P.Generate, scope: Scope, device: torch.device) -> generation.Rollouts:
         """Completions of this micro batch's prompts: every rank runs the same number of forwards."""
         spec = self.plan.generation(op.generation)
         batch = scope.batches[op.data]
@@ -578,7 +605,6 @@ class Executor:
                 ),
                 completions=generation.decode(tokenizer, rollouts.input_ids, rollouts.completion_mask, special),
             )
-        scope.rollouts[op.generation] = rollouts
         done = self.generated.setdefault(
             op.generation, {"gather": spec.gather, "calls": 0, "completions": 0, "tokens": 0, "seconds": 0.0}
         )
@@ -586,8 +612,9 @@ class Executor:
         done["completions"] += int(rollouts.input_ids.shape[0])
         done["tokens"] += int(rollouts.completion_mask.sum())
         done["seconds"] = round(done["seconds"] + time.perf_counter() - began, 4)
+        return rollouts
 
-    def _score(self, op: P.ScoreReward, scope: Scope, device: torch.device) -> None:
+    def _score(self, op: P.ScoreReward, scope: Scope, device: torch.device) -> torch.Tensor:
         rollouts = scope.rollouts[op.generation]
         reward = self.plan.reward(op.reward)
         if reward.source.kind is P.SourceKind.BUILTIN:
@@ -602,7 +629,7 @@ class Executor:
             raise ValueError(
                 f"{reward.source.target} returned {scores.numel()} value(s) for {rows} completions: one number each"
             )
-        scope.rewards[op.call] = scores.reshape(rows, 1)
+        return scores.reshape(rows, 1)
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -698,13 +725,20 @@ class Executor:
         backend = self.backend
         match op:
             case P.NextBatch(data=name):
-                self._put_batch(scope, name, self.batches[name].next(), device)
+                batch = self._reused(name)
+                self._put_batch(
+                    scope, name, batch if batch is not None else self._keep(name, self.batches[name].next()), device
+                )
             case P.ReadCache(entry=entry, data=name):  # rows by sample index, from the memory map
                 scope.cached[entry] = self.cached[entry, name].rows(scope.indices[name], device)
-            case P.Generate():  # on-policy: sampled anew each micro step (a forward per token)
-                self._generate(op, scope, device)
-            case P.ScoreReward():
-                self._score(op, scope, device)
+            case P.Generate(generation=name):  # on-policy: sampled anew each micro step (a forward per token)
+                rollouts = self._reused(name)
+                scope.rollouts[name] = (
+                    rollouts if rollouts is not None else self._keep(name, self._generate(op, scope, device))
+                )
+            case P.ScoreReward(call=call):
+                scores = self._reused(call)
+                scope.rewards[call] = scores if scores is not None else self._keep(call, self._score(op, scope, device))
             case P.Forward():
                 args = [evaluate(a, scope, op.detach, self._factory) for a in op.args]
                 kwargs = {k: evaluate(v, scope, op.detach, self._factory) for k, v in op.kwargs}
