@@ -172,7 +172,8 @@ def _replica(model, prompts: torch.Tensor, samples: int, new: int, generator: to
 def test_generation_under_zero2_and_zero3_gives_the_tokens_of_an_unsharded_copy(pipelines, recorded):
     """Greedy: the ZeRO-2 copy, the ZeRO-3 copy gathered once and gathered layer by layer all give
     exactly the unsharded model's tokens. Sampled: with each generation's own seeded generator on
-    each rank, the same draws as the unsharded model's from a generator seeded alike."""
+    each rank, the same draws as the unsharded model's from a generator seeded alike. A reward
+    factory is called with the decoded prompts and completions and its declared options."""
     from transformers import AutoModelForCausalLM
 
     from dsgraph.runtime.executor import model_seed
@@ -186,3 +187,11 @@ def test_generation_under_zero2_and_zero3_gives_the_tokens_of_an_unsharded_copy(
             generator = torch.Generator().manual_seed(model_seed(0 * 7919 + rank, f"generate/{name}"))
             assert rows[f"g{index}"] == _replica(model, prompts, 2, 8, generator), (rank, name)
         assert rows["g3"] != rows["g4"]  # two generators, two draws
+        # The reward factory got each completion's text (the special tokens dropped) after its
+        # prompt's, and its options: 2 per character, + the prompt's length / 100.
+        expected = []
+        for ids, mask in zip(rows["g3"], rows["g3_completion_mask"], strict=True):
+            prompt = bytes(t for t in ids[:8] if t < 256).decode()
+            completion = bytes(t for t, m in zip(ids, mask, strict=True) if m and t < 256).decode(errors="replace")
+            expected.append([2.0 * len(completion) + len(prompt) / 100])
+        assert rows["rewards"] == pytest.approx(expected), rank
