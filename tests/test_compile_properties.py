@@ -1,6 +1,7 @@
 """Compiling is deterministic, imports no torch/deepspeed/accelerate, and never raises on any
 input: valid programs, byte mutations and token mutations of the shipped pipelines."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,22 +17,39 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {p.name: p.read_text() for p in sorted((ROOT / "pipelines").glob("*.dsg"))}
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dsgraph", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+# Every shipped pipeline's text plan, JSON plan and DOT picture, printed by one process.
+_PRINT_ALL = """
+import contextlib, io, sys
+from dsgraph.cli import main
+for name in sys.argv[1:]:
+    for args in (["compile", "--format", "text"], ["compile", "--format", "json"], ["dot"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main([args[0], "pipelines/" + name, *args[1:]])
+        assert code == 0, (name, args, code)
+        print(f"== {name} {args}")
+        print(out.getvalue())
+"""
 
 
 @pytest.mark.spawns
 def test_compile_twice_in_fresh_processes_is_byte_identical():
-    for name in SHIPPED:
-        for fmt in ("text", "json"):
-            first = _cli("compile", f"pipelines/{name}", "--format", fmt)
-            second = _cli("compile", f"pipelines/{name}", "--format", fmt)
-            assert first.returncode == 0, first.stderr
-            assert first.stdout == second.stdout
-        dots = [_cli("dot", f"pipelines/{name}").stdout for _ in range(2)]
-        assert dots[0] == dots[1] and dots[0].startswith("digraph")
+    """Two fresh processes with different string-hash seeds print every shipped pipeline's plans
+    and picture byte for byte alike (no set or dict order leaks into the output)."""
+    outputs = []
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", _PRINT_ALL, *SHIPPED],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]
+    assert outputs[0].count("digraph") == len(SHIPPED) and outputs[0].count('"dsgraph_plan"') == len(SHIPPED)
 
 
 @pytest.mark.spawns

@@ -1,12 +1,12 @@
 """On-policy post-training on real 2-process DeepSpeed runs (CPU, no mocks): GRPO with a reward
-function (pipelines/grpo.dsg) and with a reward model (grpo_rm.dsg), on-policy distillation
+function (pipelines/grpo.dsg, two optimizer steps per batch of rollouts), on-policy distillation
 (onpolicy_distill.dsg), and generation itself held to an unsharded copy of the model, greedy and
-sampled, under ZeRO-2 and ZeRO-3 (gathered once and layer by layer)."""
+sampled, under ZeRO-2 and ZeRO-3 (gathered once and layer by layer), with a reward factory and a
+ZeRO-3 reward model scoring it."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -20,6 +20,8 @@ from test_runtime import all_rows, assert_ranks_executed_the_plan, dsgraph_run, 
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
+# Two optimizer steps on each batch of rollouts (GRPO's mu): new rollouts at steps 1, 3, 5, ...
+GRPO_SETS = (f"steps={STEPS}", f"checkpoint_every={STEPS // 2}", "rollouts.iterations=2")
 pytestmark = pytest.mark.runtime
 
 
@@ -31,7 +33,7 @@ def pipelines(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def grpo_run(pipelines, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("grpo") / "run"
-    done = dsgraph_run(pipelines / "grpo.dsg", run_dir, f"steps={STEPS}", f"checkpoint_every={STEPS // 2}")
+    done = dsgraph_run(pipelines / "grpo.dsg", run_dir, *GRPO_SETS)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
@@ -43,7 +45,8 @@ def _stat(row: dict, name: str) -> float:
 
 def test_grpo_raises_the_reward_on_the_toy_task(grpo_run):
     """The untrained policy rarely writes a digit (mean reward ~0.02); within 24 steps GRPO has
-    it writing numbers (the mean reward of the last 4 steps at least 0.1 above the first 4's)."""
+    it writing numbers (the mean reward of the last 4 steps at least 0.1 above the first 4's).
+    Each batch of rollouts serves two steps: the same rewards twice, new ones at odd steps."""
     assert_ranks_executed_the_plan(grpo_run)
     rows = metrics(grpo_run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -52,22 +55,27 @@ def test_grpo_raises_the_reward_on_the_toy_task(grpo_run):
     assert last > first + 0.1 and last > 3 * first, (first, last)
     for row in rows:  # every logged step says where its time went
         assert set(row["phase_s"]) == {"generate", "score", "train"}
-        assert all(v > 0 for v in row["phase_s"].values())
+        assert row["phase_s"]["score"] > 0 and row["phase_s"]["train"] > 0
+        assert (row["phase_s"]["generate"] > 0) == (row["step"] % 2 == 1)  # kept rollouts cost nothing
         assert 1 <= _stat(row, "completion_length") <= 4 and 0 <= _stat(row, "clip_fraction") <= 1
-    for report in ranks(grpo_run):  # 8 prompts x 8 samples per rank and step
-        assert report["generated"]["rollouts"]["calls"] == STEPS
-        assert report["generated"]["rollouts"]["completions"] == STEPS * 64
+    for odd, even in zip(rows[::2], rows[1::2], strict=True):
+        assert _stat(even, "reward_mean") == _stat(odd, "reward_mean")
+    assert len({_stat(r, "reward_mean") for r in rows[::2]}) > 1
+    for report in ranks(grpo_run):  # 8 prompts x 8 samples per rank, every other step
+        assert report["generated"]["rollouts"]["calls"] == STEPS // 2
+        assert report["generated"]["rollouts"]["completions"] == STEPS // 2 * 64
 
 
 def test_grpo_starts_on_policy_with_the_kl_at_zero(grpo_run):
     """Step 1: the policy is its reference (KL exactly 0 with beta = 0.04), the ratio to the
     log-probabilities recorded while sampling is 1 (nothing clipped), so the loss is minus the
-    mean advantage, which group normalisation makes 0."""
-    first = metrics(grpo_run)[0]
+    mean advantage, which group normalisation makes 0. Step 2 trains on the same rollouts with
+    the policy moved: the ratio leaves 1 and the clipping takes hold."""
+    first, second = metrics(grpo_run)[:2]
     assert _stat(first, "kl") == 0.0
     assert _stat(first, "clip_fraction") == 0.0
     assert abs(first["losses"]["objective"]) < 1e-6
-    assert _stat(metrics(grpo_run)[-1], "kl") > 0  # the policy has moved away since
+    assert _stat(second, "kl") > 0 and _stat(second, "clip_fraction") > 0
 
 
 def _values(run_dir: Path) -> list[tuple]:
@@ -83,7 +91,7 @@ def test_a_grpo_run_killed_midway_and_resumed_is_bit_identical(grpo_run, pipelin
     (cut / "ckpt" / "manifests" / f"step-{STEPS:08d}.json").unlink()  # the last checkpoint never completed
     shutil.rmtree(cut / "models")
     command = [sys.executable, "-m", "dsgraph", "run", str(pipelines / "grpo.dsg"), "--procs", "2"]
-    sets = ["log_every=1", f"steps={STEPS}", f"checkpoint_every={STEPS // 2}"]
+    sets = ["log_every=1", *GRPO_SETS]
     command += ["--resume", str(cut), *[a for s in sets for a in ("--set", s)]]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -94,27 +102,6 @@ def test_a_grpo_run_killed_midway_and_resumed_is_bit_identical(grpo_run, pipelin
     for name in ("model.safetensors",):
         a, b = load_file(grpo_run / "models" / "policy" / name), load_file(cut / "models" / "policy" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_grpo_with_a_zero3_reward_model_and_two_steps_per_batch_of_rollouts(pipelines, tmp_path):
-    """grpo_rm.dsg with `iterations = 2` (set on the command line): the rollouts and their rewards
-    made at step 1 are trained on again at step 2 (the same rewards, the ratio no longer 1 once
-    the policy has moved), new ones at step 3; the ZeRO-3 reward model is partitioned."""
-    run_dir = tmp_path / "run"
-    done = dsgraph_run(pipelines / "grpo_rm.dsg", run_dir, "steps=3", "rollouts.iterations=2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_ranks_executed_the_plan(run_dir)
-    rows = metrics(run_dir)
-    assert len(rows) == 3
-    for row in rows:
-        assert _stat(row, "reward_std") >= 0 and math.isfinite(_stat(row, "reward_mean"))
-    assert _stat(rows[1], "reward_mean") == _stat(rows[0], "reward_mean")  # the same rollouts, scored once
-    assert _stat(rows[2], "reward_mean") != _stat(rows[0], "reward_mean")
-    assert _stat(rows[0], "clip_fraction") == 0.0 and _stat(rows[1], "kl") > 0
-    for report in ranks(run_dir):
-        assert report["generated"]["rollouts"]["calls"] == 2  # steps 1 and 3
-        local, total = report["shards"]["scorer"]
-        assert 0 < local < total  # the reward model is partitioned
 
 
 def test_onpolicy_distillation_lowers_the_divergence_on_the_students_own_samples(pipelines, tmp_path):
@@ -133,8 +120,9 @@ def test_onpolicy_distillation_lowers_the_divergence_on_the_students_own_samples
 
 
 @pytest.fixture(scope="module")
-def recorded(pipelines, tmp_path_factory) -> dict[int, dict]:
-    """tests/fixtures/greedy.dsg, one step: each rank's generations as the loss recorded them."""
+def greedy_run(pipelines, tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    """tests/fixtures/greedy.dsg, one step: the run directory, and each rank's generations and
+    rewards as the loss recorded them."""
     here = tmp_path_factory.mktemp("greedy")
     for name in ("greedy.dsg", "factories.py"):
         shutil.copy(ROOT / "tests" / "fixtures" / name, pipelines / name)
@@ -142,11 +130,11 @@ def recorded(pipelines, tmp_path_factory) -> dict[int, dict]:
     import os
 
     command = [sys.executable, "-m", "dsgraph", "run", str(pipelines / "greedy.dsg"), "--procs", "2"]
-    command += ["--run-dir", str(here / "run")]
+    command += ["--run-dir", str(here / "run"), "--set", "log_every=1"]
     env = dict(os.environ, DSGRAPH_TEST_RECORD=str(out))
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    return here / "run", {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
 
 
 def _replica(model, prompts: torch.Tensor, samples: int, new: int, generator: torch.Generator | None) -> list:
@@ -169,15 +157,16 @@ def _replica(model, prompts: torch.Tensor, samples: int, new: int, generator: to
     return ids.tolist()
 
 
-def test_generation_under_zero2_and_zero3_gives_the_tokens_of_an_unsharded_copy(pipelines, recorded):
+def test_generation_under_zero2_and_zero3_gives_the_tokens_of_an_unsharded_copy(pipelines, greedy_run):
     """Greedy: the ZeRO-2 copy, the ZeRO-3 copy gathered once and gathered layer by layer all give
     exactly the unsharded model's tokens. Sampled: with each generation's own seeded generator on
-    each rank, the same draws as the unsharded model's from a generator seeded alike. A reward
-    factory is called with the decoded prompts and completions and its declared options."""
+    each rank, the same draws as the unsharded model's from a generator seeded alike."""
     from transformers import AutoModelForCausalLM
 
     from dsgraph.runtime.executor import model_seed
 
+    run_dir, recorded = greedy_run
+    assert_ranks_executed_the_plan(run_dir)
     model = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy").eval()
     for rank, rows in recorded.items():
         prompts = torch.tensor(rows["g0"])[:, :8]
@@ -187,11 +176,27 @@ def test_generation_under_zero2_and_zero3_gives_the_tokens_of_an_unsharded_copy(
             generator = torch.Generator().manual_seed(model_seed(0 * 7919 + rank, f"generate/{name}"))
             assert rows[f"g{index}"] == _replica(model, prompts, 2, 8, generator), (rank, name)
         assert rows["g3"] != rows["g4"]  # two generators, two draws
-        # The reward factory got each completion's text (the special tokens dropped) after its
-        # prompt's, and its options: 2 per character, + the prompt's length / 100.
+
+
+def test_a_reward_factory_and_a_zero3_reward_model_score_the_completions(pipelines, greedy_run):
+    """The rewards of the sampled ZeRO-2 generation: the reward factory got each completion's
+    text (special tokens dropped) after its prompt's and its options (2 per character + the
+    prompt's length / 100), plus the ZeRO-3 reward model's score, which equals the unsharded
+    reward model's on the same tokens; the reward model is partitioned across the ranks."""
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir, recorded = greedy_run
+    scorer = AutoModelForSequenceClassification.from_pretrained(pipelines / "tiny" / "reward").eval()
+    for rank, rows in recorded.items():
+        ids = torch.tensor(rows["g3"])
+        with torch.no_grad():
+            scores = scorer(ids, attention_mask=(ids != 256).long()).logits[:, 0].tolist()
         expected = []
-        for ids, mask in zip(rows["g3"], rows["g3_completion_mask"], strict=True):
-            prompt = bytes(t for t in ids[:8] if t < 256).decode()
-            completion = bytes(t for t, m in zip(ids, mask, strict=True) if m and t < 256).decode(errors="replace")
-            expected.append([2.0 * len(completion) + len(prompt) / 100])
-        assert rows["rewards"] == pytest.approx(expected), rank
+        for row, mask, score in zip(rows["g3"], rows["g3_completion_mask"], scores, strict=True):
+            prompt = bytes(t for t in row[:8] if t < 256).decode()
+            completion = bytes(t for t, m in zip(row, mask, strict=True) if m and t < 256).decode(errors="replace")
+            expected.append(2.0 * len(completion) + len(prompt) / 100 + score)
+        assert [r[0] for r in rows["rewards"]] == pytest.approx(expected, abs=1e-5), rank
+    for report in ranks(run_dir):
+        local, total = report["shards"]["scorer"]
+        assert 0 < local < total

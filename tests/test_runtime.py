@@ -57,12 +57,29 @@ def ranks(run_dir: Path) -> list[dict]:
     return [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+def _shipped(name: str, tmp_path_factory) -> tuple[str, Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    done = dsgraph_run(Path("pipelines") / f"{name}.dsg", run_dir, f"steps={STEPS}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return name, run_dir, done
+
+
+@pytest.fixture(scope="module")
+def distill_shipped(tmp_path_factory) -> tuple[str, Path, subprocess.CompletedProcess]:
+    return _shipped("distill", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def distill_run(distill_shipped) -> Path:
+    """pipelines/distill.dsg, STEPS steps: one run that several tests read."""
+    return distill_shipped[1]
+
+
 @pytest.fixture(scope="module", params=["distill", "disjoint", "shared_loss"])
 def shipped_run(request, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp(request.param) / "run"
-    done = dsgraph_run(Path("pipelines") / f"{request.param}.dsg", run_dir, f"steps={STEPS}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return request.param, run_dir, done
+    if request.param == "distill":
+        return request.getfixturevalue("distill_shipped")
+    return _shipped(request.param, tmp_path_factory)
 
 
 def test_runs_to_completion_and_leaves_its_files(shipped_run):
@@ -148,10 +165,8 @@ def test_zero3_models_are_split_across_ranks(shipped_run):
             assert local == [total, total]
 
 
-def test_frozen_teacher_is_bit_identical_after_training(tmp_path):
-    run_dir = tmp_path / "run"
-    done = dsgraph_run(Path("pipelines") / "distill.dsg", run_dir, f"steps={STEPS}")
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_frozen_teacher_is_bit_identical_after_training(distill_run, tmp_path):
+    run_dir = distill_run
     from dsgraph.runtime.executor import model_seed, state_digest
     from dsgraph.runtime.builtins import mlp
 

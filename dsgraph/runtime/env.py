@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -245,3 +246,17 @@ def prepare_current_process() -> None:
     # build reads PATH; another ninja would rebuild the op (~25 s) at each switch between
     # `dsgraph run` and an external launcher.
     os.environ["PATH"] = prepared["PATH"]
+
+
+@contextlib.contextmanager
+def without_module(name: str) -> Iterator[None]:
+    """`import NAME` fails inside (ImportError, as when it is not installed), unless it is loaded
+    already; afterwards it imports as usual."""
+    hidden = name not in sys.modules
+    if hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if hidden and sys.modules.get(name, 0) is None:
+            del sys.modules[name]
