@@ -83,7 +83,7 @@ def _compile_never_raises(text: str) -> None:
     assert result.plan is not None or any(d.is_error for d in result.diagnostics)
 
 
-SETTINGS = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS

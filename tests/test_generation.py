@@ -167,6 +167,15 @@ def test_generation_under_zero2_and_zero3_gives_the_tokens_of_an_unsharded_copy(
 
     run_dir, recorded = greedy_run
     assert_ranks_executed_the_plan(run_dir)
+    for report in ranks(run_dir):  # how each generation held its weights
+        gathered = {name: g["gathered"] for name, g in report["generated"].items()}
+        assert gathered == {
+            "g2": "unpartitioned",
+            "g3": "once",
+            "g3_layers": "layers",
+            "s2": "unpartitioned",
+            "s3": "layers",
+        }
     model = AutoModelForCausalLM.from_pretrained(pipelines / "tiny" / "policy").eval()
     for rank, rows in recorded.items():
         prompts = torch.tensor(rows["g0"])[:, :8]

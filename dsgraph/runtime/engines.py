@@ -209,6 +209,15 @@ class Backend:
         out = handle.engine(*args, **kwargs)  # ZeRO-3: gathers each layer's parameters on the fly
         return _cast(out, torch.float32) if dtype is not None else out  # ... outputs back to fp32
 
+    def gathering(self, name: str, gather_once: bool) -> str:
+        """How a generation from the model holds its weights: "unpartitioned" (ZeRO-0 to 2),
+        "once" (ZeRO-3, gathered for the whole generation) or "layers" (ZeRO-3, per forward)."""
+        engine = self.models[name].engine
+        if engine.zero_optimization_stage() != 3:
+            return "unpartitioned"
+        # The ZeRO-3 hooks live on the engine's optimizer (DeepSpeedZeRoOffload for a frozen model).
+        return "once" if gather_once and engine.optimizer is not None else "layers"
+
     @contextlib.contextmanager
     def generating(self, name: str, gather_once: bool) -> Iterator[nn.Module]:
         """The model's module for sampling: eval mode and no_grad, train mode again after (a
@@ -222,7 +231,7 @@ class Backend:
         module.eval()
         try:
             with torch.no_grad():
-                if gather_once and engine.zero_optimization_stage() == 3 and engine.optimizer is not None:
+                if self.gathering(name, gather_once) == "once":
                     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
                     with unwrap_model_for_generation(engine):  # one all-gather of every parameter

@@ -494,6 +494,8 @@ class Executor:
                         except Exception as error:
                             raise RunFailure(_where(op), op.span, error) from error
                         if self._phase_of:
+                            if device.type == "cuda":  # the op's kernels, not their launch
+                                torch.cuda.synchronize()  # a sync point per op of a generating pipeline
                             phases[self._phase_of[op.id]] += time.perf_counter() - began
                         if step == self.first_step + 1:
                             self.executed_step.append(op.id)
@@ -605,8 +607,9 @@ class Executor:
                 ),
                 completions=generation.decode(tokenizer, rollouts.input_ids, rollouts.completion_mask, special),
             )
+        gathered = self.backend.gathering(op.model, spec.gather == "once")
         done = self.generated.setdefault(
-            op.generation, {"gather": spec.gather, "calls": 0, "completions": 0, "tokens": 0, "seconds": 0.0}
+            op.generation, {"gathered": gathered, "calls": 0, "completions": 0, "tokens": 0, "seconds": 0.0}
         )
         done["calls"] += 1
         done["completions"] += int(rollouts.input_ids.shape[0])

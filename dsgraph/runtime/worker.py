@@ -35,13 +35,9 @@ def _quiet() -> None:
 
     for name in ("DeepSpeed", "accelerate", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Loading/saving bars would break dsgraph's own. Transformers reads this as it is imported
+    # (only when a pipeline has a Hugging Face model: not imported here, ~1 s of a start).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # loading/saving bars would break dsgraph's own
-    except ImportError:
-        pass
 
 
 def run(run_dir: Path, run_id: str, driver: int | None, resume: Path | None) -> int:
