@@ -241,9 +241,8 @@ def resolve_gather(
             counts = {m.name: count_elements(m.source, base, m.lora, m.quantize) for m in p.models.values()}
         except Exception as error:  # a missing hf directory is DSG214, reported by the checks
             why = f"gather = auto: the models could not be sized ({type(error).__name__}), so once"
-            generations = {g.name: dataclasses.replace(g, gather="once", gather_reason=why) for g in sharded}
+            chosen.update({gen.name: ("once", why) for gen in sharded})
             sharded = []
-            p = dataclasses.replace(p, generations={**p.generations, **generations})
     if sharded:
         budget = device_budget(device_memory, world)
         held = []
@@ -256,9 +255,7 @@ def resolve_gather(
             )
         total, host = sum(e.total for e in held), sum(e.host_total for e in held)
         for gen in sharded:
-            own = next(e for e in held if e.name == gen.model)
-            whole = counts[gen.model].total * memory.precision_bytes(own.precision)
-            extra = whole - own.params - own.host.get("params", 0)
+            extra = memory.gathered_bytes(next(e for e in held if e.name == gen.model))
             fits = budget.fits(total + extra, host)
             words = (
                 f"{human(total)} per rank for all models + {human(extra)} for `{gen.model}` gathered whole "

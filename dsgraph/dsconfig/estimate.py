@@ -57,10 +57,6 @@ class Counts:
         return sum(self.sizes)
 
 
-def precision_bytes(precision: str) -> int:
-    return _PRECISION_BYTES[precision]
-
-
 def packed_elements(n: int, element_bytes: int) -> int:
     """A 4-bit weight of n elements, packed two to a byte into elements of `element_bytes` (the
     storage dtype: dsgraph packs into the model's precision)."""
@@ -190,6 +186,12 @@ def estimate_model(
         opt,
         {k: v for k, v in host.items() if v},
     )
+
+
+def gathered_bytes(model: ModelEstimate) -> int:
+    """What gathering a ZeRO-3 model's whole weights adds on each rank: the model, less the
+    partition the rank holds already (on the device or offloaded)."""
+    return model.elements * _PRECISION_BYTES[model.precision] - model.params - model.host.get("params", 0)
 
 
 # -- the estimate of a plan ---------------------------------------------------------------------
@@ -326,11 +328,8 @@ def estimate(plan: Plan, counts: Mapping[str, Counts], world_size: int | None = 
     released = plan.precompute.released if plan.precompute else ()
     gathered: dict[str, int] = {}
     for gen in plan.generations:
-        model = plan.model(gen.model)
-        if gen.gather == "once" and model.stage == 3:
-            whole = next(m for m in models if m.name == gen.model)
-            full = (counts[gen.model].total) * _PRECISION_BYTES[model.precision.value]
-            gathered[gen.model] = max(gathered.get(gen.model, 0), full - (whole.params + whole.host.get("params", 0)))
+        if gen.gather == "once" and plan.model(gen.model).stage == 3:
+            gathered[gen.model] = gathered_bytes(next(m for m in models if m.name == gen.model))
     return Estimate(plan.pipeline, world, models, released=released, gathered=gathered)
 
 

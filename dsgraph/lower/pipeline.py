@@ -277,15 +277,7 @@ class _Lowerer:
         ):
             if name.text not in table:
                 ok = False
-                if name.text in self.names:
-                    self.diags.add("DSG212", name.span, f"`{name.text}` is not a {kind}", f"`generate` takes {what}")
-                else:
-                    self.diags.add(
-                        "DSG201",
-                        name.span,
-                        f"there is no {kind} `{name.text}`{did_you_mean(name.text, table)}",
-                        f"`generate` takes {what}",
-                    )
+                self._wrong_name(name, table, kind, f"`generate` takes {what}")
         if decl.data.text in data and data[decl.data.text] is None:
             ok = False  # its own errors are reported where it is declared
         values: dict[str, Any] = {p.name: p.default for p in catalogue.GENERATION_PROPERTIES.values()}
@@ -344,10 +336,10 @@ class _Lowerer:
             for name in node.models:
                 if name.text not in models:
                     ok = False
-                    self._wrong_name(name, models, "model", "a model declared with `model`")
+                    self._wrong_name(name, models, "model", "`train` takes a model declared with `model` here")
             if node.loss.text not in losses:
                 ok = False
-                self._wrong_name(node.loss, losses, "loss", "a loss declared with `loss`")
+                self._wrong_name(node.loss, losses, "loss", "`train` takes a loss declared with `loss` here")
             if ok:
                 trains.append(
                     ir.Train(
@@ -361,15 +353,16 @@ class _Lowerer:
                 )
         return trains
 
-    def _wrong_name(self, name: ast.Name, candidates: set[str], kind: str, what: str) -> None:
+    def _wrong_name(self, name: ast.Name, candidates: set[str], kind: str, help_text: str) -> None:
+        """A name that is not a declared `kind`: another kind's (DSG212), or nothing's (DSG201)."""
         if name.text in self.names:
-            self.diags.add("DSG212", name.span, f"`{name.text}` is not a {kind}", f"`train` takes {what} here")
+            self.diags.add("DSG212", name.span, f"`{name.text}` is not a {kind}", help_text)
         else:
             self.diags.add(
                 "DSG201",
                 name.span,
                 f"there is no {kind} `{name.text}`{did_you_mean(name.text, candidates)}",
-                f"`train` takes {what} here",
+                help_text,
             )
 
 

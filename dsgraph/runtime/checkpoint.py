@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsgraph.runtime import rundir
 from dsgraph.runtime.manifest import (
+    GENERATOR_PREFIX,
     CheckpointInvalid,
     Manifest,
     RankState,
@@ -58,9 +59,6 @@ def set_rng_state(state: dict[str, str]) -> None:
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = json.loads(state["numpy"])
     numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
-
-
-GENERATOR_PREFIX = "generate/"  # a generation's sampling generator, in a rank's rng states
 
 
 def generator_states(generators: dict[str, Any]) -> dict[str, str]:

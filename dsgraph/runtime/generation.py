@@ -97,7 +97,7 @@ def sample(
     zeros = torch.zeros((rows, prompt_length), dtype=torch.long, device=device)
     return Rollouts(
         input_ids=torch.cat([ids, tokens], dim=1),
-        attention_mask=torch.cat([prompt_mask.repeat_interleave(spec.samples, dim=0).long(), live], dim=1),
+        attention_mask=torch.cat([mask[:, :prompt_length], live], dim=1),
         completion_mask=torch.cat([zeros, live], dim=1),
         logprobs=torch.cat([zeros.float(), logprobs], dim=1),
         samples=spec.samples,

@@ -294,10 +294,13 @@ def _is_position(state: Any) -> bool:
     )
 
 
+GENERATOR_PREFIX = "generate/"  # a generation's sampling generator, among a rank's random states
+
+
 def _is_rng(state: dict[str, str]) -> bool:
     """The shapes `checkpoint.rng_state` saves: torch's (and CUDA's) bytes, Python's and NumPy's
     states as JSON; and each generation's sampling generator (`generate/NAME`), as bytes."""
-    generators = {k for k in state if k.startswith("generate/")}
+    generators = {k for k in state if k.startswith(GENERATOR_PREFIX)}
     if not {"torch", "python", "numpy"} <= set(state) - generators <= {"torch", "python", "numpy", "cuda"}:
         return False
     if not all(_base64(state[k]) for k in generators):
