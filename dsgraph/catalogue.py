@@ -14,7 +14,9 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str  # int, float, str, bool, ints (a list of ints), floats, strs, any, tensor
+    # int, float, str, bool, ints (a list of ints), floats, strs, any, tensor; generation (a
+    # `generate` by its bare name); tokens (either that or a tensor of labels)
+    type: str
     default: Any = REQUIRED
 
 
@@ -186,7 +188,7 @@ LOSSES = {
             (
                 P("student", "tensor"),
                 P("teacher", "tensor"),
-                P("tokens", "tensor"),
+                P("tokens", "tokens"),
                 P("beta", "float", 0.5),
                 P("temperature", "float", 1.0),
             ),
@@ -406,5 +408,6 @@ TYPE_WORDS = {
     "any": "a value",
     "name": "a name",
     "generation": "a generation, by its name",
+    "tokens": "a generation by its name, or labels",
     "factory": "a factory, package.module:function(...)",
 }

@@ -210,7 +210,9 @@ class LossLowering:
         span: Span,
         args: tuple[ast.Arg[ast.Expr], ...],
     ) -> ir.LossExpr | None:
-        tensors = [p for p in spec.params if p.type in ("tensor", "generation") and p.default is catalogue.REQUIRED]
+        tensors = [
+            p for p in spec.params if p.type in ("tensor", "generation", "tokens") and p.default is catalogue.REQUIRED
+        ]
         options = {p.name: p for p in spec.params if p not in tensors}
         ok = True
         if len(positional) != len(tensors):
@@ -232,7 +234,7 @@ class LossLowering:
                     f"write the name of a `generate` declaration, e.g. `{spec.name}(..., rollouts, ...)`",
                 )
                 ok = False
-            elif tensor.type == "tensor" and _whole_generation(value) and tensor.name != "tokens":
+            elif tensor.type == "tensor" and _whole_generation(value):
                 self.diags.add(
                     "DSG212",
                     value.span,
