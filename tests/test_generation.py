@@ -99,9 +99,8 @@ def test_a_grpo_run_killed_midway_and_resumed_is_bit_identical(grpo_run, pipelin
     assert _values(cut) == _values(grpo_run)
     from safetensors.torch import load_file
 
-    for name in ("model.safetensors",):
-        a, b = load_file(grpo_run / "models" / "policy" / name), load_file(cut / "models" / "policy" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(run / "models" / "policy" / "model.safetensors") for run in (grpo_run, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_onpolicy_distillation_lowers_the_divergence_on_the_students_own_samples(pipelines, tmp_path):
